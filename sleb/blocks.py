@@ -1,0 +1,160 @@
+"""Where a model keeps its decoder blocks, and how to remove or temporarily skip some of them.
+
+Nothing else in sleb knows where blocks live. Removal-list semantics are the paper's: indices of the
+original blocks, in removal order.
+"""
+
+import contextlib
+
+import torch.nn as nn
+
+from sleb.errors import UsageError
+
+# Attribute path of the decoder-block ModuleList, by `config.model_type`. Anything else goes through
+# `_find_generic`, which looks for the one ModuleList of identical blocks.
+BLOCK_PATHS = {
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "mixtral": "model.layers",
+    "qwen2": "model.layers",
+    "qwen3": "model.layers",
+    "qwen3_moe": "model.layers",
+    "gemma": "model.layers",
+    "gemma2": "model.layers",
+    "gemma3_text": "model.layers",
+    "phi3": "model.layers",
+    "opt": "model.decoder.layers",
+    "gpt_neox": "gpt_neox.layers",
+    "gpt2": "transformer.h",
+}
+
+
+def _resolve(model, path: str):
+    parent = model
+    *parents, attribute = path.split(".")
+    for name in parents:
+        parent = getattr(parent, name)
+    return parent, attribute
+
+
+def _find_generic(model):
+    depth = getattr(model.config, "num_hidden_layers", None)
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and len(module) == depth:
+            if len({type(block) for block in module}) == 1:
+                found.append(name)
+    if len(found) != 1:
+        raise UsageError(
+            f"cannot tell which ModuleList holds the decoder blocks of {type(model).__name__} "
+            f"(candidates: {found or 'none'}); this architecture is not supported"
+        )
+    return _resolve(model, found[0])
+
+
+def _block_owner(model):
+    """(module holding the block list, attribute name)."""
+    path = BLOCK_PATHS.get(getattr(model.config, "model_type", None))
+    if path is not None:
+        try:
+            parent, attribute = _resolve(model, path)
+            if isinstance(getattr(parent, attribute), nn.ModuleList):
+                return parent, attribute
+        except AttributeError:
+            pass
+    return _find_generic(model)
+
+
+def get_blocks(model) -> nn.ModuleList:
+    parent, attribute = _block_owner(model)
+    return getattr(parent, attribute)
+
+
+def num_blocks(model) -> int:
+    return len(get_blocks(model))
+
+
+def _per_layer_lists(config, depth: int):
+    """Names of config lists with one entry per block (layer_types, mlp_layer_types, ...)."""
+    return [
+        name for name, value in vars(config).items()
+        if "layer" in name and isinstance(value, (list, tuple)) and len(value) == depth
+    ]
+
+
+def _configs(model):
+    config = model.config
+    text = getattr(config, "text_config", None)
+    return [config] + ([text] if text is not None and text is not config else [])
+
+
+def _set_block_list(model, keep: list) -> dict:
+    """Keep only the blocks at positions `keep`; return what is needed to undo it."""
+    parent, attribute = _block_owner(model)
+    blocks = getattr(parent, attribute)
+    saved = {"owner": (parent, attribute), "blocks": blocks, "configs": []}
+    for config in _configs(model):
+        depth = config.num_hidden_layers
+        lists = {name: getattr(config, name) for name in _per_layer_lists(config, depth)}
+        saved["configs"].append((config, depth, lists))
+        config.num_hidden_layers = len(keep)
+        for name, value in lists.items():
+            setattr(config, name, type(value)(value[i] for i in keep))
+    setattr(parent, attribute, nn.ModuleList([blocks[i] for i in keep]))
+    saved["layer_idx"] = _renumber(getattr(parent, attribute))
+    return saved
+
+
+def _renumber(blocks) -> list:
+    """Set every `layer_idx` inside block i to i (the KV cache is indexed by it); return the old ones."""
+    old = []
+    for position, block in enumerate(blocks):
+        for module in block.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                old.append((module, module.layer_idx))
+                module.layer_idx = position
+    return old
+
+
+def check_indices(depth: int, indices, what: str = "--removal_list") -> list:
+    """A list of distinct block indices in 0..depth-1 that leaves at least one block."""
+    if not isinstance(indices, (list, tuple)) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in indices
+    ):
+        raise UsageError(f"{what} must be a list of block indices such as '[5, 4, 9]', got {indices!r}")
+    bad = [i for i in indices if not 0 <= i < depth]
+    if bad:
+        raise UsageError(f"{what} has index {bad[0]} but the model has blocks 0..{depth - 1}")
+    if len(set(indices)) != len(indices):
+        duplicate = next(i for i in indices if list(indices).count(i) > 1)
+        raise UsageError(f"{what} names block {duplicate} twice; list each block once")
+    if len(indices) >= depth:
+        raise UsageError(f"{what} removes all {depth} blocks; at least one must stay")
+    return list(indices)
+
+
+def remove_blocks(model, removal_list) -> None:
+    """Delete the blocks (original indices) for good, leaving a normal checkpoint."""
+    removal = set(check_indices(num_blocks(model), removal_list))
+    _set_block_list(model, [i for i in range(num_blocks(model)) if i not in removal])
+
+
+@contextlib.contextmanager
+def skipping(model, skipped):
+    """Within the block, the model runs as if blocks `skipped` were deleted; afterwards it is whole again."""
+    skipped = set(skipped)
+    if not skipped:
+        yield model
+        return
+    saved = _set_block_list(model, [i for i in range(num_blocks(model)) if i not in skipped])
+    try:
+        yield model
+    finally:
+        parent, attribute = saved["owner"]
+        setattr(parent, attribute, saved["blocks"])
+        for module, layer_idx in saved["layer_idx"]:
+            module.layer_idx = layer_idx
+        for config, depth, lists in saved["configs"]:
+            config.num_hidden_layers = depth
+            for name, value in lists.items():
+                setattr(config, name, value)

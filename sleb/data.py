@@ -1,0 +1,162 @@
+"""Token windows for perplexity and calibration, built exactly as the paper's code builds them.
+
+Evaluation: the split's rows are joined, tokenized once (with the tokenizer's own special tokens),
+cut into non-overlapping windows of `seqlen`, and the remainder is dropped.
+Calibration: the train split is shuffled with `datasets`' `Dataset.shuffle(seed=seed)` (the paper's
+call, so the same rows are picked), the first `nsamples` rows are joined and handled the same way.
+
+Data set names: wikitext2, c4, ptb, demo (built in, offline) and file:PATH (.txt lines or .jsonl
+records with a "text" field).
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from sleb.errors import UsageError
+from sleb.hub import use_cache_only_if_offline
+
+# C4 evaluation keeps the first 1100 validation documents and then the first 256 windows of tokens.
+C4_EVAL_DOCUMENTS = 1100
+C4_EVAL_WINDOWS = 256
+
+
+@dataclass(frozen=True)
+class Source:
+    """How to read one data set: which split rows, which text field, which separator."""
+
+    eval_rows: callable
+    train_rows: callable
+    separator: str
+    max_eval_windows: int = 0  # 0: all windows
+
+
+def _hub(name, *args, **kwargs):
+    """A loader of a hub data set; `name` is the sleb name shown in errors."""
+    def load():
+        use_cache_only_if_offline()
+        from datasets import load_dataset
+
+        try:
+            return load_dataset(*args, **kwargs)
+        except Exception as error:  # offline: ConnectionError, OSError, DatasetNotFoundError, ...
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+            raise UsageError(
+                f"data set {name!r} is not available (offline? {first}); use a local file with "
+                "file:PATH (.txt or .jsonl) or the built-in demo corpus"
+            ) from None
+    return load
+
+
+def _demo_rows(split):
+    def rows():
+        from datasets import Dataset
+
+        from sleb import demo_corpus
+
+        return Dataset.from_dict({"text": demo_corpus.texts(split)})
+    return rows
+
+
+def _file_rows(path):
+    def rows():
+        from datasets import load_dataset
+
+        if not os.path.isfile(path):
+            raise UsageError(f"data file {path!r} does not exist; give file:PATH with a .txt or .jsonl file")
+        builder = "json" if path.endswith((".jsonl", ".json")) else "text"
+        try:
+            dataset = load_dataset(builder, data_files=path, split="train")
+        except Exception as error:
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+            raise UsageError(f"cannot read data file {path!r}: {first}") from None
+        if "text" not in dataset.column_names:
+            raise UsageError(f"data file {path!r} has no 'text' field; each JSON line needs one")
+        return dataset
+    return rows
+
+
+def _source(name: str) -> Source:
+    if name == "wikitext2":
+        return Source(
+            eval_rows=_hub("wikitext2", "wikitext", "wikitext-2-raw-v1", split="test"),
+            train_rows=_hub("wikitext2", "wikitext", "wikitext-2-raw-v1", split="train"),
+            separator="\n\n",
+        )
+    if name == "c4":
+        validation = _hub("c4", "allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
+                          split="validation")
+        return Source(
+            eval_rows=lambda: validation().select(range(C4_EVAL_DOCUMENTS)),
+            train_rows=_hub("c4", "allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train"),
+            separator=" ",
+            max_eval_windows=C4_EVAL_WINDOWS,
+        )
+    if name == "ptb":
+        test = _hub("ptb", "ptb_text_only", "penn_treebank", split="test")
+        train = _hub("ptb", "ptb_text_only", "penn_treebank", split="train")
+        return Source(
+            eval_rows=lambda: test().rename_column("sentence", "text"),
+            train_rows=lambda: train().rename_column("sentence", "text"),
+            separator=" ",
+        )
+    if name == "demo":
+        return Source(eval_rows=_demo_rows("test"), train_rows=_demo_rows("train"), separator="\n\n")
+    if name.startswith("file:") and len(name) > len("file:"):
+        rows = _file_rows(os.path.expanduser(name[len("file:"):]))
+        return Source(eval_rows=rows, train_rows=rows, separator="\n\n")
+    raise UsageError(f"unknown data set {name!r}; use wikitext2, c4, ptb, demo or file:PATH")
+
+
+def check_dataset_name(name: str) -> None:
+    """Fail early (before loading a model) on a name that can never work."""
+    _source(name)
+    if name.startswith("file:"):
+        path = os.path.expanduser(name[len("file:"):])
+        if not os.path.isfile(path):
+            raise UsageError(f"data file {path!r} does not exist; give file:PATH with a .txt or .jsonl file")
+
+
+def token_windows(tokenizer, text: str, seqlen: int, max_windows: int = 0) -> torch.Tensor:
+    """Tokenize once, cut into (windows, seqlen), drop the remainder."""
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    count = ids.numel() // seqlen
+    if max_windows:
+        count = min(count, max_windows)
+    if count == 0:
+        raise UsageError(f"the data holds {ids.numel()} tokens, fewer than one window of --seqlen {seqlen}; "
+                         "use more text or a smaller --seqlen")
+    return ids[: count * seqlen].view(count, seqlen)
+
+
+@dataclass(frozen=True)
+class EvalText:
+    text: str
+    max_windows: int  # 0: all
+
+
+def eval_text(name: str) -> EvalText:
+    """The data set's evaluation split, joined (fetched before the model loads, so a missing set fails fast)."""
+    source = _source(name)
+    return EvalText(source.separator.join(source.eval_rows()["text"]), source.max_eval_windows)
+
+
+def calibration_text(name: str, nsamples: int, seed: int) -> str:
+    """The first `nsamples` rows of the train split shuffled with `Dataset.shuffle(seed=seed)`, joined."""
+    if nsamples <= 0:
+        raise UsageError(f"--nsamples must be positive, got {nsamples}")
+    source = _source(name)
+    rows = source.train_rows().shuffle(seed=seed)
+    return source.separator.join(rows[:nsamples]["text"])
+
+
+def load_eval_windows(name: str, tokenizer, seqlen: int) -> torch.Tensor:
+    """(windows, seqlen) token ids of the data set's evaluation split."""
+    text = eval_text(name)
+    return token_windows(tokenizer, text.text, seqlen, text.max_windows)
+
+
+def load_calibration_windows(name: str, tokenizer, nsamples: int, seed: int, seqlen: int) -> torch.Tensor:
+    """(windows, seqlen) token ids for the search."""
+    return token_windows(tokenizer, calibration_text(name, nsamples, seed), seqlen)

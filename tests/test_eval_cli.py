@@ -1,0 +1,83 @@
+"""`python -m eval` end to end in a subprocess, and its bad inputs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(module, *args, timeout=300):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_eval_end_to_end(model_dirs, text_file, tmp_path):
+    saved = tmp_path / "pruned"
+    out = run("eval", "--model_name", model_dirs["opt"], "--removal_list", "[4, 1]",
+              "--ppl_datasets", f"file:{text_file}", "--seqlen", "64", "--result_folder", str(tmp_path),
+              "--result_file", "r.json", "--save_model", str(saved))
+    assert out.returncode == 0, out.stderr
+    assert "perplexity (pruned)" in out.stdout
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["removal_list"] == [4, 1] and result["num_blocks"] == 6
+    ppl = result["ppl"][f"file:{text_file}"]["ppl"]
+    assert ppl > 1 and f"{ppl:.3f}" in out.stdout
+    assert result["settings"]["seqlen"] == 64 and result["environment"]["versions"]["torch"]
+    model = AutoModelForCausalLM.from_pretrained(saved)
+    assert model.config.num_hidden_layers == 4
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".")] == []  # no temporary files left
+
+
+def test_eval_accepts_json_string_and_empty_list(model_dirs, text_file, tmp_path):
+    out = run("eval", "--model_name", model_dirs["llama"], "--removal_list", '"[]"',
+              "--ppl_datasets", f"file:{text_file}", "--seqlen", "64", "--result_folder", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    (path,) = tmp_path.glob("*.json")
+    assert json.loads(path.read_text())["removal_list"] == []
+
+
+BAD = [
+    (["--model_name", "/nonexistent/model"], "does not exist"),
+    (["--model_name", "not-an-org/not-a-model"], "hub"),
+    (["--removal_list", "[1, x]"], "list of block indices"),
+    (["--removal_list", "[99]"], "index 99"),
+    (["--removal_list", "[2, 2]"], "twice"),
+    (["--removal_list", "[0, 1, 2, 3, 4, 5]"], "all 6"),
+    (["--ppl_datasets", "imaginary"], "unknown data set"),
+    (["--ppl_datasets", "wikitext2"], "not available"),
+    (["--ppl_datasets", "file:/nonexistent.txt"], "does not exist"),
+    (["--result_folder", "/proc/forbidden"], "result folder"),
+    (["--seqlen", "abc"], "integer"),
+    (["--no_such_flag", "1"], "unknown flag"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD)
+def test_eval_bad_input(args, message, model_dirs, text_file, tmp_path):
+    base = {"--model_name": model_dirs["llama"], "--ppl_datasets": f"file:{text_file}", "--seqlen": "64",
+            "--result_folder": str(tmp_path / "results")}
+    for name, value in zip(args[::2], args[1::2]):
+        base[name] = value
+    out = run("eval", *[x for pair in base.items() for x in pair])
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], out.stderr
+    assert not (tmp_path / "results").exists() or not list((tmp_path / "results").iterdir())
+
+
+def test_not_a_causal_lm(tmp_path, text_file):
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                         vocab_size=100)).save_pretrained(tmp_path / "bert")
+    out = run("eval", "--model_name", str(tmp_path / "bert"), "--ppl_datasets", f"file:{text_file}",
+              "--result_folder", str(tmp_path / "results"))
+    assert out.returncode == 2
+    assert "not a causal language model" in out.stderr and len(out.stderr.strip().splitlines()) == 1
