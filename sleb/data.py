@@ -36,6 +36,7 @@ def _hub(name, *args, **kwargs):
     """A loader of a hub data set; `name` is the sleb name shown in errors."""
     def load():
         use_cache_only_if_offline()
+        _quiet_datasets()
         from datasets import load_dataset
 
         try:
@@ -59,8 +60,16 @@ def _demo_rows(split):
     return rows
 
 
+def _quiet_datasets():
+    # datasets' own bars ("Generating train split") would bury a one-line error; ours report progress.
+    import datasets
+
+    datasets.disable_progress_bars()
+
+
 def _file_rows(path):
     def rows():
+        _quiet_datasets()
         from datasets import load_dataset
 
         if not os.path.isfile(path):
