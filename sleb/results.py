@@ -67,13 +67,13 @@ def prepare_result_path(folder: str, file: str, overwrite: bool) -> str:
     return path
 
 
-def _jsonable(value):
+def to_jsonable(value):
     if dataclasses.is_dataclass(value):
-        return _jsonable(dataclasses.asdict(value))
+        return to_jsonable(dataclasses.asdict(value))
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [to_jsonable(v) for v in value]
     if isinstance(value, float) and value != value:
         return None  # NaN is not JSON
     if isinstance(value, (str, int, float, bool)) or value is None:
@@ -87,7 +87,7 @@ def write_json(path: str, result: dict) -> None:
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
     try:
         with os.fdopen(fd, "w") as handle:
-            json.dump(_jsonable(result), handle, indent=2)
+            json.dump(to_jsonable(result), handle, indent=2)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

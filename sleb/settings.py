@@ -40,3 +40,22 @@ class EvalSettings(OutputFlags, EvalFlags, ModelFlags):
     """`python -m eval`: evaluate a model with given blocks removed."""
 
     removal_list: list = flag([], "original indices of the blocks to remove, e.g. '[5, 4, 9]'; [] = dense")
+
+
+@dataclass
+class SearchSettings(OutputFlags, EvalFlags, ModelFlags):
+    """`python -m sleb`: find which blocks to remove, then evaluate the pruned model."""
+
+    num_blocks: Optional[int] = flag(None, "the model's depth (default: read from the model); a mismatch is an error")
+    num_remove_blocks: Optional[int] = flag(None, "blocks to remove (default: ceil(0.2 x num_blocks))")
+    early_barrier: int = flag(1, "the first this-many alive blocks are never candidates")
+    latter_barrier: int = flag(1, "the last this-many alive blocks are never candidates")
+    dataset: str = flag("wikitext2", "calibration data: wikitext2, c4, ptb, demo or file:PATH")
+    nsamples: int = flag(128, "calibration rows taken from the shuffled train split")
+    seed: int = flag(0, "seed of the calibration shuffle (and of --metric random)")
+    metric: str = flag("sleb", "sleb (iterative, metric 3), sleb_oneshot (metric 2), cosine, angular or random")
+    engine: str = flag("fast", "fast (exact, prefix reuse + abandonment) or reference (the paper's loop)")
+    search_batch_size: int = flag(4, "calibration windows per forward in the fast engine")
+    cache_gb: float = flag(0.0, "memory for cached hidden states in the fast engine (0: automatic)")
+    resume: bool = flag(False, "continue an interrupted search from its results file")
+    plot: bool = flag(False, "write PNGs: candidate-loss heatmap and loss vs blocks removed")

@@ -1,0 +1,199 @@
+"""The fast engine: the reference engine's losses and removal list with far fewer block forwards.
+
+Exact tricks only:
+- Prefix reuse: the hidden state entering alive block j does not depend on which candidate is
+  skipped, so it is computed once per phase, kept across phases, and after a removal recomputed
+  only from the removed position on. A candidate then runs only the blocks after it.
+- Batched windows and float32 cross-entropy computed in chunks, under inference_mode.
+- Early abandonment: a candidate's loss is a sum of non-negative per-window terms, so once its
+  partial sum exceeds the best complete loss (with a margin for float noise) it cannot win.
+  Candidates run in ascending order of their previous-phase loss so a strong one comes first.
+- Near ties: candidates within the noise margin of the best are re-scored with the reference
+  engine's own batch-1 computation, so float rounding from batching never changes the answer.
+
+Cached hidden states live on the model's device when they fit `cache_gb`, else in (pinned) CPU
+memory, else they are recomputed batch by batch (no abandonment then).
+"""
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from sleb import stream
+from sleb.models import input_device
+from sleb.search import ReferenceEngine, SearchState
+
+# Relative difference under which two losses count as a possible tie that float rounding might decide.
+TIE_MARGIN = 1e-5
+
+
+@dataclass
+class _Batch:
+    ids: torch.Tensor  # (b, seqlen) on the model's input device
+    inputs: stream.BlockInputs
+
+
+def cache_bytes(model, windows: torch.Tensor, positions: int) -> int:
+    """Bytes needed to keep `positions` hidden states of all windows."""
+    hidden = model.config.get_text_config().hidden_size
+    itemsize = next(model.parameters()).element_size()
+    return positions * windows.numel() * hidden * itemsize
+
+
+class FastEngine:
+    name = "fast"
+
+    def __init__(self, model, windows: torch.Tensor, batch_size: int = 4, cache_gb: float = 0.0,
+                 abandon: bool = True):
+        self.model = model
+        self.windows = windows
+        self.batch_size = max(1, batch_size)
+        self.abandon = abandon
+        self.reference = ReferenceEngine(model, windows)
+        device = input_device(model)
+        self.batches = []
+        with torch.inference_mode():
+            for start in range(0, len(windows), self.batch_size):
+                ids = windows[start : start + self.batch_size].to(device)
+                self.batches.append(_Batch(ids, stream.capture(model, ids)))
+        self.storage = self._choose_storage(cache_gb)
+        self.prefix = {}  # position in the alive list -> [state per batch]
+        self.prefix_alive = None
+        self.block_forwards = 0
+
+    def _choose_storage(self, cache_gb: float):
+        """Where cached hidden states live: 'device', 'cpu' or None (recompute)."""
+        depth = len(self.batches[0].inputs.args)
+        needed = cache_bytes(self.model, self.windows, depth)
+        device = input_device(self.model)
+        if cache_gb <= 0:  # auto: a share of what the device (or, on CPU, the machine) has free
+            if device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(device)
+                cache_gb = 0.5 * free / 2**30
+            else:
+                cache_gb = 0.25 * _total_memory_bytes() / 2**30
+        budget = cache_gb * 2**30
+        if needed <= budget:
+            return "device"
+        if device.type == "cuda" and needed <= 0.25 * _total_memory_bytes():
+            return "cpu"
+        return None
+
+    def _store(self, tensor):
+        if self.storage == "cpu" and tensor.device.type == "cuda":
+            return tensor.to("cpu", non_blocking=True).pin_memory()
+        return tensor
+
+    def _load(self, tensor, like):
+        return tensor.to(like.device, non_blocking=True) if tensor.device != like.device else tensor
+
+    def _run(self, indices, hidden, batch):
+        self.block_forwards += len(indices) * len(batch.ids)
+        return stream.run_blocks(self.model, indices, hidden, batch.inputs)
+
+    def _window_terms(self, hidden, batch) -> list:
+        """The paper's per-window term, mean CE x seqlen, for each window of the batch."""
+        seqlen = batch.ids.shape[1]
+        sums = stream.tail_nll_sums(self.model, hidden, batch.ids)
+        return [float(s) / (seqlen - 1) * seqlen for s in sums.double().cpu()]
+
+    def _update_prefix(self, alive: list, upto: int) -> None:
+        """Make self.prefix hold the inputs of alive positions 0..upto, reusing what is still valid."""
+        valid = 0
+        if self.prefix_alive is not None:
+            # Inputs to positions before the first difference in the alive lists are unchanged.
+            # After removing position r the input of new position r is the old input of position r.
+            for old, new in zip(self.prefix_alive, alive):
+                if old != new:
+                    break
+                valid += 1
+            valid = min(valid + 1, len(alive))
+        self.prefix = {p: s for p, s in self.prefix.items() if p < valid}
+        if 0 not in self.prefix:
+            self.prefix[0] = [self._store(b.inputs.hidden) for b in self.batches]
+        for position in range(1, upto + 1):
+            if position in self.prefix:
+                continue
+            previous = self.prefix[position - 1]
+            self.prefix[position] = [
+                self._store(self._run([alive[position - 1]], self._load(state, b.ids), b))
+                for state, b in zip(previous, self.batches)
+            ]
+        self.prefix_alive = list(alive)
+
+    @torch.inference_mode()
+    def phase_losses(self, state: SearchState, positions, previous=None, exhaustive=False, progress=None):
+        alive = state.alive
+        positions = list(positions)
+        if not positions:
+            return {}, {}
+        if self.storage is None:
+            losses = self._streamed_losses(alive, positions, progress)
+            return self._settle_ties(state, losses), {}
+        self._update_prefix(alive, max(positions))
+        # Strongest candidates first (by last phase's loss), so abandonment bites early.
+        order = sorted(positions, key=lambda p: (_previous_loss(previous, alive[p]), p))
+        losses, lower_bounds = {}, {}
+        best = math.inf
+        for position in order:
+            suffix = alive[position + 1 :]
+            total = 0.0
+            abandoned = False
+            for b, batch in enumerate(self.batches):
+                hidden = self._run(suffix, self._load(self.prefix[position][b], batch.ids), batch)
+                total += sum(self._window_terms(hidden, batch))
+                if self.abandon and not exhaustive and total > best * (1 + TIE_MARGIN):
+                    abandoned = b < len(self.batches) - 1
+                    break
+            if abandoned:
+                losses[position] = None
+                lower_bounds[position] = total
+            else:
+                losses[position] = total
+                best = min(best, total)
+            if progress is not None:
+                progress(position, losses[position])
+        return self._settle_ties(state, losses), lower_bounds
+
+    def _streamed_losses(self, alive, positions, progress):
+        """No cache: walk each batch through the alive blocks once, branching off every candidate."""
+        losses = {p: 0.0 for p in positions}
+        last = max(positions)
+        for batch in self.batches:
+            hidden = batch.inputs.hidden
+            for position in range(last + 1):
+                if position in losses:
+                    out = self._run(alive[position + 1 :], hidden, batch)
+                    losses[position] += sum(self._window_terms(out, batch))
+                if position < last:
+                    hidden = self._run([alive[position]], hidden, batch)
+        if progress is not None:
+            for position in positions:
+                progress(position, losses[position])
+        return losses
+
+    def _settle_ties(self, state, losses: dict) -> dict:
+        """Re-score possible ties with the reference computation, so batching cannot flip a choice."""
+        complete = {p: v for p, v in losses.items() if v is not None}
+        best = min(complete.values())
+        close = [p for p, v in complete.items() if v <= best * (1 + TIE_MARGIN)]
+        if len(close) > 1:
+            alive = state.alive
+            for position in close:
+                losses[position] = self.reference.loss(state.removal_list + [alive[position]])
+        return losses
+
+
+def _previous_loss(previous, block: int) -> float:
+    if previous is None or previous[block] is None:
+        return math.inf
+    return previous[block]
+
+
+def _total_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
