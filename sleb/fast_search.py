@@ -25,8 +25,10 @@ from sleb import stream
 from sleb.models import input_device
 from sleb.search import ReferenceEngine, SearchState
 
-# Relative difference under which two losses count as a possible tie that float rounding might decide.
-TIE_MARGIN = 1e-5
+# Relative difference under which two losses count as a possible tie that rounding might decide:
+# batched and batch-1 float32 sums agree to ~1e-7 here; half precision needs far more room.
+TIE_MARGINS = {torch.float32: 1e-6, torch.float64: 1e-9}
+HALF_TIE_MARGIN = 1e-3
 
 
 @dataclass
@@ -51,6 +53,7 @@ class FastEngine:
         self.windows = windows
         self.batch_size = max(1, batch_size)
         self.abandon = abandon
+        self.tie_margin = TIE_MARGINS.get(next(model.parameters()).dtype, HALF_TIE_MARGIN)
         self.reference = ReferenceEngine(model, windows)
         device = input_device(model)
         self.batches = []
@@ -62,6 +65,7 @@ class FastEngine:
         self.prefix = {}  # position in the alive list -> [state per batch]
         self.prefix_alive = None
         self.block_forwards = 0
+        self.rescored = 0  # candidates re-scored with the reference computation to settle near ties
 
     def _choose_storage(self, cache_gb: float):
         """Where cached hidden states live: 'device', 'cpu' or None (recompute)."""
@@ -144,7 +148,7 @@ class FastEngine:
             for b, batch in enumerate(self.batches):
                 hidden = self._run(suffix, self._load(self.prefix[position][b], batch.ids), batch)
                 total += sum(self._window_terms(hidden, batch))
-                if self.abandon and not exhaustive and total > best * (1 + TIE_MARGIN):
+                if self.abandon and not exhaustive and total > best * (1 + self.tie_margin):
                     abandoned = b < len(self.batches) - 1
                     break
             if abandoned:
@@ -178,8 +182,9 @@ class FastEngine:
         """Re-score possible ties with the reference computation, so batching cannot flip a choice."""
         complete = {p: v for p, v in losses.items() if v is not None}
         best = min(complete.values())
-        close = [p for p, v in complete.items() if v <= best * (1 + TIE_MARGIN)]
+        close = [p for p, v in complete.items() if v <= best * (1 + self.tie_margin)]
         if len(close) > 1:
+            self.rescored += len(close)
             alive = state.alive
             for position in close:
                 losses[position] = self.reference.loss(state.removal_list + [alive[position]])

@@ -50,6 +50,8 @@ def _looks_local(name: str) -> bool:
 def load_config(model_name: str, trust_remote_code: bool = False):
     """(resolved path or hub id, config): cheap, so every check that needs the depth runs before the weights load."""
     path = resolve_model_name(model_name)
+    if model_name == "demo" and not os.path.isfile(os.path.join(path, "config.json")):
+        raise UsageError(f"the demo model is missing from {path}; train it with scripts/train_demo_model.py")
     if _looks_local(path) and not os.path.isdir(os.path.expanduser(path)):
         raise UsageError(f"model directory {path!r} does not exist; pass a local model directory or a hub id")
     path = os.path.expanduser(path)

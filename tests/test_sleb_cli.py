@@ -1,0 +1,83 @@
+"""`python -m sleb` end to end, resume after an interruption, and its bad inputs."""
+
+import dataclasses
+import json
+
+import pytest
+
+from sleb import run_search as run_search_module
+from sleb.settings import SearchSettings
+from test_eval_cli import run
+
+
+def test_sleb_end_to_end(model_dirs, text_file, tmp_path):
+    out = run("sleb", "--model_name", model_dirs["llama"], "--dataset", f"file:{text_file}", "--nsamples", "60",
+              "--seqlen", "32", "--num_remove_blocks", "2", "--ppl_datasets", f"file:{text_file}",
+              "--result_folder", str(tmp_path), "--result_file", "s.json", "--plot", "True")
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "s.json").read_text())
+    chosen = result["search"]["removal_list"]
+    assert f"removal list: {chosen}" in out.stdout and "ppl pruned (4 blocks)" in out.stdout
+    assert result["search"]["status"] == "done" and result["search"]["engine"] == "fast"
+    assert len(result["search"]["losses"]) == 2 and len(result["search"]["losses"][0]) == 6
+    assert result["settings"]["num_blocks"] == 6 and result["settings"]["num_remove_blocks"] == 2
+    assert (tmp_path / "s_heatmap.png").stat().st_size > 0 and (tmp_path / "s_loss.png").stat().st_size > 0
+    assert "phase 1/2" in out.stderr  # progress bar
+
+
+def test_resume_after_interruption_reaches_the_same_answer(model_dirs, text_file, tmp_path, monkeypatch):
+    settings = dict(model_name=model_dirs["llama"], dataset=f"file:{text_file}", nsamples=60, seqlen=32,
+                    num_remove_blocks=4, early_barrier=1, latter_barrier=0, eval_ppl=False,
+                    result_folder=str(tmp_path))
+    whole = run_search_module.run_search(SearchSettings(**settings, result_file="whole.json"))
+
+    real_greedy = run_search_module.greedy_search
+
+    def interrupted_greedy(*args, on_phase=None, **kwargs):
+        def save_then_stop(state):
+            on_phase(state)
+            if len(state.removal_list) == 2:
+                raise KeyboardInterrupt
+        return real_greedy(*args, on_phase=save_then_stop, **kwargs)
+
+    monkeypatch.setattr(run_search_module, "greedy_search", interrupted_greedy)
+    with pytest.raises(KeyboardInterrupt):
+        run_search_module.run_search(SearchSettings(**settings, result_file="part.json"))
+    partial = json.loads((tmp_path / "part.json").read_text())
+    assert partial["search"]["status"] == "searching" and len(partial["search"]["removal_list"]) == 2
+
+    monkeypatch.setattr(run_search_module, "greedy_search", real_greedy)
+    resumed = run_search_module.run_search(SearchSettings(**settings, result_file="part.json", resume=True))
+    assert resumed["search"]["removal_list"] == whole["search"]["removal_list"]
+    assert resumed["search"]["losses"] == whole["search"]["losses"]
+
+    changed = dataclasses.replace(SearchSettings(**settings, result_file="part.json", resume=True), seed=1)
+    with pytest.raises(Exception, match="--seed"):
+        run_search_module.run_search(changed)
+
+
+BAD = [
+    (["--num_remove_blocks", "4"], "below"),
+    (["--num_blocks", "7"], "has 6 blocks"),
+    (["--early_barrier", "-1"], "barriers"),
+    (["--early_barrier", "3", "--latter_barrier", "3"], "no candidate"),
+    (["--metric", "magic"], "unknown --metric"),
+    (["--engine", "warp"], "unknown --engine"),
+    (["--dataset", "nowhere"], "unknown data set"),
+    (["--nsamples", "0"], "--nsamples"),
+    (["--resume", "True"], "does not exist"),
+    (["--eval_zeroshot", "True"], "not available yet"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD)
+def test_sleb_bad_input(args, message, model_dirs, text_file, tmp_path):
+    base = {"--model_name": model_dirs["llama"], "--dataset": f"file:{text_file}", "--seqlen": "32",
+            "--ppl_datasets": f"file:{text_file}", "--result_folder": str(tmp_path / "results")}
+    for name, value in zip(args[::2], args[1::2]):
+        base[name] = value
+    out = run("sleb", *[x for pair in base.items() for x in pair])
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], out.stderr
+    assert not (tmp_path / "results").exists() or not list((tmp_path / "results").iterdir())
