@@ -2,20 +2,11 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run(module, *args, timeout=300):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+from clitools import assert_bad_input, run
 
 
 def test_eval_end_to_end(model_dirs, text_file, tmp_path):
@@ -61,15 +52,9 @@ BAD = [
 
 @pytest.mark.parametrize("args, message", BAD)
 def test_eval_bad_input(args, message, model_dirs, text_file, tmp_path):
-    base = {"--model_name": model_dirs["llama"], "--ppl_datasets": f"file:{text_file}", "--seqlen": "64",
-            "--result_folder": str(tmp_path / "results")}
-    for name, value in zip(args[::2], args[1::2]):
-        base[name] = value
-    out = run("eval", *[x for pair in base.items() for x in pair])
-    assert out.returncode == 2, out.stderr
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], out.stderr
-    assert not (tmp_path / "results").exists() or not list((tmp_path / "results").iterdir())
+    flags = {"--model_name": model_dirs["llama"], "--ppl_datasets": f"file:{text_file}", "--seqlen": "64",
+             "--result_folder": str(tmp_path / "results")}
+    assert_bad_input("eval", flags, args, message, tmp_path / "results")
 
 
 def test_not_a_causal_lm(tmp_path, text_file):

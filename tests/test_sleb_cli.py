@@ -7,7 +7,7 @@ import pytest
 
 from sleb import run_search as run_search_module
 from sleb.settings import SearchSettings
-from test_eval_cli import run
+from clitools import assert_bad_input, run
 
 
 def test_sleb_end_to_end(model_dirs, text_file, tmp_path):
@@ -72,12 +72,6 @@ BAD = [
 
 @pytest.mark.parametrize("args, message", BAD)
 def test_sleb_bad_input(args, message, model_dirs, text_file, tmp_path):
-    base = {"--model_name": model_dirs["llama"], "--dataset": f"file:{text_file}", "--seqlen": "32",
-            "--ppl_datasets": f"file:{text_file}", "--result_folder": str(tmp_path / "results")}
-    for name, value in zip(args[::2], args[1::2]):
-        base[name] = value
-    out = run("sleb", *[x for pair in base.items() for x in pair])
-    assert out.returncode == 2, out.stderr
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], out.stderr
-    assert not (tmp_path / "results").exists() or not list((tmp_path / "results").iterdir())
+    flags = {"--model_name": model_dirs["llama"], "--dataset": f"file:{text_file}", "--seqlen": "32",
+             "--ppl_datasets": f"file:{text_file}", "--result_folder": str(tmp_path / "results")}
+    assert_bad_input("sleb", flags, args, message, tmp_path / "results")
