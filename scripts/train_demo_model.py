@@ -130,12 +130,20 @@ def main(
         valid_ppl = math.exp(mean_loss(model, valid_stream, seqlen))
         history.append({"epoch": epoch + 1, "validation_ppl": round(valid_ppl, 3)})
         print(f"epoch {epoch + 1}: validation perplexity {valid_ppl:.2f}", flush=True)
+        # A float16 snapshot after every epoch, so an interrupted run still leaves a usable model.
+        save_float16(model, tokenizer, out + ".last_epoch")
 
-    model.config.use_cache = True
-    model.to(torch.float16).save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_float16(model, tokenizer, out)
     minutes = (time.time() - started) / 60
     write_card(out, config, train_stream.numel(), history, minutes, " ".join(sys.argv[1:]))
+
+
+def save_float16(model, tokenizer, out):
+    half = type(model)(model.config).to(torch.float16)
+    half.load_state_dict({k: v.to(torch.float16) for k, v in model.state_dict().items()})
+    half.config.use_cache = True
+    half.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def write_card(out, config, train_tokens, history, minutes, flags):
