@@ -123,6 +123,7 @@ def run_search(settings) -> dict:
     model.config.use_cache = False
     search_started = time.perf_counter()
     engine_name = settings.engine
+    engine = None  # the metrics without candidate losses use none
     try:
         if settings.metric == "sleb":
             engine = _engine(settings, model, windows)
@@ -151,7 +152,7 @@ def run_search(settings) -> dict:
     print(f"removal list: {state.removal_list} (search took {search_seconds:.1f} s)")
 
     record = {**base, "search": _search_record(state, engine_name, search_seconds, "done",
-                                               _engine_stats(locals().get("engine")))}
+                                               _engine_stats(engine))}
     dense = {}
     if eval_texts:
         dense = evaluate_perplexity(model, tokenizer, eval_texts, settings)
