@@ -52,7 +52,7 @@ def _find_generic(model):
     return _resolve(model, found[0])
 
 
-def _block_owner(model):
+def block_owner(model):
     """(module holding the block list, attribute name)."""
     path = BLOCK_PATHS.get(getattr(model.config, "model_type", None))
     if path is not None:
@@ -66,7 +66,7 @@ def _block_owner(model):
 
 
 def get_blocks(model) -> nn.ModuleList:
-    parent, attribute = _block_owner(model)
+    parent, attribute = block_owner(model)
     return getattr(parent, attribute)
 
 
@@ -90,7 +90,7 @@ def _configs(model):
 
 def _set_block_list(model, keep: list) -> dict:
     """Keep only the blocks at positions `keep`; return what is needed to undo it."""
-    parent, attribute = _block_owner(model)
+    parent, attribute = block_owner(model)
     blocks = getattr(parent, attribute)
     saved = {"owner": (parent, attribute), "blocks": blocks, "configs": []}
     for config in _configs(model):

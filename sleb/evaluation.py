@@ -62,15 +62,20 @@ def fetch_eval_texts(settings) -> dict:
     return {name: data.eval_text(name) for name in ppl_dataset_names(settings)}
 
 
-def evaluate_perplexity(model, tokenizer, eval_texts: dict, settings) -> dict:
-    """{data set: {"ppl": ..., "windows": ..., "seconds": ...}}."""
-    seqlen = effective_seqlen(model, settings.seqlen)
+def tokenize_eval_texts(model, tokenizer, eval_texts: dict, seqlen: int) -> dict:
+    """{data set: (windows, seqlen) token ids}, tokenized once per run."""
+    seqlen = effective_seqlen(model, seqlen)
+    return {name: data.token_windows(tokenizer, text.text, seqlen, text.max_windows)
+            for name, text in eval_texts.items()}
+
+
+def evaluate_perplexity(model, eval_windows: dict, batch_size: int) -> dict:
+    """{data set: {"ppl": ..., "windows": ..., "seqlen": ..., "seconds": ...}}."""
     out = {}
-    for name, text in eval_texts.items():
+    for name, windows in eval_windows.items():
         started = time.perf_counter()
-        windows = data.token_windows(tokenizer, text.text, seqlen, text.max_windows)
-        value = perplexity(model, windows, settings.batch_size, desc=f"ppl {name}")
-        out[name] = {"ppl": value, "windows": len(windows), "seqlen": seqlen,
+        value = perplexity(model, windows, batch_size, desc=f"ppl {name}")
+        out[name] = {"ppl": value, "windows": len(windows), "seqlen": windows.shape[1],
                      "seconds": round(time.perf_counter() - started, 3)}
     return out
 
@@ -124,7 +129,8 @@ def run_eval(settings) -> dict:
     print(f"model {settings.model_name}: {depth} blocks, removed {removal_list or 'none'} -> "
           f"{blocks.num_blocks(model)} blocks")
 
-    ppl = evaluate_perplexity(model, tokenizer, eval_texts, settings)
+    ppl = evaluate_perplexity(model, tokenize_eval_texts(model, tokenizer, eval_texts, settings.seqlen),
+                              settings.batch_size)
     if settings.save_model:
         save_model(model, tokenizer, settings.save_model)
         print(f"pruned model saved to {settings.save_model}")

@@ -10,9 +10,9 @@ import torch
 
 from sleb import blocks, data, models, results
 from sleb.errors import UsageError
-from sleb.evaluation import (check_eval_flags, effective_seqlen, evaluate_perplexity, fetch_eval_texts,
-                             ppl_table, save_model)
-from sleb.search import (METRICS, ReferenceEngine, SearchState, angular_search, check_search_flags, cosine_search,
+from sleb.evaluation import (check_eval_flags, effective_seqlen, evaluate_perplexity, fetch_eval_texts, save_model,
+                             tokenize_eval_texts)
+from sleb.search import (ReferenceEngine, SearchState, angular_search, check_search_flags, cosine_search,
                          greedy_search, oneshot_search, random_search)
 
 ENGINES = ("fast", "reference")
@@ -31,8 +31,6 @@ def _check_flags(settings) -> None:
     check_eval_flags(settings)
     if settings.engine not in ENGINES:
         raise UsageError(f"unknown --engine {settings.engine!r}; use fast or reference")
-    if settings.metric not in METRICS:
-        raise UsageError(f"unknown --metric {settings.metric!r}; use one of {', '.join(METRICS)}")
     if settings.nsamples < 1:
         raise UsageError(f"--nsamples must be positive, got {settings.nsamples}")
     if settings.search_batch_size < 1:
@@ -154,13 +152,14 @@ def run_search(settings) -> dict:
     record = {**base, "search": _search_record(state, engine_name, search_seconds, "done",
                                                _engine_stats(engine))}
     dense = {}
-    if eval_texts:
-        dense = evaluate_perplexity(model, tokenizer, eval_texts, settings)
+    eval_windows = tokenize_eval_texts(model, tokenizer, eval_texts, settings.seqlen)
+    if eval_windows:
+        dense = evaluate_perplexity(model, eval_windows, settings.batch_size)
         record["ppl_dense"] = dense
     blocks.remove_blocks(model, state.removal_list)
     record["removal_list"] = state.removal_list
-    if eval_texts:
-        record["ppl"] = evaluate_perplexity(model, tokenizer, eval_texts, settings)
+    if eval_windows:
+        record["ppl"] = evaluate_perplexity(model, eval_windows, settings.batch_size)
     if settings.save_model:
         save_model(model, tokenizer, settings.save_model)
         print(f"pruned model saved to {settings.save_model}")

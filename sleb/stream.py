@@ -48,7 +48,7 @@ class _Injector(nn.Module):
 
 def _with_blocks(model, replacement, input_ids):
     """Run the model with its block list replaced; stop before the LM head; return the head's input."""
-    parent, attribute = blocks._block_owner(model)
+    parent, attribute = blocks.block_owner(model)
     original = getattr(parent, attribute)
     config = model.config
     depth = config.num_hidden_layers

@@ -1,11 +1,9 @@
 """The SLEB search: the reference engine, the fast engine against it, the baselines, resume."""
 
-import json
 
 import pytest
 import torch
 
-import tiny
 from sleb import blocks, data, search
 from sleb.errors import UsageError
 from sleb.fast_search import FastEngine

@@ -1,7 +1,6 @@
 """Tiny random models and a tiny tokenizer, built here and saved so tests load them through the real
 `from_pretrained`. Nothing is downloaded and no model is mocked."""
 
-import os
 import random
 
 import torch
