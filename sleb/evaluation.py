@@ -6,7 +6,7 @@ import shutil
 import tempfile
 import time
 
-from sleb import blocks, data, models, results
+from sleb import blocks, data, models, results, zeroshot
 from sleb.errors import UsageError
 from sleb.perplexity import perplexity
 
@@ -45,8 +45,10 @@ def check_eval_flags(settings) -> None:
         raise UsageError(f"--seqlen must be at least 2, got {settings.seqlen}")
     if settings.batch_size < 1:
         raise UsageError(f"--batch_size must be positive, got {settings.batch_size}")
-    if settings.eval_zeroshot:
-        raise UsageError("--eval_zeroshot is not available yet; run without it")
+    if settings.num_fewshot < 0:
+        raise UsageError(f"--num_fewshot must be >= 0, got {settings.num_fewshot}")
+    if settings.zeroshot_batch_size < 1:
+        raise UsageError(f"--zeroshot_batch_size must be positive, got {settings.zeroshot_batch_size}")
     if settings.save_model and os.path.exists(settings.save_model) and os.listdir(settings.save_model):
         raise UsageError(f"--save_model directory {settings.save_model!r} is not empty; choose a new directory")
     ppl_dataset_names(settings)
@@ -55,6 +57,26 @@ def check_eval_flags(settings) -> None:
 
 def effective_seqlen(model, seqlen: int) -> int:
     return min(seqlen, models.max_positions(model))
+
+
+def prepare_zeroshot(settings):
+    """(task names, lm-eval task manager), checked before the model loads; (None, None) when off."""
+    if not settings.eval_zeroshot:
+        return None, None
+    names = zeroshot.task_names(settings.tasks)
+    manager = zeroshot.task_manager(names)
+    zeroshot.check_tasks(names, settings.limit, manager)
+    return names, manager
+
+
+def evaluate_zeroshot(model, tokenizer, names, manager, settings) -> dict:
+    limit = settings.limit
+    if limit is not None and limit >= 1 and float(limit).is_integer():
+        limit = int(limit)
+    result = zeroshot.evaluate_zeroshot(model, tokenizer, names, manager, settings.num_fewshot, limit,
+                                        settings.zeroshot_batch_size, settings.log_samples)
+    print(zeroshot.zeroshot_table(result))
+    return result
 
 
 def fetch_eval_texts(settings) -> dict:
@@ -121,6 +143,7 @@ def run_eval(settings) -> dict:
     timings = {}
     started = time.perf_counter()
     eval_texts = fetch_eval_texts(settings)
+    task_list, manager = prepare_zeroshot(settings)
     model, tokenizer = models.load_model(settings.model_name, settings.dtype, settings.device,
                                          settings.device_map, settings.trust_remote_code)
     timings["load_s"] = round(time.perf_counter() - started, 3)
@@ -131,6 +154,7 @@ def run_eval(settings) -> dict:
 
     ppl = evaluate_perplexity(model, tokenize_eval_texts(model, tokenizer, eval_texts, settings.seqlen),
                               settings.batch_size)
+    zeroshot_result = evaluate_zeroshot(model, tokenizer, task_list, manager, settings) if task_list else None
     if settings.save_model:
         save_model(model, tokenizer, settings.save_model)
         print(f"pruned model saved to {settings.save_model}")
@@ -139,7 +163,7 @@ def run_eval(settings) -> dict:
     result = {
         "command": "eval", "settings": settings, "environment": results.environment(models.input_device(model)),
         "dtype": str(next(model.parameters()).dtype), "num_blocks": depth,
-        "removal_list": removal_list, "ppl": ppl, "times": timings,
+        "removal_list": removal_list, "ppl": ppl, "zeroshot": zeroshot_result, "times": timings,
     }
     results.write_json(path, result)
     if ppl:

@@ -10,8 +10,8 @@ import torch
 
 from sleb import blocks, data, models, results
 from sleb.errors import UsageError
-from sleb.evaluation import (check_eval_flags, effective_seqlen, evaluate_perplexity, fetch_eval_texts, save_model,
-                             tokenize_eval_texts)
+from sleb.evaluation import (check_eval_flags, effective_seqlen, evaluate_perplexity, evaluate_zeroshot,
+                             fetch_eval_texts, prepare_zeroshot, save_model, tokenize_eval_texts)
 from sleb.search import (ReferenceEngine, SearchState, angular_search, check_search_flags, cosine_search,
                          greedy_search, oneshot_search, random_search)
 
@@ -102,6 +102,7 @@ def run_search(settings) -> dict:
     started = time.perf_counter()
     calibration = data.calibration_text(settings.dataset, settings.nsamples, settings.seed)
     eval_texts = fetch_eval_texts(settings)
+    task_list, manager = prepare_zeroshot(settings)
     model, tokenizer = models.load_model(settings.model_name, settings.dtype, settings.device, settings.device_map,
                                          settings.trust_remote_code)
     seqlen = effective_seqlen(model, settings.seqlen)
@@ -160,6 +161,8 @@ def run_search(settings) -> dict:
     record["removal_list"] = state.removal_list
     if eval_windows:
         record["ppl"] = evaluate_perplexity(model, eval_windows, settings.batch_size)
+    if task_list:
+        record["zeroshot"] = evaluate_zeroshot(model, tokenizer, task_list, manager, settings)
     if settings.save_model:
         save_model(model, tokenizer, settings.save_model)
         print(f"pruned model saved to {settings.save_model}")

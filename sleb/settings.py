@@ -25,7 +25,13 @@ class EvalFlags:
     seqlen: int = flag(2048, "tokens per window (capped at the model's maximum positions)")
     batch_size: int = flag(1, "windows per forward pass when measuring perplexity")
     save_model: Optional[str] = flag(None, "directory to write the pruned model and tokenizer to (save_pretrained)")
-    eval_zeroshot: bool = flag(False, "zero-shot accuracy with lm-eval (not available yet)")
+    eval_zeroshot: bool = flag(False, "zero-shot accuracy with lm-eval on --tasks")
+    tasks: str = flag("piqa,winogrande,hellaswag,arc_challenge,arc_easy",
+                      "comma-separated lm-eval tasks; offline: demo_cloze,demo_order")
+    num_fewshot: int = flag(0, "few-shot examples per zero-shot item")
+    limit: Optional[float] = flag(None, "at most this many items per task (a fraction if below 1)")
+    zeroshot_batch_size: int = flag(8, "lm-eval batch size")
+    log_samples: bool = flag(False, "keep lm-eval's per-item records in the results JSON")
 
 
 @dataclass

@@ -66,7 +66,7 @@ BAD = [
     (["--dataset", "nowhere"], "unknown data set"),
     (["--nsamples", "0"], "--nsamples"),
     (["--resume", "True"], "does not exist"),
-    (["--eval_zeroshot", "True"], "not available yet"),
+    (["--eval_zeroshot", "True", "--tasks", "demo_cloze,no_such_task"], "unknown task"),
 ]
 
 

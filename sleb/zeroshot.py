@@ -1,0 +1,88 @@
+"""Zero-shot accuracy with the released lm-eval: the pruned model instance goes to HFLM as it is."""
+
+import logging
+
+from sleb import results
+from sleb.errors import UsageError
+from sleb.hub import use_cache_only_if_offline
+
+PAPER_TASKS = "piqa,winogrande,hellaswag,arc_challenge,arc_easy"
+
+
+def task_names(tasks: str) -> list:
+    names = [name.strip() for name in str(tasks).split(",") if name.strip()]
+    if not names:
+        raise UsageError("--tasks is empty; name lm-eval tasks, e.g. piqa,arc_easy or demo_cloze")
+    return names
+
+
+def task_manager(names: list):
+    """lm-eval's task registry plus the offline demo tasks (alone when only those are asked for:
+    indexing lm-eval's thousands of task files takes ~30 s)."""
+    from lm_eval.tasks import TaskManager
+
+    from sleb import demo_tasks
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its warnings would bury one-line errors
+    only_offline = all(name in demo_tasks.TASKS for name in names)
+    return TaskManager(include_path=demo_tasks.write_tasks(), include_defaults=not only_offline)
+
+
+def check_tasks(names: list, limit, manager) -> None:
+    """Unknown names and data that cannot be loaded fail here, before the model loads."""
+    from lm_eval.tasks import get_task_dict
+
+    from sleb.demo_tasks import TASKS as OFFLINE
+
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0):
+        raise UsageError(f"--limit must be a positive number of items per task, got {limit!r}")
+    known = set(manager.all_tasks)
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise UsageError(f"unknown task {unknown[0]!r}; list the tasks with `lm-eval ls tasks` "
+                         f"(offline tasks: {', '.join(OFFLINE)})")
+    if any(name not in OFFLINE for name in names):
+        use_cache_only_if_offline()
+    try:
+        get_task_dict(names, manager)
+    except Exception as error:  # datasets raises many types when a hub data set is out of reach
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        raise UsageError(f"task data unavailable ({first}); offline, use --tasks {','.join(OFFLINE)}") from None
+
+
+def evaluate_zeroshot(model, tokenizer, names: list, manager, num_fewshot: int = 0, limit=None,
+                      batch_size: int = 8, log_samples: bool = False) -> dict:
+    """{"tasks": {task: {acc, acc_stderr, acc_norm, acc_norm_stderr}}, "mean": {...}, "samples": ...}."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    # logits_cache off: lm-eval's reuse of one request's logits for another changed a choice's
+    # log-likelihood (by 0.2 nats, seen on a tiny model), so every choice gets its own forward.
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, logits_cache=False)
+    output = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
+                                     log_samples=log_samples, task_manager=manager, verbosity="ERROR")
+    per_task = {}
+    for name in names:
+        metrics = output["results"][name]
+        per_task[name] = {key: metrics.get(f"{key},none") for key in ("acc", "acc_stderr", "acc_norm",
+                                                                      "acc_norm_stderr")}
+    mean = {}
+    for key in ("acc", "acc_norm"):
+        values = [entry[key] for entry in per_task.values() if entry[key] is not None]
+        mean[key] = sum(values) / len(values) if values else None
+    out = {"tasks": per_task, "mean": mean, "num_fewshot": num_fewshot, "limit": limit}
+    if log_samples:
+        out["samples"] = output.get("samples")
+    return out
+
+
+def zeroshot_table(zeroshot: dict) -> str:
+    def fmt(value, stderr):
+        return "-" if value is None else f"{100 * value:.2f} ± {100 * (stderr or 0):.2f}"
+
+    rows = [[name, fmt(m["acc"], m["acc_stderr"]), fmt(m["acc_norm"], m["acc_norm_stderr"])]
+            for name, m in zeroshot["tasks"].items()]
+    mean = zeroshot["mean"]
+    rows.append(["mean", "-" if mean["acc"] is None else f"{100 * mean['acc']:.2f}",
+                 "-" if mean["acc_norm"] is None else f"{100 * mean['acc_norm']:.2f}"])
+    return results.table(["task", "acc (%)", "acc_norm (%)"], rows)
