@@ -65,3 +65,18 @@ class SearchSettings(OutputFlags, EvalFlags, ModelFlags):
     cache_gb: float = flag(0.0, "memory for cached hidden states in the fast engine (0: automatic)")
     resume: bool = flag(False, "continue an interrupted search from its results file")
     plot: bool = flag(False, "write PNGs: candidate-loss heatmap and loss vs blocks removed")
+
+
+@dataclass
+class LatencySettings(OutputFlags, ModelFlags):
+    """`python -m latency`: prompt or generation latency, dense vs pruned."""
+
+    generation: bool = flag(False, "measure generation (default: prompt processing)")
+    removal_list: Optional[list] = flag(None, "blocks to remove (default: ceil(0.2 N) blocks from block 1)")
+    batch_size: Optional[int] = flag(None, "sequences per run (default: 1 prompt / 64 generation on GPU; 1 / 4 on CPU)")
+    prompt_len: Optional[int] = flag(None, "prompt tokens (default: 2048 prompt / 64 generation on GPU; 256 / 32 on CPU)")
+    new_tokens: Optional[int] = flag(None, "generated tokens in --generation (default: 128 on GPU, 32 on CPU)")
+    warmup: int = flag(2, "untimed runs before measuring")
+    repeats: int = flag(5, "timed runs; median, min and max are reported")
+    static_cache: bool = flag(False, "generate with a static KV cache")
+    compile: bool = flag(False, "torch.compile the forward (mode reduce-overhead); pair with --static_cache")
