@@ -61,14 +61,17 @@ class FastEngine:
             for start in range(0, len(windows), self.batch_size):
                 ids = windows[start : start + self.batch_size].to(device)
                 self.batches.append(_Batch(ids, stream.capture(model, ids)))
-        self.storage = self._choose_storage(cache_gb)
-        self.prefix = {}  # position in the alive list -> [state per batch]
-        self.prefix_alive = None
+        self.storage, self.budget_bytes = self._choose_storage(cache_gb)
+        self.cache = {}  # (batch index, blocks run in order) -> hidden state after them
+        self.cached_bytes = 0
+        self.cache_itemsize = next(model.parameters()).element_size()
         self.block_forwards = 0
         self.rescored = 0  # candidates re-scored with the reference computation to settle near ties
 
     def _choose_storage(self, cache_gb: float):
-        """Where cached hidden states live: 'device', 'cpu' or None (recompute)."""
+        """(where cached hidden states live: 'device', 'cpu' or None = recompute, bytes they may take).
+
+        The prefix states of a phase (one per block) must fit; states of candidates' paths use the rest."""
         depth = len(self.batches[0].inputs.args)
         needed = cache_bytes(self.model, self.windows, depth)
         device = input_device(self.model)
@@ -80,10 +83,11 @@ class FastEngine:
                 cache_gb = 0.25 * _total_memory_bytes() / 2**30
         budget = cache_gb * 2**30
         if needed <= budget:
-            return "device"
-        if device.type == "cuda" and needed <= 0.25 * _total_memory_bytes():
-            return "cpu"
-        return None
+            return "device", budget
+        host_budget = 0.25 * _total_memory_bytes()
+        if device.type == "cuda" and needed <= host_budget:
+            return "cpu", host_budget
+        return None, 0
 
     def _store(self, tensor):
         if self.storage == "cpu" and tensor.device.type == "cuda":
@@ -103,29 +107,31 @@ class FastEngine:
         sums = stream.tail_nll_sums(self.model, hidden, batch.ids)
         return [float(s) / (seqlen - 1) * seqlen for s in sums.double().cpu()]
 
-    def _update_prefix(self, alive: list, upto: int) -> None:
-        """Make self.prefix hold the inputs of alive positions 0..upto, reusing what is still valid."""
-        valid = 0
-        if self.prefix_alive is not None:
-            # Inputs to positions before the first difference in the alive lists are unchanged.
-            # After removing position r the input of new position r is the old input of position r.
-            for old, new in zip(self.prefix_alive, alive):
-                if old != new:
-                    break
-                valid += 1
-            valid = min(valid + 1, len(alive))
-        self.prefix = {p: s for p, s in self.prefix.items() if p < valid}
-        if 0 not in self.prefix:
-            self.prefix[0] = [self._store(b.inputs.hidden) for b in self.batches]
-        for position in range(1, upto + 1):
-            if position in self.prefix:
-                continue
-            previous = self.prefix[position - 1]
-            self.prefix[position] = [
-                self._store(self._run([alive[position - 1]], self._load(state, b.ids), b))
-                for state, b in zip(previous, self.batches)
-            ]
-        self.prefix_alive = list(alive)
+    def _forget(self, removal_list: list) -> None:
+        """Drop cached states whose path ran a block that is now removed: no later path runs it."""
+        removed = set(removal_list)
+        for key in [key for key in self.cache if removed.intersection(key[1])]:
+            self.cached_bytes -= self.cache.pop(key).numel() * self.cache_itemsize
+
+    def _run_path(self, path: list, b: int, batch: _Batch) -> torch.Tensor:
+        """The hidden state after running blocks `path` in order on batch b.
+
+        Starts from the longest cached prefix of the path and caches each new intermediate state
+        while the budget allows. Keys are the exact block sequences run, so a hit is the very same
+        computation: the prefix shared by all candidates of a phase, and, after block r is removed,
+        a candidate j < r's own path up to r, both come back from the cache.
+        """
+        start = len(path)
+        while start > 0 and (b, tuple(path[:start])) not in self.cache:
+            start -= 1
+        hidden = self._load(self.cache[(b, tuple(path[:start]))], batch.ids) if start else batch.inputs.hidden
+        for k in range(start, len(path)):
+            hidden = self._run([path[k]], hidden, batch)
+            size = hidden.numel() * self.cache_itemsize
+            if k + 1 < len(path) and self.cached_bytes + size <= self.budget_bytes:
+                self.cache[(b, tuple(path[: k + 1]))] = self._store(hidden)
+                self.cached_bytes += size
+        return hidden
 
     @torch.inference_mode()
     def phase_losses(self, state: SearchState, positions, previous=None, exhaustive=False, progress=None):
@@ -136,17 +142,20 @@ class FastEngine:
         if self.storage is None:
             losses = self._streamed_losses(alive, positions, progress)
             return self._settle_ties(state, losses), {}
-        self._update_prefix(alive, max(positions))
+        self._forget(state.removal_list)
+        # The prefix every candidate shares is cached first, so the budget never goes to suffixes instead.
+        for b, batch in enumerate(self.batches):
+            self._run_path(alive[: max(positions) + 1], b, batch)
         # Strongest candidates first (by last phase's loss), so abandonment bites early.
         order = sorted(positions, key=lambda p: (_previous_loss(previous, alive[p]), p))
         losses, lower_bounds = {}, {}
         best = math.inf
         for position in order:
-            suffix = alive[position + 1 :]
+            path = alive[:position] + alive[position + 1 :]
             total = 0.0
             abandoned = False
             for b, batch in enumerate(self.batches):
-                hidden = self._run(suffix, self._load(self.prefix[position][b], batch.ids), batch)
+                hidden = self._run_path(path, b, batch)
                 total += sum(self._window_terms(hidden, batch))
                 if self.abandon and not exhaustive and total > best * (1 + self.tie_margin):
                     abandoned = b < len(self.batches) - 1
