@@ -1,0 +1,192 @@
+"""`python -m sleb.report FOLDER --out report.md`: every results JSON in FOLDER as tables and plots.
+
+Perplexity and zero-shot by model x blocks removed x metric, latency against the ideal speedup, and
+PNGs: perplexity vs blocks removed per metric, each search's candidate-loss heatmap, speedup vs
+ideal. Partial folders are fine; a file that is not a sleb result is skipped with a one-line warning.
+"""
+
+import json
+import os
+import statistics
+import sys
+from collections import defaultdict
+
+import fire
+
+from sleb.errors import UsageError
+
+COMMANDS = ("sleb", "eval", "latency")
+
+
+def load_results(folder: str) -> list:
+    found = []
+    for root, _, files in sorted(os.walk(folder)):
+        for name in sorted(files):
+            if not name.endswith(".json") or name.startswith("."):
+                continue
+            path = os.path.join(root, name)
+            try:
+                with open(path) as handle:
+                    record = json.load(handle)
+                if not isinstance(record, dict) or record.get("command") not in COMMANDS:
+                    raise ValueError("no sleb command")
+                if record["command"] == "sleb" and record.get("search", {}).get("status") != "done":
+                    raise ValueError("search not finished")
+            except (OSError, ValueError, KeyError, AttributeError) as error:
+                print(f"warning: skipping {path}: not a finished sleb result ({error})", file=sys.stderr)
+                continue
+            record["_path"] = path
+            found.append(record)
+    return found
+
+
+def _model(record) -> str:
+    return os.path.basename(str(record["settings"]["model_name"]).rstrip("/")) or "model"
+
+
+def _metric(record) -> str:
+    return record["settings"].get("metric", "given") if record["command"] == "sleb" else (
+        "dense" if not record["removal_list"] else "given")
+
+
+def quality_rows(records: list):
+    """One row per (model, metric, blocks removed); random runs averaged over their seeds."""
+    groups = defaultdict(list)
+    datasets, tasks = [], []
+    for record in records:
+        if record["command"] == "latency":
+            continue
+        for name in (record.get("ppl") or {}):
+            if name not in datasets:
+                datasets.append(name)
+        if record.get("zeroshot"):
+            tasks = tasks or ["mean"]
+        groups[(_model(record), len(record["removal_list"]), _metric(record))].append(record)
+    rows = []
+    for (model, removed, metric), group in sorted(groups.items()):
+        depth = group[0]["num_blocks"]
+        runs = "seeds" if metric == "random" else "runs"
+        row = [model, f"{removed}/{depth} ({100 * removed / depth:.0f}%)", metric + (
+            f" (mean of {len(group)} {runs})" if len(group) > 1 else "")]
+        for name in datasets:
+            values = [r["ppl"][name]["ppl"] for r in group if name in (r.get("ppl") or {})]
+            row.append(f"{statistics.mean(values):.2f}" if values else "-")
+        if tasks:
+            accs = [r["zeroshot"]["mean"]["acc"] for r in group if r.get("zeroshot")]
+            row.append(f"{100 * statistics.mean(accs):.2f}" if accs else "-")
+        rows.append(row)
+    headers = ["model", "removed", "metric"] + [f"ppl {name}" for name in datasets]
+    headers += ["zero-shot mean acc (%)"] if tasks else []
+    return headers, rows
+
+
+def latency_rows(records: list):
+    rows = []
+    for record in records:
+        if record["command"] != "latency":
+            continue
+        sizes = record["sizes"]
+        compiled = " compiled" if record["settings"].get("compile") else ""
+        rows.append([_model(record), record["mode"] + compiled,
+                     f"{sizes['batch_size']}x{sizes['prompt_len']}+{sizes['new_tokens']}",
+                     f"{record['dense']['median_s'] * 1e3:.1f}", f"{record['pruned']['median_s'] * 1e3:.1f}",
+                     f"{record['speedup']:.3f}x", f"{record['ideal_speedup']:.3f}x",
+                     f"{100 * record['speedup_over_ideal']:.1f}%", record["environment"]["device"]])
+    headers = ["model", "mode", "batch x prompt + new", "dense (ms)", "pruned (ms)", "speedup", "ideal",
+               "of ideal", "device"]
+    return headers, rows
+
+
+def _plots(records: list, out_dir: str, stem: str) -> list:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sleb.plots import plot_search
+
+    written = []
+    quality = [r for r in records if r["command"] != "latency" and r.get("ppl")]
+    for model in sorted({_model(r) for r in quality}):
+        mine = [r for r in quality if _model(r) == model]
+        dataset = next(iter(mine[0]["ppl"]))
+        series = defaultdict(lambda: defaultdict(list))
+        dense = [r["ppl"][dataset]["ppl"] for r in mine if not r["removal_list"] and dataset in r["ppl"]]
+        for r in mine:
+            if r["removal_list"] and dataset in r["ppl"]:
+                series[_metric(r)][len(r["removal_list"])].append(r["ppl"][dataset]["ppl"])
+        if not series:
+            continue
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        for metric, points in sorted(series.items()):
+            xs = sorted(points)
+            ys = [statistics.mean(points[x]) for x in xs]
+            ax.plot(([0] + xs) if dense else xs, ([dense[0]] + ys) if dense else ys, marker="o", label=metric)
+        ax.set_xlabel("blocks removed")
+        ax.set_ylabel(f"perplexity ({dataset})")
+        ax.set_yscale("log")
+        ax.set_title(model)
+        ax.legend()
+        fig.tight_layout()
+        written.append(os.path.join(out_dir, f"{stem}_ppl_{model}.png"))
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    for record in records:
+        if record["command"] == "sleb" and record["settings"].get("metric") == "sleb":
+            prefix = os.path.join(out_dir, f"{stem}_{os.path.splitext(os.path.basename(record['_path']))[0]}")
+            written += plot_search(record, prefix)
+    latency = [r for r in records if r["command"] == "latency"]
+    if latency:
+        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(latency)), 4))
+        labels = [f"{_model(r)}\n{r['mode']}" for r in latency]
+        xs = range(len(latency))
+        ax.bar([x - 0.2 for x in xs], [r["speedup"] for r in latency], 0.4, label="measured")
+        ax.bar([x + 0.2 for x in xs], [r["ideal_speedup"] for r in latency], 0.4, label="ideal N/(N-k)")
+        ax.set_xticks(list(xs), labels, fontsize=8)
+        ax.set_ylabel("speedup")
+        ax.legend()
+        fig.tight_layout()
+        written.append(os.path.join(out_dir, f"{stem}_speedup.png"))
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    return written
+
+
+def main(folder: str, out: str = "report.md") -> None:
+    """Write `out` (markdown) and PNGs beside it from the results JSONs under `folder`."""
+    if not os.path.isdir(folder):
+        raise UsageError(f"results folder {folder!r} does not exist")
+    records = load_results(folder)
+    out_dir = os.path.dirname(os.path.abspath(out))
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.splitext(os.path.basename(out))[0]
+    lines = [f"# sleb report: {folder}", "", f"{len(records)} results.", ""]
+    headers, rows = quality_rows(records)
+    if rows:
+        lines += ["## Perplexity and zero-shot accuracy", "", _markdown(headers, rows), ""]
+    headers, rows = latency_rows(records)
+    if rows:
+        lines += ["## Latency", "", _markdown(headers, rows), ""]
+    pngs = _plots(records, out_dir, stem)
+    if pngs:
+        lines += ["## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in pngs] + [""]
+    with open(out, "w") as handle:
+        handle.write("\n".join(lines))
+    print(f"report written to {out} ({len(records)} results, {len(pngs)} plots)")
+
+
+def _markdown(headers, rows) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def cli() -> None:
+    try:
+        fire.Fire(main)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,73 @@
+"""The paper scripts' dry runs print valid commands; the report reads a folder of tiny runs."""
+
+import json
+import os
+import shlex
+import subprocess
+
+import pytest
+
+from clitools import ROOT, run
+from sleb.cli import parse_settings
+from sleb.settings import EvalSettings, LatencySettings, SearchSettings
+
+SETTINGS = {"sleb": SearchSettings, "eval": EvalSettings, "latency": LatencySettings}
+SCRIPTS = ["ppl.sh", "zeroshot.sh", "latency.sh", "metrics.sh"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_dry_run_prints_valid_commands(script, tmp_path):
+    models = "facebook/opt-6.7b,meta-llama/Llama-2-70b-hf"
+    out = subprocess.run(["bash", os.path.join(ROOT, "scripts", script), models, str(tmp_path), "--dry-run"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    commands = [shlex.split(line) for line in out.stdout.strip().splitlines()]
+    assert len(commands) >= 2 and not list(tmp_path.iterdir())  # nothing ran
+    for command in commands:
+        assert command[1] == "-m" and command[2] in SETTINGS, command
+        flags = dict(zip([a[2:] for a in command[3::2]], command[4::2]))
+        assert all(a.startswith("--") for a in command[3::2]), command
+        typed = {name: _typed(value) for name, value in flags.items()}
+        parse_settings(SETTINGS[command[2]], typed)  # raises on an unknown flag or a wrong type
+        if script == "ppl.sh" and "Llama-2-70b-hf" in flags["model_name"]:
+            assert flags["num_blocks"] == "80" and flags["num_remove_blocks"] in ("8", "16")
+
+
+def _typed(value: str):
+    import fire.parser
+
+    return fire.parser.DefaultParseValue(value)
+
+
+def test_script_without_arguments_says_how(tmp_path):
+    out = subprocess.run(["bash", os.path.join(ROOT, "scripts", "ppl.sh")], capture_output=True, text=True)
+    assert out.returncode == 2 and "usage" in out.stderr
+
+
+def test_report_tables_plots_and_skipped_files(model_dirs, text_file, tmp_path):
+    results = tmp_path / "results"
+    common = ["--model_name", model_dirs["llama"], "--ppl_datasets", f"file:{text_file}", "--seqlen", "32",
+              "--result_folder", str(results)]
+    for args in (["eval", "--removal_list", "[]"],
+                 ["sleb", "--dataset", f"file:{text_file}", "--nsamples", "40", "--num_remove_blocks", "1"],
+                 ["sleb", "--dataset", f"file:{text_file}", "--nsamples", "40", "--num_remove_blocks", "2",
+                  "--metric", "cosine"]):
+        assert run(args[0], *args[1:], *common).returncode == 0
+    latency = run("latency", "--model_name", model_dirs["llama"], "--prompt_len", "16", "--repeats", "1",
+                  "--warmup", "0", "--result_folder", str(results))
+    assert latency.returncode == 0, latency.stderr
+    (results / "foreign.json").write_text(json.dumps({"accuracy": 1}))
+    (results / "broken.json").write_text("{not json")
+
+    out = run("sleb.report", str(results), "--out", str(tmp_path / "report" / "report.md"))
+    assert out.returncode == 0, out.stderr
+    warnings = out.stderr.strip().splitlines()
+    assert len(warnings) == 2 and all(w.startswith("warning: skipping") for w in warnings)
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "| llama | 0/6 (0%) | dense |" in report
+    assert "| llama | 1/6 (17%) | sleb |" in report and "| llama | 2/6 (33%) | cosine |" in report
+    assert "## Latency" in report and "| llama | prompt |" in report
+    pngs = list((tmp_path / "report").glob("*.png"))
+    assert {p.name for p in pngs} >= {"report_ppl_llama.png", "report_speedup.png"}
+    assert any(p.name.endswith("_heatmap.png") for p in pngs)
+    assert all(p.stat().st_size > 1000 for p in pngs)
