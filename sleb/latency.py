@@ -103,6 +103,8 @@ def measure(model, input_ids, new_tokens: int, warmup: int, repeats: int, static
 
 def run_latency(settings) -> dict:
     """`python -m latency`: dense vs pruned latency, speedup and ideal speedup."""
+    if not settings.generation and (settings.new_tokens is not None or settings.static_cache):
+        raise UsageError("--new_tokens and --static_cache apply to --generation True only; add it or drop them")
     if settings.warmup < 0 or settings.repeats < 1:
         raise UsageError(f"--warmup must be >= 0 and --repeats >= 1, got {settings.warmup} and {settings.repeats}")
     placement = models.resolve_placement(settings.dtype, settings.device, settings.device_map)

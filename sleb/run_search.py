@@ -28,6 +28,8 @@ def default_result_file(settings, depth: int, k: int) -> str:
 
 
 def _check_flags(settings) -> None:
+    if settings.resume and settings.overwrite:
+        raise UsageError("--resume True continues the results file and --overwrite True replaces it; pass one")
     check_eval_flags(settings)
     if settings.engine not in ENGINES:
         raise UsageError(f"unknown --engine {settings.engine!r}; use fast or reference")

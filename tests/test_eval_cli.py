@@ -66,3 +66,12 @@ def test_not_a_causal_lm(tmp_path, text_file):
               "--result_folder", str(tmp_path / "results"))
     assert out.returncode == 2
     assert "not a causal language model" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_existing_result_file_needs_overwrite(model_dirs, text_file, tmp_path):
+    existing = tmp_path / "r.json"
+    existing.write_text('{"kept": true}')
+    out = run("eval", "--model_name", model_dirs["llama"], "--ppl_datasets", f"file:{text_file}",
+              "--result_folder", str(tmp_path), "--result_file", "r.json")
+    assert out.returncode == 2 and "--overwrite" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert existing.read_text() == '{"kept": true}'

@@ -33,6 +33,7 @@ def test_latency_reports_dense_pruned_and_speedup(mode, model_dirs, tmp_path):
     (["--prompt_len", "-3"], "--prompt_len"),
     (["--generation", "True", "--prompt_len", "250", "--new_tokens", "10"], "positions"),
     (["--repeats", "0"], "--repeats"),
+    (["--new_tokens", "5"], "--generation"),
 ])
 def test_latency_bad_input(args, message, model_dirs, tmp_path):
     flags = {"--model_name": model_dirs["llama"], "--result_folder": str(tmp_path / "results")}

@@ -65,6 +65,7 @@ BAD = [
     (["--engine", "warp"], "unknown --engine"),
     (["--dataset", "nowhere"], "unknown data set"),
     (["--nsamples", "0"], "--nsamples"),
+    (["--resume", "True", "--overwrite", "True"], "pass one"),
     (["--resume", "True"], "does not exist"),
     (["--eval_zeroshot", "True", "--tasks", "demo_cloze,no_such_task"], "unknown task"),
 ]

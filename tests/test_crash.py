@@ -1,0 +1,41 @@
+"""A search killed with SIGKILL mid-phase resumes to the identical answer."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from clitools import ROOT, run
+
+
+def test_sigkill_then_resume_gives_the_same_list_and_losses(model_dirs, text_file, tmp_path):
+    args = ["--model_name", model_dirs["llama"], "--dataset", f"file:{text_file}", "--nsamples", "200",
+            "--seqlen", "64", "--num_remove_blocks", "3", "--engine", "reference", "--eval_ppl", "False",
+            "--result_folder", str(tmp_path)]
+    whole = run("sleb", *args, "--result_file", "whole.json")
+    assert whole.returncode == 0, whole.stderr
+    expected = json.loads((tmp_path / "whole.json").read_text())["search"]
+
+    partial = tmp_path / "killed.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    process = subprocess.Popen([sys.executable, "-m", "sleb", *args, "--result_file", "killed.json"], cwd=ROOT,
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if partial.exists() and json.loads(partial.read_text())["search"]["removal_list"]:
+            break  # the first phase is saved; the second is under way
+        time.sleep(0.05)
+    assert process.poll() is None, "the search ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    saved = json.loads(partial.read_text())["search"]
+    assert saved["status"] == "searching" and 1 <= len(saved["removal_list"]) < 3
+
+    resumed = run("sleb", *args, "--result_file", "killed.json", "--resume", "True")
+    assert resumed.returncode == 0, resumed.stderr
+    final = json.loads(partial.read_text())["search"]
+    assert final["removal_list"] == expected["removal_list"]
+    assert final["losses"] == expected["losses"]
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".")] == []
