@@ -134,14 +134,18 @@ class FastEngine:
         return hidden
 
     @torch.inference_mode()
-    def phase_losses(self, state: SearchState, positions, previous=None, exhaustive=False, progress=None):
+    def phase_losses(self, state: SearchState, positions, previous=None, exhaustive=False, progress=None,
+                     settle=True):
+        """({position: loss or None if abandoned}, {position: partial loss of abandoned ones}).
+
+        settle=False leaves near ties as computed (a caller merging several engines settles them)."""
         alive = state.alive
         positions = list(positions)
         if not positions:
             return {}, {}
         if self.storage is None:
             losses = self._streamed_losses(alive, positions, progress)
-            return self._settle_ties(state, losses), {}
+            return (self.settle_ties(state, losses) if settle else losses), {}
         self._forget(state.removal_list)
         # The prefix every candidate shares is cached first, so the budget never goes to suffixes instead.
         for b, batch in enumerate(self.batches):
@@ -168,7 +172,7 @@ class FastEngine:
                 best = min(best, total)
             if progress is not None:
                 progress(position, losses[position])
-        return self._settle_ties(state, losses), lower_bounds
+        return (self.settle_ties(state, losses) if settle else losses), lower_bounds
 
     def _streamed_losses(self, alive, positions, progress):
         """No cache: walk each batch through the alive blocks once, branching off every candidate."""
@@ -187,7 +191,7 @@ class FastEngine:
                 progress(position, losses[position])
         return losses
 
-    def _settle_ties(self, state, losses: dict) -> dict:
+    def settle_ties(self, state, losses: dict) -> dict:
         """Re-score possible ties with the reference computation, so batching cannot flip a choice."""
         complete = {p: v for p, v in losses.items() if v is not None}
         best = min(complete.values())

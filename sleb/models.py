@@ -1,5 +1,6 @@
 """Loading a causal language model and its tokenizer, from the hub or a local directory."""
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -89,6 +90,11 @@ def load_model(model_name: str, dtype: str = "auto", device: str = "auto", devic
     # Loading reports and warnings would bury a one-line error; our own checks follow.
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
+    if isinstance(device_map, str) and device_map.strip().startswith("{"):
+        try:
+            device_map = json.loads(device_map)
+        except json.JSONDecodeError:
+            raise UsageError(f"--device_map {device_map!r} is not valid JSON; e.g. '{{\"\": \"cpu\"}}' or auto") from None
     placement = resolve_placement(dtype, device, device_map)
     path, config = load_config(model_name, trust_remote_code)
     print(f"loading {model_name} ({placement.dtype}, {device_map or placement.device})", flush=True)

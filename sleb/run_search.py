@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from sleb import blocks, data, models, results
+from sleb import blocks, data, distributed, models, results
 from sleb.errors import UsageError
 from sleb.evaluation import (check_eval_flags, effective_seqlen, evaluate_perplexity, evaluate_zeroshot,
                              fetch_eval_texts, prepare_zeroshot, save_model, tokenize_eval_texts)
@@ -60,7 +60,12 @@ def _resume_state(path: str, settings, depth: int) -> SearchState:
                        list(search.get("lower_bounds", [])), list(search["phase_seconds"]))
 
 
-def _engine(settings, model, windows):
+def _engine(settings, model, windows, rank=0, world=1):
+    engine = _single_engine(settings, model, windows)
+    return distributed.CandidateParallel(engine, rank, world) if world > 1 else engine
+
+
+def _single_engine(settings, model, windows):
     if settings.engine == "reference":
         return ReferenceEngine(model, windows)
     from sleb.fast_search import FastEngine
@@ -82,6 +87,11 @@ def _search_record(state: SearchState, engine_name: str, seconds: float, status:
 
 
 def run_search(settings) -> dict:
+    rank, world = 0, 1
+    if distributed.launched():  # under torchrun: each rank scores a slice of the candidates
+        rank, world, device = distributed.setup()
+        settings.device = device
+    main_rank = rank == 0
     _check_flags(settings)
     _, config = models.load_config(settings.model_name, settings.trust_remote_code)
     depth = models.config_depth(config)
@@ -96,10 +106,13 @@ def run_search(settings) -> dict:
     path = os.path.join(settings.result_folder, result_file)
     if settings.resume:
         state = _resume_state(path, settings, depth)
-        results.prepare_result_path(settings.result_folder, result_file, overwrite=True)
+        if main_rank:
+            results.prepare_result_path(settings.result_folder, result_file, overwrite=True)
     else:
-        path = results.prepare_result_path(settings.result_folder, result_file, settings.overwrite)
+        if main_rank:
+            path = results.prepare_result_path(settings.result_folder, result_file, settings.overwrite)
         state = SearchState(depth)
+    log = print if main_rank else (lambda *args, **kwargs: None)
 
     started = time.perf_counter()
     calibration = data.calibration_text(settings.dataset, settings.nsamples, settings.seed)
@@ -109,7 +122,7 @@ def run_search(settings) -> dict:
                                          settings.trust_remote_code)
     seqlen = effective_seqlen(model, settings.seqlen)
     windows = data.token_windows(tokenizer, calibration, seqlen)
-    print(f"calibration: {settings.dataset}, {settings.nsamples} rows -> {len(windows)} windows of {seqlen} tokens; "
+    log(f"calibration: {settings.dataset}, {settings.nsamples} rows -> {len(windows)} windows of {seqlen} tokens; "
           f"{settings.metric} removes {k} of {depth} blocks")
     environment = results.environment(models.input_device(model))
     base = {"command": "sleb", "settings": settings, "environment": environment,
@@ -117,6 +130,8 @@ def run_search(settings) -> dict:
             "calibration_windows": len(windows), "seqlen": seqlen}
 
     def save_partial(current: SearchState):
+        if not main_rank:
+            return
         results.write_json(path, {**base, "search": _search_record(
             current, settings.engine, time.perf_counter() - started, "searching")})
 
@@ -127,14 +142,14 @@ def run_search(settings) -> dict:
     engine = None  # the metrics without candidate losses use none
     try:
         if settings.metric == "sleb":
-            engine = _engine(settings, model, windows)
+            engine = _engine(settings, model, windows, rank, world)
             engine_name = engine.name
             state = greedy_search(engine, state, k, settings.early_barrier, settings.latter_barrier,
-                                  on_phase=save_partial)
+                                  on_phase=save_partial, log=log)
         elif settings.metric == "sleb_oneshot":
-            engine = _engine(settings, model, windows)
+            engine = _engine(settings, model, windows, rank, world)
             engine_name = engine.name
-            state = oneshot_search(engine, state, k, settings.early_barrier, settings.latter_barrier)
+            state = oneshot_search(engine, state, k, settings.early_barrier, settings.latter_barrier, log=log)
         elif settings.metric == "cosine":
             state = cosine_search(model, windows, state, k, settings.early_barrier, settings.latter_barrier,
                                   settings.search_batch_size)
@@ -150,6 +165,8 @@ def run_search(settings) -> dict:
         raise
     search_seconds = time.perf_counter() - search_started
     model.config.use_cache = use_cache
+    if not main_rank:
+        return None  # rank 0 evaluates and writes
     print(f"removal list: {state.removal_list} (search took {search_seconds:.1f} s)")
 
     record = {**base, "search": _search_record(state, engine_name, search_seconds, "done",

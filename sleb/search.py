@@ -88,8 +88,9 @@ class ReferenceEngine:
                 total += window_loss(ce.item(), inputs.shape[1])
         return total
 
-    def phase_losses(self, state: SearchState, positions, previous=None, exhaustive=False, progress=None):
-        """{position: loss} for every candidate position of this phase."""
+    def phase_losses(self, state: SearchState, positions, previous=None, exhaustive=False, progress=None,
+                     settle=True):
+        """({position: loss}, {}) for every candidate position of this phase (all computed in full)."""
         alive = state.alive
         out = {}
         for position in positions:
@@ -97,6 +98,9 @@ class ReferenceEngine:
             if progress is not None:
                 progress(position, out[position])
         return out, {}
+
+    def settle_ties(self, state, losses: dict) -> dict:
+        return losses  # already the reference computation
 
 
 def choose(losses: dict) -> int:

@@ -14,7 +14,8 @@ class ModelFlags:
     model_name: str = flag("demo", "hub id (e.g. facebook/opt-13b), a local model directory, or demo (the shipped model)")
     dtype: str = flag("auto", "auto (float16 on CUDA, float32 on CPU), float16, bfloat16 or float32")
     device: str = flag("auto", "auto, cpu, cuda or cuda:N")
-    device_map: Optional[str] = flag(None, "passed to accelerate to split a model over GPUs, e.g. auto")
+    device_map: object = flag(None, "passed to accelerate to split a model over devices: auto, balanced, or a "
+                                     "JSON map of module names to devices")
     trust_remote_code: bool = flag(False, "allow the model's own code from the hub to run")
 
 
