@@ -39,3 +39,20 @@ def test_sigkill_then_resume_gives_the_same_list_and_losses(model_dirs, text_fil
     assert final["removal_list"] == expected["removal_list"]
     assert final["losses"] == expected["losses"]
     assert [f for f in os.listdir(tmp_path) if f.startswith(".")] == []
+
+
+def test_ctrl_c_says_where_the_partial_result_is(model_dirs, text_file, tmp_path):
+    args = ["--model_name", model_dirs["llama"], "--dataset", f"file:{text_file}", "--nsamples", "200",
+            "--seqlen", "64", "--num_remove_blocks", "3", "--engine", "reference", "--eval_ppl", "False",
+            "--result_folder", str(tmp_path), "--result_file", "int.json"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    process = subprocess.Popen([sys.executable, "-m", "sleb", *args], cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / "int.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None and not partial.exists():
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert str(partial) in stderr and "--resume True" in stderr

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from clitools import assert_bad_input, run
+from clitools import run
 from sleb.errors import UsageError
 
 
@@ -25,19 +25,6 @@ def test_latency_reports_dense_pruned_and_speedup(mode, model_dirs, tmp_path):
         if mode == "generation":
             assert result[side]["new_tokens_generated"] == 5
     assert "speedup" in out.stdout and "of ideal" in out.stdout
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--removal_list", "[9]"], "index 9"),
-    (["--batch_size", "0"], "--batch_size"),
-    (["--prompt_len", "-3"], "--prompt_len"),
-    (["--generation", "True", "--prompt_len", "250", "--new_tokens", "10"], "positions"),
-    (["--repeats", "0"], "--repeats"),
-    (["--new_tokens", "5"], "--generation"),
-])
-def test_latency_bad_input(args, message, model_dirs, tmp_path):
-    flags = {"--model_name": model_dirs["llama"], "--result_folder": str(tmp_path / "results")}
-    assert_bad_input("latency", flags, args, message, tmp_path / "results")
 
 
 def test_compile_refused_where_torch_cannot(monkeypatch):

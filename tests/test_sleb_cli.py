@@ -7,7 +7,7 @@ import pytest
 
 from sleb import run_search as run_search_module
 from sleb.settings import SearchSettings
-from clitools import assert_bad_input, run
+from clitools import run
 
 
 def test_sleb_end_to_end(model_dirs, text_file, tmp_path):
@@ -54,25 +54,3 @@ def test_resume_after_interruption_reaches_the_same_answer(model_dirs, text_file
     changed = dataclasses.replace(SearchSettings(**settings, result_file="part.json", resume=True), seed=1)
     with pytest.raises(Exception, match="--seed"):
         run_search_module.run_search(changed)
-
-
-BAD = [
-    (["--num_remove_blocks", "4"], "below"),
-    (["--num_blocks", "7"], "has 6 blocks"),
-    (["--early_barrier", "-1"], "barriers"),
-    (["--early_barrier", "3", "--latter_barrier", "3"], "no candidate"),
-    (["--metric", "magic"], "unknown --metric"),
-    (["--engine", "warp"], "unknown --engine"),
-    (["--dataset", "nowhere"], "unknown data set"),
-    (["--nsamples", "0"], "--nsamples"),
-    (["--resume", "True", "--overwrite", "True"], "pass one"),
-    (["--resume", "True"], "does not exist"),
-    (["--eval_zeroshot", "True", "--tasks", "demo_cloze,no_such_task"], "unknown task"),
-]
-
-
-@pytest.mark.parametrize("args, message", BAD)
-def test_sleb_bad_input(args, message, model_dirs, text_file, tmp_path):
-    flags = {"--model_name": model_dirs["llama"], "--dataset": f"file:{text_file}", "--seqlen": "32",
-             "--ppl_datasets": f"file:{text_file}", "--result_folder": str(tmp_path / "results")}
-    assert_bad_input("sleb", flags, args, message, tmp_path / "results")

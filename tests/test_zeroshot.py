@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from clitools import assert_bad_input, run
+from clitools import run
 from sleb import blocks, zeroshot
 from sleb.models import load_model
 
@@ -50,14 +50,3 @@ def test_eval_cli_reports_zeroshot(model_dirs, tmp_path):
         acc = result["zeroshot"]["tasks"][task]["acc"]
         assert 0 <= acc <= 1 and f"{100 * acc:.2f}" in out.stdout
     assert "samples" not in result["zeroshot"]
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--tasks", "no_such_task"], "unknown task"),
-    (["--tasks", "piqa"], "demo_cloze"),
-    (["--tasks", "demo_cloze", "--limit", "0"], "--limit"),
-])
-def test_zeroshot_bad_input(args, message, model_dirs, tmp_path):
-    flags = {"--model_name": model_dirs["llama"], "--eval_ppl": "False", "--eval_zeroshot": "True",
-             "--result_folder": str(tmp_path / "results")}
-    assert_bad_input("eval", flags, args, message, tmp_path / "results")

@@ -1,0 +1,58 @@
+"""The bad-input matrix: every entry module, each mistake -> one stderr line, exit code 2, nothing written."""
+
+import pytest
+
+from clitools import assert_bad_input
+
+# (module, flags over the module's base flags, text the one error line must contain)
+MATRIX = [
+    # eval
+    ("eval", ["--model_name", "/nonexistent/model"], "does not exist"),
+    ("eval", ["--model_name", "not-an-org/not-a-model"], "hub"),
+    ("eval", ["--removal_list", "[1, x]"], "list of block indices"),
+    ("eval", ["--removal_list", "[99]"], "index 99"),
+    ("eval", ["--removal_list", "[2, 2]"], "twice"),
+    ("eval", ["--removal_list", "[0, 1, 2, 3, 4, 5]"], "all 6"),
+    ("eval", ["--ppl_datasets", "imaginary"], "unknown data set"),
+    ("eval", ["--ppl_datasets", "wikitext2"], "not available"),
+    ("eval", ["--ppl_datasets", "file:/nonexistent.txt"], "does not exist"),
+    ("eval", ["--result_folder", "/proc/forbidden"], "result folder"),
+    ("eval", ["--seqlen", "abc"], "integer"),
+    ("eval", ["--no_such_flag", "1"], "unknown flag"),
+    ("eval", ["--dtype", "float8"], "--dtype"),
+    ("eval", ["--device_map", "{not json"], "JSON"),
+    ("eval", ["--eval_ppl", "False", "--eval_zeroshot", "True", "--tasks", "no_such_task"], "unknown task"),
+    ("eval", ["--eval_ppl", "False", "--eval_zeroshot", "True", "--tasks", "piqa"], "demo_cloze"),
+    ("eval", ["--eval_ppl", "False", "--eval_zeroshot", "True", "--tasks", "demo_cloze", "--limit", "0"],
+     "--limit"),
+    # sleb
+    ("sleb", ["--num_remove_blocks", "4"], "below"),
+    ("sleb", ["--num_blocks", "7"], "has 6 blocks"),
+    ("sleb", ["--early_barrier", "-1"], "barriers"),
+    ("sleb", ["--early_barrier", "3", "--latter_barrier", "3"], "no candidate"),
+    ("sleb", ["--metric", "magic"], "unknown --metric"),
+    ("sleb", ["--engine", "warp"], "unknown --engine"),
+    ("sleb", ["--dataset", "nowhere"], "unknown data set"),
+    ("sleb", ["--nsamples", "0"], "--nsamples"),
+    ("sleb", ["--resume", "True", "--overwrite", "True"], "pass one"),
+    ("sleb", ["--resume", "True"], "does not exist"),
+    ("sleb", ["--eval_zeroshot", "True", "--tasks", "demo_cloze,no_such_task"], "unknown task"),
+    # latency
+    ("latency", ["--removal_list", "[9]"], "index 9"),
+    ("latency", ["--batch_size", "0"], "--batch_size"),
+    ("latency", ["--prompt_len", "-3"], "--prompt_len"),
+    ("latency", ["--generation", "True", "--prompt_len", "250", "--new_tokens", "10"], "positions"),
+    ("latency", ["--repeats", "0"], "--repeats"),
+    ("latency", ["--new_tokens", "5"], "--generation"),
+]
+
+
+@pytest.mark.parametrize("module, args, message", MATRIX, ids=[f"{m}:{' '.join(a)}" for m, a, _ in MATRIX])
+def test_bad_input(module, args, message, model_dirs, text_file, tmp_path):
+    results = tmp_path / "results"
+    base = {"--model_name": model_dirs["llama"], "--result_folder": str(results)}
+    if module in ("eval", "sleb"):
+        base.update({"--ppl_datasets": f"file:{text_file}", "--seqlen": "32"})
+    if module == "sleb":
+        base["--dataset"] = f"file:{text_file}"
+    assert_bad_input(module, base, args, message, results)
