@@ -1,0 +1,44 @@
+"""The built-in demo corpus and the shipped demo model: offline, stable, as documented."""
+
+import json
+import os
+import re
+
+import pytest
+
+from clitools import run
+from sleb import data, demo_corpus
+from sleb.models import DEMO_MODEL_DIR, load_model
+from sleb.perplexity import perplexity
+
+
+def test_demo_splits_are_disjoint_and_stable():
+    names = {split: {doc.name for doc in demo_corpus.documents(split)} for split in demo_corpus.SPLITS}
+    assert not names["train"] & names["validation"] and not names["train"] & names["test"]
+    assert not names["validation"] & names["test"]
+    assert len(names["train"]) > 10 * len(names["test"]) > 0
+    demo_corpus.all_documents.cache_clear()
+    rebuilt = {split: {doc.name for doc in demo_corpus.documents(split)} for split in demo_corpus.SPLITS}
+    assert rebuilt == names
+    assert all(demo_corpus.split_of(name) == "test" for name in names["test"])
+
+
+def test_demo_model_loads_by_alias_and_path_with_its_card_perplexity():
+    from transformers import AutoModelForCausalLM
+
+    card = open(os.path.join(DEMO_MODEL_DIR, "README.md")).read()
+    stated = float(re.search(r"Test perplexity.*?\*\*([0-9.]+)\*\*", card, re.S).group(1))
+    model, tokenizer = load_model("demo", dtype="float32", device="cpu")
+    assert model.config.num_hidden_layers >= 12
+    assert AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR).config.num_hidden_layers == model.config.num_hidden_layers
+    windows = data.load_eval_windows("demo", tokenizer, seqlen=model.config.max_position_embeddings)
+    assert perplexity(model, windows, batch_size=4) == pytest.approx(stated, rel=0.01)
+
+
+def test_quickstart_runs_offline(tmp_path):
+    out = run("sleb", "--model_name", "demo", "--dataset", "demo", "--ppl_datasets", "demo", "--nsamples", "16", "--seqlen", "128",
+              "--num_remove_blocks", "1", "--result_folder", str(tmp_path), "--result_file", "q.json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "q.json").read_text())
+    assert len(result["search"]["removal_list"]) == 1
+    assert result["ppl"]["demo"]["ppl"] > result["ppl_dense"]["demo"]["ppl"] > 1
