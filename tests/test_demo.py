@@ -42,3 +42,21 @@ def test_quickstart_runs_offline(tmp_path):
     result = json.loads((tmp_path / "q.json").read_text())
     assert len(result["search"]["removal_list"]) == 1
     assert result["ppl"]["demo"]["ppl"] > result["ppl_dense"]["demo"]["ppl"] > 1
+
+
+def test_demo_tasks_are_stable_and_well_formed():
+    from sleb import demo_tasks
+
+    paragraphs = demo_tasks.held_out_paragraphs()
+    cloze = demo_tasks.cloze_items(paragraphs)
+    order = demo_tasks.order_items(paragraphs)
+    assert cloze == demo_tasks.cloze_items(demo_tasks.held_out_paragraphs())
+    assert len(cloze) == len(order) == demo_tasks.ITEMS_PER_TASK
+    held_out = " ".join(" ".join(text.split()) for split in ("validation", "test") for text in demo_corpus.texts(split))
+    for item in cloze:
+        answer = item["choices"][item["label"]]
+        assert len(set(choice.lower() for choice in item["choices"])) == 4
+        assert f"{item['context']} {answer}" in held_out  # the true word completes a held-out sentence
+    for item in order:
+        first, second = item["choices"][item["label"]], item["choices"][1 - item["label"]]
+        assert first != second and f" {first} " in f" {held_out} "
