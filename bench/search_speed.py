@@ -45,7 +45,7 @@ def _timed(engine, depth, phases, device):
 
 def main(model_name: str = "", dataset: str = "demo", layers: int = 16, hidden: int = 512,
          intermediate: int = 1376, heads: int = 8, vocab: int = 8000, windows: int = 4, seqlen: int = 256,
-         phases: int = 3, batch_size: int = 0, device: str = "auto", dtype: str = "auto", seed: int = 0):
+         phases: int = 3, batch_size: int = 4, device: str = "auto", dtype: str = "auto", seed: int = 0):
     """Time both engines; every argument is a flag."""
     placement = models.resolve_placement(dtype, device)
     if model_name:
@@ -70,7 +70,7 @@ def main(model_name: str = "", dataset: str = "demo", layers: int = 16, hidden: 
         model(input_ids=calibration[:1].to(device_), use_cache=False)
     reference, reference_s = _timed(search.ReferenceEngine(model, calibration), depth, phases, device_)
     fast_engine_started = time.perf_counter()
-    engine = FastEngine(model, calibration, batch_size or None)  # 0: the engine's default
+    engine = FastEngine(model, calibration, batch_size)
     setup_s = time.perf_counter() - fast_engine_started
     fast, fast_s = _timed(engine, depth, phases, device_)
     fast_s += setup_s
@@ -88,7 +88,9 @@ def main(model_name: str = "", dataset: str = "demo", layers: int = 16, hidden: 
         "same_list": fast.removal_list == reference.removal_list, "removal_list": fast.removal_list,
         "reference_s_per_phase": round(reference_s / phases, 2), "fast_s_per_phase": round(fast_s / phases, 2),
         "max_rel_loss_diff": mismatch, "block_forwards_fast": engine.block_forwards,
-        "rescored_candidates": engine.rescored, "peak_mem_mb": round(peak, 1), "phases": phases,
+        "rescored_candidates": engine.rescored,
+        "abandoned_candidates": sum(bound is not None for row in fast.lower_bounds for bound in row),
+        "peak_mem_mb": round(peak, 1), "phases": phases,
         "windows": len(calibration), "seqlen": calibration.shape[1], "batch_size": engine.batch_size,
         "dtype": str(placement.dtype if not model_name else next(model.parameters()).dtype),
         "device": environment(device_)["device"], **shape,

@@ -18,7 +18,6 @@ memory, else they are recomputed batch by batch (no abandonment then).
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -30,10 +29,6 @@ from sleb.search import ReferenceEngine, SearchState
 # batched and batch-1 float32 sums agree to ~1e-7 here; half precision needs far more room.
 TIE_MARGINS = {torch.float32: 1e-6, torch.float64: 1e-9}
 HALF_TIE_MARGIN = 1e-3
-# Windows per forward when not given. Abandonment acts between batches, so on a CPU, where batching
-# buys little, small batches win (bench/search_speed.py: ratio 0.42 at 2, 0.48 at 4); a GPU needs
-# larger ones to stay busy.
-DEFAULT_BATCH_SIZE = {"cpu": 2, "cuda": 4}
 
 
 @dataclass
@@ -52,17 +47,15 @@ def cache_bytes(model, windows: torch.Tensor, positions: int) -> int:
 class FastEngine:
     name = "fast"
 
-    def __init__(self, model, windows: torch.Tensor, batch_size: Optional[int] = None, cache_gb: float = 0.0,
+    def __init__(self, model, windows: torch.Tensor, batch_size: int = 4, cache_gb: float = 0.0,
                  abandon: bool = True):
         self.model = model
         self.windows = windows
-        device = input_device(model)
-        if batch_size is None:
-            batch_size = DEFAULT_BATCH_SIZE.get(device.type, 4)
         self.batch_size = max(1, batch_size)
         self.abandon = abandon
         self.tie_margin = TIE_MARGINS.get(next(model.parameters()).dtype, HALF_TIE_MARGIN)
         self.reference = ReferenceEngine(model, windows)
+        device = input_device(model)
         self.batches = []
         with torch.inference_mode():
             for start in range(0, len(windows), self.batch_size):

@@ -59,9 +59,11 @@ def quality_rows(records: list):
         for name in (record.get("ppl") or {}):
             if name not in datasets:
                 datasets.append(name)
-        if record.get("zeroshot"):
-            tasks = tasks or ["mean"]
+        for name in (record.get("zeroshot") or {}).get("tasks", {}):
+            if name not in tasks:
+                tasks.append(name)
         groups[(_model(record), len(record["removal_list"]), _metric(record))].append(record)
+    accuracy_columns = tasks + ["mean"] if tasks else []
     rows = []
     for (model, removed, metric), group in sorted(groups.items()):
         depth = group[0]["num_blocks"]
@@ -71,13 +73,26 @@ def quality_rows(records: list):
         for name in datasets:
             values = [r["ppl"][name]["ppl"] for r in group if name in (r.get("ppl") or {})]
             row.append(f"{statistics.mean(values):.2f}" if values else "-")
-        if tasks:
-            accs = [r["zeroshot"]["mean"]["acc"] for r in group if r.get("zeroshot")]
+        for name in accuracy_columns:
+            accs = [_accuracy(r["zeroshot"], name) for r in group if r.get("zeroshot")]
+            accs = [a for a in accs if a is not None]
             row.append(f"{100 * statistics.mean(accs):.2f}" if accs else "-")
+        lists = []
+        for record in group:
+            if record["removal_list"] and record["removal_list"] not in lists:
+                lists.append(record["removal_list"])
+        row.append("; ".join(str(blocks) for blocks in lists) or "-")
         rows.append(row)
     headers = ["model", "removed", "metric"] + [f"ppl {name}" for name in datasets]
-    headers += ["zero-shot mean acc (%)"] if tasks else []
+    headers += [f"{name} acc (%)" if name != "mean" else "zero-shot mean acc (%)" for name in accuracy_columns]
+    headers += ["removed blocks"]
     return headers, rows
+
+
+def _accuracy(zeroshot: dict, task: str):
+    if task == "mean":
+        return zeroshot["mean"]["acc"]
+    return zeroshot["tasks"].get(task, {}).get("acc")
 
 
 def latency_rows(records: list):

@@ -35,7 +35,7 @@ def _check_flags(settings) -> None:
         raise UsageError(f"unknown --engine {settings.engine!r}; use fast or reference")
     if settings.nsamples < 1:
         raise UsageError(f"--nsamples must be positive, got {settings.nsamples}")
-    if settings.search_batch_size is not None and settings.search_batch_size < 1:
+    if settings.search_batch_size < 1:
         raise UsageError(f"--search_batch_size must be positive, got {settings.search_batch_size}")
     if settings.cache_gb < 0:
         raise UsageError(f"--cache_gb must be >= 0, got {settings.cache_gb}")
@@ -152,10 +152,10 @@ def run_search(settings) -> dict:
             state = oneshot_search(engine, state, k, settings.early_barrier, settings.latter_barrier, log=log)
         elif settings.metric == "cosine":
             state = cosine_search(model, windows, state, k, settings.early_barrier, settings.latter_barrier,
-                                  settings.search_batch_size or 4)
+                                  settings.search_batch_size)
         elif settings.metric == "angular":
             state = angular_search(model, windows, state, k, settings.early_barrier, settings.latter_barrier,
-                                   settings.search_batch_size or 4)
+                                   settings.search_batch_size)
         else:
             state = random_search(state, k, settings.early_barrier, settings.latter_barrier, settings.seed)
     except KeyboardInterrupt:
@@ -204,7 +204,7 @@ def run_search(settings) -> dict:
 def _engine_stats(engine) -> dict:
     if engine is None or not hasattr(engine, "block_forwards"):
         return {}
-    return {"block_forwards": engine.block_forwards, "cache": engine.storage,
+    return {"block_forwards": engine.block_forwards, "batch_size": engine.batch_size, "cache": engine.storage,
             "peak_mem_mb": _peak_mem_mb(engine.model)}
 
 

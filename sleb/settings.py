@@ -62,8 +62,7 @@ class SearchSettings(OutputFlags, EvalFlags, ModelFlags):
     seed: int = flag(0, "seed of the calibration shuffle (and of --metric random)")
     metric: str = flag("sleb", "sleb (iterative, metric 3), sleb_oneshot (metric 2), cosine, angular or random")
     engine: str = flag("fast", "fast (exact, prefix reuse + abandonment) or reference (the paper's loop)")
-    search_batch_size: Optional[int] = flag(None, "calibration windows per forward in the fast engine "
-                                                  "(default: 2 on CPU, 4 on GPU)")
+    search_batch_size: int = flag(4, "calibration windows per forward in the fast engine")
     cache_gb: float = flag(0.0, "memory for cached hidden states in the fast engine (0: automatic)")
     resume: bool = flag(False, "continue an interrupted search from its results file")
     plot: bool = flag(False, "write PNGs: candidate-loss heatmap and loss vs blocks removed")

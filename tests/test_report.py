@@ -48,7 +48,7 @@ def test_report_tables_plots_and_skipped_files(model_dirs, text_file, tmp_path):
     results = tmp_path / "results"
     common = ["--model_name", model_dirs["llama"], "--ppl_datasets", f"file:{text_file}", "--seqlen", "32",
               "--result_folder", str(results)]
-    for args in (["eval", "--removal_list", "[]"],
+    for args in (["eval", "--removal_list", "[]", "--eval_zeroshot", "True", "--tasks", "demo_order", "--limit", "4"],
                  ["sleb", "--dataset", f"file:{text_file}", "--nsamples", "40", "--num_remove_blocks", "1"],
                  ["sleb", "--dataset", f"file:{text_file}", "--nsamples", "40", "--num_remove_blocks", "2",
                   "--metric", "cosine"]):
@@ -64,7 +64,13 @@ def test_report_tables_plots_and_skipped_files(model_dirs, text_file, tmp_path):
     warnings = out.stderr.strip().splitlines()
     assert len(warnings) == 2 and all(w.startswith("warning: skipping") for w in warnings)
     report = (tmp_path / "report" / "report.md").read_text()
-    assert "| llama | 0/6 (0%) | dense |" in report
+    assert "demo_order acc (%) | zero-shot mean acc (%) |" in report
+    dense_row = next(line for line in report.splitlines() if line.startswith("| llama | 0/6 (0%) | dense |"))
+    assert dense_row.split("|")[-3].strip() == dense_row.split("|")[-4].strip() != "-"  # one task: mean == task
+    assert dense_row.split("|")[-2].strip() == "-"  # nothing removed
+    sleb_result = json.loads(next(results.glob("sleb_*_sleb_remove1of6_*.json")).read_text())
+    sleb_row = next(line for line in report.splitlines() if line.startswith("| llama | 1/6 (17%) | sleb |"))
+    assert sleb_row.split("|")[-2].strip() == str(sleb_result["search"]["removal_list"])
     assert "| llama | 1/6 (17%) | sleb |" in report and "| llama | 2/6 (33%) | cosine |" in report
     assert "## Latency" in report and "| llama | prompt |" in report
     pngs = list((tmp_path / "report").glob("*.png"))
