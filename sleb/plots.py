@@ -13,12 +13,22 @@ def plot_search(record: dict, prefix: str) -> list:
     losses = search["losses"]
     written = []
     if losses:
-        grid = [[math.nan if v is None else v for v in row] for row in losses]
+        # Each phase relative to its own best: losses grow from phase to phase, and a shared scale
+        # would hide how close the candidates within a phase are.
+        grid = []
+        for row in losses:
+            best = min((v for v in row if v is not None), default=0.0)
+            grid.append([math.nan if v is None else v - best for v in row])
         fig, ax = plt.subplots(figsize=(max(6, len(grid[0]) * 0.35), max(3, len(grid) * 0.4 + 1.5)))
         image = ax.imshow(grid, aspect="auto", cmap="viridis")
+        removed = search["removal_list"]
+        rows = range(len(grid)) if len(grid) > 1 else [0] * len(removed)  # one-shot metrics: one row
+        ax.plot(removed[: len(rows)], list(rows)[: len(removed)], "rx")
+        ax.set_xticks(range(len(grid[0])))
+        ax.set_yticks(range(len(grid)), [str(p + 1) for p in range(len(grid))])
         ax.set_xlabel("original block")
         ax.set_ylabel("phase")
-        ax.set_title(f"{record['settings']['metric']} candidate scores (blank: not a candidate or abandoned)")
+        ax.set_title(f"{record['settings']['metric']}: score minus the phase's best (blank: not scored)", fontsize=10)
         fig.colorbar(image, ax=ax)
         fig.tight_layout()
         written.append(f"{prefix}_heatmap.png")

@@ -117,6 +117,7 @@ def _plots(records: list, out_dir: str, stem: str) -> list:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     from sleb.plots import plot_search
 
@@ -139,7 +140,10 @@ def _plots(records: list, out_dir: str, stem: str) -> list:
             ax.plot(([0] + xs) if dense else xs, ([dense[0]] + ys) if dense else ys, marker="o", label=metric)
         ax.set_xlabel("blocks removed")
         ax.set_ylabel(f"perplexity ({dataset})")
-        ax.set_yscale("log")
+        lows, highs = zip(*[(min(line.get_ydata()), max(line.get_ydata())) for line in ax.get_lines()])
+        if max(highs) > 10 * min(lows):  # pruning large fractions can blow perplexity up by orders of magnitude
+            ax.set_yscale("log")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_title(model)
         ax.legend()
         fig.tight_layout()
