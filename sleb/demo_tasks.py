@@ -49,12 +49,12 @@ metadata:
 """
 
 
-def _plain(sentence: str) -> bool:
+def _usable_length(sentence: str) -> bool:
     return 15 <= len(sentence) <= 250
 
 
 def held_out_paragraphs() -> list:
-    """Sentence lists of the first paragraphs of every held-out document (never trained on)."""
+    """Sentence lists of the first few paragraphs of every held-out document (never trained on)."""
     paragraphs = []
     for text in demo_corpus.texts("validation") + demo_corpus.texts("test"):
         for paragraph in text.split("\n\n")[:_PARAGRAPHS_PER_DOCUMENT]:
@@ -69,7 +69,7 @@ def cloze_items(paragraphs: list, seed: int = 0, limit: int = ITEMS_PER_TASK) ->
     for sentences in paragraphs:
         for index, sentence in enumerate(sentences):
             match = _LAST_WORD.match(sentence)
-            if _plain(sentence) and match:
+            if _usable_length(sentence) and match:
                 context = " ".join(sentences[max(0, index - 2) : index] + [match.group(1)])
                 blanks.append((context, match.group(2), match.group(3)))
     rng = random.Random(seed)
@@ -84,7 +84,8 @@ def cloze_items(paragraphs: list, seed: int = 0, limit: int = ITEMS_PER_TASK) ->
 
 
 def order_items(paragraphs: list, seed: int = 0, limit: int = ITEMS_PER_TASK) -> list:
-    pairs = [(a, b) for sentences in paragraphs for a, b in zip(sentences, sentences[1:]) if _plain(a) and _plain(b)]
+    pairs = [(a, b) for sentences in paragraphs for a, b in zip(sentences, sentences[1:])
+             if _usable_length(a) and _usable_length(b)]
     rng = random.Random(seed)
     items = []
     for first, second in rng.sample(pairs, min(limit, len(pairs))):

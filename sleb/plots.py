@@ -21,9 +21,9 @@ def plot_search(record: dict, prefix: str) -> list:
             grid.append([math.nan if v is None else v - best for v in row])
         fig, ax = plt.subplots(figsize=(max(6, len(grid[0]) * 0.35), max(3, len(grid) * 0.4 + 1.5)))
         image = ax.imshow(grid, aspect="auto", cmap="viridis")
+        # Mark each removed block: phase i's choice on row i; one-shot metrics rank once, all on row 0.
         removed = search["removal_list"]
-        rows = range(len(grid)) if len(grid) > 1 else [0] * len(removed)  # one-shot metrics: one row
-        ax.plot(removed[: len(rows)], list(rows)[: len(removed)], "rx")
+        ax.plot(removed, list(range(len(removed))) if len(grid) > 1 else [0] * len(removed), "rx")
         ax.set_xticks(range(len(grid[0])))
         ax.set_yticks(range(len(grid)), [str(p + 1) for p in range(len(grid))])
         ax.set_xlabel("original block")

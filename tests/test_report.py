@@ -4,6 +4,7 @@ import json
 import os
 import shlex
 import subprocess
+import sys
 
 import pytest
 
@@ -12,14 +13,14 @@ from sleb.cli import parse_settings
 from sleb.settings import EvalSettings, LatencySettings, SearchSettings
 
 SETTINGS = {"sleb": SearchSettings, "eval": EvalSettings, "latency": LatencySettings}
-SCRIPTS = ["ppl.sh", "zeroshot.sh", "latency.sh", "metrics.sh"]
+SCRIPTS = ["ppl.sh", "zeroshot.sh", "latency.sh", "metrics.sh", "demo_table.sh"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_dry_run_prints_valid_commands(script, tmp_path):
-    models = "facebook/opt-6.7b,meta-llama/Llama-2-70b-hf"
-    out = subprocess.run(["bash", os.path.join(ROOT, "scripts", script), models, str(tmp_path), "--dry-run"],
-                         capture_output=True, text=True, timeout=60)
+    models = [] if script == "demo_table.sh" else ["facebook/opt-6.7b,meta-llama/Llama-2-70b-hf"]
+    out = subprocess.run(["bash", os.path.join(ROOT, "scripts", script), *models, str(tmp_path), "--dry-run"],
+                         capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHON": sys.executable})
     assert out.returncode == 0, out.stderr
     commands = [shlex.split(line) for line in out.stdout.strip().splitlines()]
     assert len(commands) >= 2 and not list(tmp_path.iterdir())  # nothing ran
