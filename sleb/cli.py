@@ -74,16 +74,30 @@ def help_text(settings_cls, command: str, summary: str) -> str:
     return "\n".join(lines)
 
 
+def _stray_argument(argv):
+    """The first argument that is neither a flag nor a flag's value (fire would answer it with a page of usage)."""
+    awaits_value = False
+    for arg in argv:
+        if arg.startswith("--"):
+            awaits_value = "=" not in arg
+        elif awaits_value:
+            awaits_value = False  # a value, negative numbers included
+        else:
+            return arg
+    return None
+
+
 def run_cli(main, settings_cls, command: str, summary: str, argv=None) -> None:
     """Entry point of `python -m sleb|eval|latency`: flags -> settings -> main(settings)."""
     argv = sys.argv[1:] if argv is None else argv
     if any(arg in ("-h", "--help") for arg in argv):
         print(help_text(settings_cls, command, summary))
         return
-    positional = [arg for arg in argv[:1] if not arg.startswith("-")]
     try:
-        if positional:
-            raise UsageError(f"unexpected argument {positional[0]!r}; flags are written --name value")
+        stray = _stray_argument(argv)
+        if stray is not None:
+            raise UsageError(f"unexpected argument {stray!r}; flags are written --name value "
+                             "(quote a list with spaces: --removal_list '[5, 4]')")
         # fire only parses the values; everything else is ours, so errors stay one line.
         flags = {}
         fire.Fire(lambda **kwargs: flags.update(kwargs), command=argv, name=command)

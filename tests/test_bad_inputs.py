@@ -2,7 +2,7 @@
 
 import pytest
 
-from clitools import assert_bad_input
+from clitools import assert_bad_input, run
 
 # (module, flags over the module's base flags, text the one error line must contain)
 MATRIX = [
@@ -56,3 +56,14 @@ def test_bad_input(module, args, message, model_dirs, text_file, tmp_path):
     if module == "sleb":
         base["--dataset"] = f"file:{text_file}"
     assert_bad_input(module, base, args, message, results)
+
+
+@pytest.mark.parametrize("module", ["sleb", "eval", "latency"])
+@pytest.mark.parametrize("where", ["first", "after a value"])
+def test_stray_argument_is_one_line(module, where, model_dirs, tmp_path):
+    flags = ["--model_name", model_dirs["llama"], "--result_folder", str(tmp_path)]
+    out = run(module, *(["extra"] + flags if where == "first" else flags + ["extra"]))
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unexpected argument 'extra'" in lines[0], out.stderr
+    assert not list(tmp_path.iterdir())
