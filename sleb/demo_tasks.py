@@ -19,7 +19,7 @@ import random
 import re
 import sys
 
-from sleb import demo_corpus
+from sleb import demo_corpus, results
 
 TASKS = ("demo_cloze", "demo_order")
 ITEMS_PER_TASK = 400
@@ -109,10 +109,18 @@ def write_tasks(folder: str = None) -> str:
     paragraphs = held_out_paragraphs()
     for name, items in (("demo_cloze", cloze_items(paragraphs)), ("demo_order", order_items(paragraphs))):
         path = os.path.join(folder, f"{name}.jsonl")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as handle:
-            handle.writelines(json.dumps(item) + "\n" for item in items)
-        os.replace(tmp, path)
-        with open(os.path.join(folder, f"{name}.yaml"), "w") as handle:
-            handle.write(_YAML.format(name=name, path=json.dumps(path)))
+        _write_if_changed(path, "".join(json.dumps(item) + "\n" for item in items))
+        _write_if_changed(os.path.join(folder, f"{name}.yaml"), _YAML.format(name=name, path=json.dumps(path)))
     return folder
+
+
+def _write_if_changed(path: str, text: str) -> None:
+    """Atomic write, skipped when the file already holds `text`: an unchanged file keeps its
+    modification time, so `datasets` reuses its cached copy instead of adding one per run."""
+    try:
+        with open(path) as handle:
+            if handle.read() == text:
+                return
+    except OSError:
+        pass
+    results.write_text(path, text)

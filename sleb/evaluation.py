@@ -109,6 +109,7 @@ def save_model(model, tokenizer, directory: str) -> None:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.partial-")
     try:
+        os.chmod(tmp, 0o777 & ~results.umask())  # mkdtemp makes it owner-only; a checkpoint is for sharing
         use_cache = model.config.use_cache
         model.config.use_cache = True
         model.save_pretrained(tmp)

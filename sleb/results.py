@@ -82,12 +82,17 @@ def to_jsonable(value):
 
 
 def write_json(path: str, result: dict) -> None:
+    write_text(path, json.dumps(to_jsonable(result), indent=2))
+
+
+def write_text(path: str, text: str) -> None:
     """Write atomically: a reader (or a crash) never sees half a file."""
     folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".tmp")  # never matches *.json or *.yaml
     try:
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it owner-only; a results file is for sharing
         with os.fdopen(fd, "w") as handle:
-            json.dump(to_jsonable(result), handle, indent=2)
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -95,6 +100,13 @@ def write_json(path: str, result: dict) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def umask() -> int:
+    """The process's umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def read_json(path: str) -> dict:

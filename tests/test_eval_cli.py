@@ -23,6 +23,10 @@ def test_eval_end_to_end(model_dirs, text_file, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(saved)
     assert model.config.num_hidden_layers == 4
     assert [f for f in os.listdir(tmp_path) if f.startswith(".")] == []  # no temporary files left
+    umask = os.umask(0o022)
+    os.umask(umask)  # the subprocess inherited this one
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o666 & ~umask  # not the temp file's owner-only mode
+    assert saved.stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 def test_eval_accepts_json_string_and_empty_list(model_dirs, text_file, tmp_path):
