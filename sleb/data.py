@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sleb.errors import UsageError
+from sleb.errors import UsageError, check_at_least
 from sleb.hub import use_cache_only_if_offline
 
 # C4 evaluation keeps the first 1100 validation documents and then the first 256 windows of tokens.
@@ -153,8 +153,7 @@ def eval_text(name: str) -> EvalText:
 
 def calibration_text(name: str, nsamples: int, seed: int) -> str:
     """The first `nsamples` rows of the train split shuffled with `Dataset.shuffle(seed=seed)`, joined."""
-    if nsamples <= 0:
-        raise UsageError(f"--nsamples must be positive, got {nsamples}")
+    check_at_least("nsamples", nsamples, 1)
     source = _source(name)
     rows = source.train_rows().shuffle(seed=seed)
     return source.separator.join(rows[:nsamples]["text"])

@@ -7,7 +7,7 @@ import tempfile
 import time
 
 from sleb import blocks, data, models, results, zeroshot
-from sleb.errors import UsageError
+from sleb.errors import UsageError, check_at_least
 from sleb.perplexity import perplexity
 
 
@@ -41,14 +41,8 @@ def ppl_dataset_names(settings) -> list:
 
 def check_eval_flags(settings) -> None:
     """Checks that need no model: run them before loading anything."""
-    if settings.seqlen < 2:
-        raise UsageError(f"--seqlen must be at least 2, got {settings.seqlen}")
-    if settings.batch_size < 1:
-        raise UsageError(f"--batch_size must be positive, got {settings.batch_size}")
-    if settings.num_fewshot < 0:
-        raise UsageError(f"--num_fewshot must be >= 0, got {settings.num_fewshot}")
-    if settings.zeroshot_batch_size < 1:
-        raise UsageError(f"--zeroshot_batch_size must be positive, got {settings.zeroshot_batch_size}")
+    for name, minimum in (("seqlen", 2), ("batch_size", 1), ("num_fewshot", 0), ("zeroshot_batch_size", 1)):
+        check_at_least(name, getattr(settings, name), minimum)
     if settings.save_model and os.path.exists(settings.save_model) and os.listdir(settings.save_model):
         raise UsageError(f"--save_model directory {settings.save_model!r} is not empty; choose a new directory")
     ppl_dataset_names(settings)

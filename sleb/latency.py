@@ -12,7 +12,7 @@ import time
 import torch
 
 from sleb import blocks, models, results
-from sleb.errors import UsageError
+from sleb.errors import UsageError, check_at_least
 
 # Paper settings on a GPU, and what finishes in about a minute on a small CPU.
 GPU_DEFAULTS = {"prompt": {"batch_size": 1, "prompt_len": 2048, "new_tokens": 0},
@@ -30,8 +30,7 @@ def sizes(settings, device: torch.device) -> dict:
     if mode == "prompt":
         chosen["new_tokens"] = 0
     for name, value in chosen.items():
-        if value < (1 if name != "new_tokens" or mode == "generation" else 0):
-            raise UsageError(f"--{name} must be positive, got {value}")
+        check_at_least(name, value, 1 if name != "new_tokens" or mode == "generation" else 0)
     return chosen
 
 
@@ -105,8 +104,8 @@ def run_latency(settings) -> dict:
     """`python -m latency`: dense vs pruned latency, speedup and ideal speedup."""
     if not settings.generation and (settings.new_tokens is not None or settings.static_cache):
         raise UsageError("--new_tokens and --static_cache apply to --generation True only; add it or drop them")
-    if settings.warmup < 0 or settings.repeats < 1:
-        raise UsageError(f"--warmup must be >= 0 and --repeats >= 1, got {settings.warmup} and {settings.repeats}")
+    check_at_least("warmup", settings.warmup, 0)
+    check_at_least("repeats", settings.repeats, 1)
     placement = models.resolve_placement(settings.dtype, settings.device, settings.device_map)
     chosen = sizes(settings, placement.device)
     check_compile(settings)

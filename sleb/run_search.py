@@ -9,7 +9,7 @@ import time
 import torch
 
 from sleb import blocks, data, distributed, models, results
-from sleb.errors import UsageError
+from sleb.errors import UsageError, check_at_least
 from sleb.evaluation import (check_eval_flags, effective_seqlen, evaluate_perplexity, evaluate_zeroshot,
                              fetch_eval_texts, prepare_zeroshot, save_model, tokenize_eval_texts)
 from sleb.search import (ReferenceEngine, SearchState, angular_search, check_search_flags, cosine_search,
@@ -33,12 +33,8 @@ def _check_flags(settings) -> None:
     check_eval_flags(settings)
     if settings.engine not in ENGINES:
         raise UsageError(f"unknown --engine {settings.engine!r}; use fast or reference")
-    if settings.nsamples < 1:
-        raise UsageError(f"--nsamples must be positive, got {settings.nsamples}")
-    if settings.search_batch_size < 1:
-        raise UsageError(f"--search_batch_size must be positive, got {settings.search_batch_size}")
-    if settings.cache_gb < 0:
-        raise UsageError(f"--cache_gb must be >= 0, got {settings.cache_gb}")
+    for name, minimum in (("nsamples", 1), ("search_batch_size", 1), ("cache_gb", 0)):
+        check_at_least(name, getattr(settings, name), minimum)
     data.check_dataset_name(settings.dataset)
 
 
