@@ -23,7 +23,7 @@ import torch
 
 from sleb import stream
 from sleb.models import input_device
-from sleb.search import ReferenceEngine, SearchState
+from sleb.search import ReferenceEngine, SearchState, window_loss
 
 # Relative difference under which two losses count as a possible tie that rounding might decide:
 # batched and batch-1 float32 sums agree to ~1e-7 here; half precision needs far more room.
@@ -105,7 +105,7 @@ class FastEngine:
         """The paper's per-window term, mean CE x seqlen, for each window of the batch."""
         seqlen = batch.ids.shape[1]
         sums = stream.tail_nll_sums(self.model, hidden, batch.ids)
-        return [float(s) / (seqlen - 1) * seqlen for s in sums.double().cpu()]
+        return [window_loss(float(s) / (seqlen - 1), seqlen) for s in sums.double().cpu()]
 
     def _forget(self, removal_list: list) -> None:
         """Drop cached states whose path ran a block that is now removed: no later path runs it."""

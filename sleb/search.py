@@ -16,7 +16,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from sleb import blocks, stream
-from sleb.errors import UsageError
+from sleb.errors import UsageError, check_at_least
 from sleb.models import input_device
 
 METRICS = ("sleb", "sleb_oneshot", "cosine", "angular", "random")
@@ -48,8 +48,7 @@ def check_search_flags(depth: int, num_remove_blocks: int, early_barrier: int, l
         raise UsageError(f"unknown --metric {metric!r}; use one of {', '.join(METRICS)}")
     if early_barrier < 0 or latter_barrier < 0:
         raise UsageError(f"barriers must be >= 0, got --early_barrier {early_barrier} --latter_barrier {latter_barrier}")
-    if num_remove_blocks < 1:
-        raise UsageError(f"--num_remove_blocks must be at least 1, got {num_remove_blocks}")
+    check_at_least("num_remove_blocks", num_remove_blocks, 1)
     available = depth - early_barrier - latter_barrier
     if available < 1:
         raise UsageError(f"barriers {early_barrier} + {latter_barrier} leave no candidate among {depth} blocks; "
