@@ -125,16 +125,17 @@ def run_search(settings) -> dict:
             "dtype": str(next(model.parameters()).dtype), "num_blocks": depth,
             "calibration_windows": len(windows), "seqlen": seqlen}
 
+    engine_name = settings.engine  # replaced by the engine actually built (a fallback, or the ranks)
+
     def save_partial(current: SearchState):
         if not main_rank:
             return
         results.write_json(path, {**base, "search": _search_record(
-            current, settings.engine, time.perf_counter() - started, "searching")})
+            current, engine_name, time.perf_counter() - started, "searching")})
 
     use_cache = model.config.use_cache
     model.config.use_cache = False
     search_started = time.perf_counter()
-    engine_name = settings.engine
     engine = None  # the metrics without candidate losses use none
     try:
         if settings.metric == "sleb":
