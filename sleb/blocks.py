@@ -5,6 +5,7 @@ original blocks, in removal order.
 """
 
 import contextlib
+import math
 
 import torch.nn as nn
 
@@ -114,6 +115,11 @@ def _renumber(blocks) -> list:
                 old.append((module, module.layer_idx))
                 module.layer_idx = position
     return old
+
+
+def default_remove_count(depth: int) -> int:
+    """The paper's default share: 20% of the blocks, rounded up."""
+    return math.ceil(0.2 * depth)
 
 
 def check_indices(depth: int, indices, what: str = "--removal_list") -> list:

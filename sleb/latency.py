@@ -5,7 +5,6 @@ repeats, tokens/s and peak memory. Only depth matters for latency, so by default
 are simply ceil(0.2 N) blocks starting at block 1.
 """
 
-import math
 import statistics
 import time
 
@@ -35,8 +34,7 @@ def sizes(settings, device: torch.device) -> dict:
 
 
 def default_removal(depth: int) -> list:
-    k = math.ceil(0.2 * depth)
-    return list(range(1, 1 + k))
+    return list(range(1, 1 + blocks.default_remove_count(depth)))
 
 
 def check_compile(settings) -> None:

@@ -1,7 +1,6 @@
 """`python -m sleb`: load -> calibrate -> search -> prune -> evaluate -> report."""
 
 import dataclasses
-import math
 import os
 import sys
 import time
@@ -95,7 +94,7 @@ def run_search(settings) -> dict:
         raise UsageError(f"--num_blocks {settings.num_blocks} but {settings.model_name} has {depth} blocks; "
                          f"pass --num_blocks {depth} or leave it out")
     settings.num_blocks = depth
-    k = settings.num_remove_blocks if settings.num_remove_blocks is not None else math.ceil(0.2 * depth)
+    k = settings.num_remove_blocks if settings.num_remove_blocks is not None else blocks.default_remove_count(depth)
     settings.num_remove_blocks = k
     check_search_flags(depth, k, settings.early_barrier, settings.latter_barrier, settings.metric)
     result_file = settings.result_file or default_result_file(settings, depth, k)
