@@ -16,7 +16,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sleb import data, models, search  # noqa: E402
+from sleb import data, memory, models, search  # noqa: E402
+from sleb.engines import ReferenceEngine  # noqa: E402
 from sleb.fast_search import FastEngine  # noqa: E402
 from sleb.results import environment  # noqa: E402
 
@@ -33,11 +34,12 @@ def _random_llama(layers, hidden, intermediate, heads, vocab, seqlen, dtype, dev
     return model.to(dtype).eval()
 
 
-def _timed(engine, depth, phases, device):
+def _timed(engine, model, calibration, phases, device):
     if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
-    state = search.greedy_search(engine, search.SearchState(depth), phases, 1, 1, log=lambda *_: None)
+    job = search.SearchJob(model, calibration, phases, 1, 1, build_engine=lambda: engine, log=lambda *_: None)
+    state = search.sleb_iterative(job, search.SearchState(model.config.num_hidden_layers))
     if device.type == "cuda":
         torch.cuda.synchronize()
     return state, time.perf_counter() - started
@@ -54,45 +56,38 @@ def main(model_name: str = "", dataset: str = "demo", layers: int = 16, hidden: 
         calibration = tokens[:windows]
         shape = {"model": model_name, "dataset": dataset}
     else:
-        model = _random_llama(layers, hidden, intermediate, heads, vocab, seqlen, placement.dtype,
-                              placement.device, seed)
+        # A random model has no checkpoint dtype: "auto" means float16 on a GPU, as for the paper's models.
+        torch_dtype = placement.dtype if placement.dtype != "auto" else torch.float16
+        model = _random_llama(layers, hidden, intermediate, heads, vocab, seqlen, torch_dtype, placement.device, seed)
         generator = torch.Generator().manual_seed(seed)
         calibration = torch.randint(0, vocab, (windows, seqlen), generator=generator)
         shape = {"model": "random llama", "layers": layers, "hidden": hidden, "intermediate": intermediate,
                  "heads": heads, "vocab": vocab}
     model.config.use_cache = False
-    depth = model.config.num_hidden_layers
     device_ = models.input_device(model)
-    if device_.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device_)
+    memory.reset_peak(device_)
 
     with torch.inference_mode():  # warm-up, so neither engine pays for first-call allocations
         model(input_ids=calibration[:1].to(device_), use_cache=False)
-    reference, reference_s = _timed(search.ReferenceEngine(model, calibration), depth, phases, device_)
+    reference, reference_s = _timed(ReferenceEngine(model, calibration), model, calibration, phases, device_)
     fast_engine_started = time.perf_counter()
     engine = FastEngine(model, calibration, batch_size)
     setup_s = time.perf_counter() - fast_engine_started
-    fast, fast_s = _timed(engine, depth, phases, device_)
+    fast, fast_s = _timed(engine, model, calibration, phases, device_)
     fast_s += setup_s
 
-    mismatch = max((abs(f - r) / abs(r) for fr, rr in zip(fast.losses, reference.losses)
+    mismatch = max((abs(f - r) / abs(r) for fr, rr in zip(fast.scores, reference.scores)
                     for f, r in zip(fr, rr) if f is not None and r is not None), default=0.0)
-    if device_.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device_) / 2**20
-    else:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({
         "reference_s": round(reference_s, 2), "fast_s": round(fast_s, 2), "ratio": round(fast_s / reference_s, 3),
         "same_list": fast.removal_list == reference.removal_list, "removal_list": fast.removal_list,
         "reference_s_per_phase": round(reference_s / phases, 2), "fast_s_per_phase": round(fast_s / phases, 2),
         "max_rel_loss_diff": mismatch, "block_forwards_fast": engine.block_forwards,
-        "rescored_candidates": engine.rescored,
+        "rescored_candidates": fast.rescored, "max_rescore_gap": fast.max_rescore_gap,
         "abandoned_candidates": sum(bound is not None for row in fast.lower_bounds for bound in row),
-        "peak_mem_mb": round(peak, 1), "phases": phases,
+        "peak_mem_mb": memory.peak_mb(device_), "phases": phases,
         "windows": len(calibration), "seqlen": calibration.shape[1], "batch_size": engine.batch_size,
-        "dtype": str(placement.dtype if not model_name else next(model.parameters()).dtype),
+        "dtype": str(model.dtype),
         "device": environment(device_)["device"], **shape,
     }))
 

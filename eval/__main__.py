@@ -1,7 +1,7 @@
 """python -m eval: perplexity of a model with the given blocks removed."""
 
 from sleb.cli import run_cli
-from sleb.evaluation import run_eval
+from sleb.run_eval import run_eval
 from sleb.settings import EvalSettings
 
 

@@ -5,6 +5,7 @@ original blocks, in removal order.
 """
 
 import contextlib
+import json
 import math
 
 import torch.nn as nn
@@ -122,26 +123,41 @@ def default_remove_count(depth: int) -> int:
     return math.ceil(0.2 * depth)
 
 
-def check_indices(depth: int, indices, what: str = "--removal_list") -> list:
-    """A list of distinct block indices in 0..depth-1 that leaves at least one block."""
-    if not isinstance(indices, (list, tuple)) or not all(
-        isinstance(i, int) and not isinstance(i, bool) for i in indices
-    ):
-        raise UsageError(f"{what} must be a list of block indices such as '[5, 4, 9]', got {indices!r}")
+def check_removal_list(value, depth: int = None, what: str = "--removal_list") -> list:
+    """The one validator of removal lists: parse what a user typed, then, once the depth is known,
+    check for distinct indices in 0..depth-1 that leave at least one block.
+
+    fire turns '[5, 4]' into a list; a JSON string ('[5, 4]'), a comma string ('5,4') or a single
+    index also work; [] is the dense model.
+    """
+    usage = f"{what} must be a list of block indices such as '[5, 4, 9]', got {value!r}"
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = json.loads(text if text.startswith("[") else f"[{text}]")
+        except json.JSONDecodeError:
+            raise UsageError(usage) from None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+        raise UsageError(usage)
+    indices = list(value)
+    if depth is None:
+        return indices
     bad = [i for i in indices if not 0 <= i < depth]
     if bad:
         raise UsageError(f"{what} has index {bad[0]} but the model has blocks 0..{depth - 1}")
     if len(set(indices)) != len(indices):
-        duplicate = next(i for i in indices if list(indices).count(i) > 1)
+        duplicate = next(i for i in indices if indices.count(i) > 1)
         raise UsageError(f"{what} names block {duplicate} twice; list each block once")
     if len(indices) >= depth:
         raise UsageError(f"{what} removes all {depth} blocks; at least one must stay")
-    return list(indices)
+    return indices
 
 
 def remove_blocks(model, removal_list) -> None:
     """Delete the blocks (original indices) for good, leaving a normal checkpoint."""
-    removal = set(check_indices(num_blocks(model), removal_list))
+    removal = set(check_removal_list(removal_list, num_blocks(model)))
     _set_block_list(model, [i for i in range(num_blocks(model)) if i not in removal])
 
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sleb.errors import UsageError, check_at_least
-from sleb.hub import use_cache_only_if_offline
+from sleb import hub
+from sleb.errors import UsageError, first_line
 
 # C4 evaluation keeps the first 1100 validation documents and then the first 256 windows of tokens.
 C4_EVAL_DOCUMENTS = 1100
@@ -35,16 +35,16 @@ class Source:
 def _hub(name, *args, **kwargs):
     """A loader of a hub data set; `name` is the sleb name shown in errors."""
     def load():
-        use_cache_only_if_offline()
+        hub.reach()
         _quiet_datasets()
         from datasets import load_dataset
 
         try:
             return load_dataset(*args, **kwargs)
         except Exception as error:  # offline: ConnectionError, OSError, DatasetNotFoundError, ...
-            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+            where = "offline, and not in the local cache" if hub.offline() else first_line(error, 200)
             raise UsageError(
-                f"data set {name!r} is not available (offline? {first}); use a local file with "
+                f"data set {name!r} is not available ({where}); use a local file with "
                 "file:PATH (.txt or .jsonl) or the built-in demo corpus"
             ) from None
     return load
@@ -78,8 +78,7 @@ def _file_rows(path):
         try:
             dataset = load_dataset(builder, data_files=path, split="train")
         except Exception as error:
-            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-            raise UsageError(f"cannot read data file {path!r}: {first}") from None
+            raise UsageError(f"cannot read data file {path!r}: {first_line(error, 200)}") from None
         if "text" not in dataset.column_names:
             raise UsageError(f"data file {path!r} has no 'text' field; each JSON line needs one")
         return dataset
@@ -153,7 +152,6 @@ def eval_text(name: str) -> EvalText:
 
 def calibration_text(name: str, nsamples: int, seed: int) -> str:
     """The first `nsamples` rows of the train split shuffled with `Dataset.shuffle(seed=seed)`, joined."""
-    check_at_least("nsamples", nsamples, 1)
     source = _source(name)
     rows = source.train_rows().shuffle(seed=seed)
     return source.separator.join(rows[:nsamples]["text"])

@@ -1,8 +1,8 @@
 """Candidate-parallel search over torch.distributed (launched with torchrun; NCCL on GPUs, gloo on CPU).
 
 Every rank holds the model and the calibration windows and scores a slice of the phase's candidates;
-the losses are gathered, near ties are settled on rank 0 and broadcast, so every rank removes the
-same block. Each rank's abandonment uses only its own best loss, which is never below the global
+the losses are gathered, and near ties are re-scored across the ranks and gathered too, so every
+rank removes the same block. Each rank's abandonment uses only its own best loss, which is never below the global
 best, so no candidate that could win is abandoned. Only rank 0 writes or prints.
 """
 
@@ -10,6 +10,8 @@ import os
 
 import torch
 import torch.distributed as dist
+
+from sleb.engines import PhaseResult
 
 
 def launched() -> bool:
@@ -35,29 +37,39 @@ def setup() -> tuple:
 
 
 class CandidateParallel:
-    """Wraps an engine: this rank scores positions[rank::world]; all ranks get every loss."""
+    """An engine over ranks: this rank scores positions[rank::world] with its own engine; every rank
+    gets every loss. Re-scores for near ties are split the same way, so each candidate is computed
+    once, by one rank, and all ranks see the same numbers."""
 
     def __init__(self, engine, rank: int, world: int):
         self.engine = engine
         self.rank = rank
         self.world = world
         self.name = f"{engine.name} x{world} ranks"
+        self.tie_margin = engine.tie_margin
 
-    def phase_losses(self, state, positions, previous=None, exhaustive=False, progress=None):
-        mine = list(positions)[self.rank :: self.world]
-        losses, lower_bounds = self.engine.phase_losses(state, mine, previous=previous, exhaustive=exhaustive,
-                                                        progress=progress, settle=False)
+    def _gather(self, part):
         gathered = [None] * self.world
-        dist.all_gather_object(gathered, (losses, lower_bounds))
-        merged, merged_bounds = {}, {}
-        for part_losses, part_bounds in gathered:
-            merged.update(part_losses)
-            merged_bounds.update(part_bounds)
+        dist.all_gather_object(gathered, part)
+        return gathered
+
+    def phase(self, removal_list, positions, order_hint=None, complete=False, progress=None) -> PhaseResult:
         # A candidate abandoned against its rank's best may be below another rank's best: it still
         # cannot win, since its partial sum already exceeds a complete loss.
-        box = [self.engine.settle_ties(state, merged) if self.rank == 0 else None]
-        dist.broadcast_object_list(box, src=0)
-        return box[0], merged_bounds
+        mine = self.engine.phase(removal_list, list(positions)[self.rank :: self.world], order_hint=order_hint,
+                                 complete=complete, progress=progress)
+        merged = PhaseResult({})
+        for part in self._gather(mine):
+            merged.losses.update(part.losses)
+            merged.lower_bounds.update(part.lower_bounds)
+        return merged
 
-    def __getattr__(self, name):  # block_forwards, storage, model, ... of the wrapped engine
-        return getattr(self.engine, name)
+    def reference_losses(self, removal_list, positions) -> dict:
+        mine = self.engine.reference_losses(removal_list, list(positions)[self.rank :: self.world])
+        merged = {}
+        for part in self._gather(mine):
+            merged.update(part)
+        return merged
+
+    def stats(self) -> dict:
+        return self.engine.stats()  # this rank's (rank 0 writes the results)

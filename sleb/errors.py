@@ -1,5 +1,7 @@
 """The one error type users see: bad input they can fix, reported as a single line (exit code 2)."""
 
+import math
+
 
 class UsageError(Exception):
     """Bad input: the message names the problem and the fix. The CLI prints it alone and exits 2."""
@@ -9,3 +11,24 @@ def check_at_least(name: str, value, minimum) -> None:
     """Flag --name must be >= minimum."""
     if value < minimum:
         raise UsageError(f"--{name} must be at least {minimum}, got {value!r}")
+
+
+def first_line(error: BaseException, limit: int = 240) -> str:
+    """A library's error reduced to its first line, for quoting inside a one-line message."""
+    lines = str(error).strip().splitlines()
+    return (lines[0] if lines else type(error).__name__)[:limit]
+
+
+def check_finite(value, what: str, model) -> None:
+    """Stop with one line when a loss, score or perplexity is NaN or infinite.
+
+    A half-precision overflow makes every later comparison meaningless (NaN compares false), so
+    the run must not go on to pick a block or write a number as if it were a result.
+    """
+    if value is not None and math.isfinite(value):
+        return
+    dtype = str(model.dtype).replace("torch.", "")
+    advice = {"float16": "try --dtype bfloat16 or --dtype float32",
+              "bfloat16": "try --dtype float32"}.get(dtype, "the checkpoint's weights themselves may be broken")
+    name = getattr(model, "name_or_path", "") or type(model).__name__
+    raise UsageError(f"{what} is {value} for {name} in {dtype} (the forward overflowed); {advice}")

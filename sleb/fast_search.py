@@ -8,8 +8,9 @@ Exact tricks only:
 - Early abandonment: a candidate's loss is a sum of non-negative per-window terms, so once its
   partial sum exceeds the best complete loss (with a margin for float noise) it cannot win.
   Candidates run in ascending order of their previous-phase loss so a strong one comes first.
-- Near ties: candidates within the noise margin of the best are re-scored with the reference
-  engine's own batch-1 computation, so float rounding from batching never changes the answer.
+- Near ties: the engine's `tie_margin` tells the search loop how far apart two of its losses must
+  be for batching's float rounding not to matter; closer candidates are re-scored there with the
+  reference engine's own batch-1 computation, so rounding never changes the answer.
 
 Cached hidden states live on the model's device when they fit `cache_gb`, else in (pinned) CPU
 memory, else they are recomputed batch by batch (no abandonment then).
@@ -21,9 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from sleb import stream
+from sleb import blocks, forward, memory
+from sleb.engines import PhaseResult, ReferenceEngine, alive_blocks, window_loss
 from sleb.models import input_device
-from sleb.search import ReferenceEngine, SearchState, window_loss
 
 # Relative difference under which two losses count as a possible tie that rounding might decide:
 # batched and batch-1 float32 sums agree to ~1e-7 here; half precision needs far more room.
@@ -34,7 +35,7 @@ HALF_TIE_MARGIN = 1e-3
 @dataclass
 class _Batch:
     ids: torch.Tensor  # (b, seqlen) on the model's input device
-    inputs: stream.BlockInputs
+    inputs: forward.BlockInputs
 
 
 def cache_bytes(model, windows: torch.Tensor, positions: int) -> int:
@@ -47,26 +48,32 @@ def cache_bytes(model, windows: torch.Tensor, positions: int) -> int:
 class FastEngine:
     name = "fast"
 
+    @staticmethod
+    def applies_to(model) -> bool:
+        """The engine applies the head itself, so it needs a model whose logits are head(final hidden)."""
+        return forward.head_matches_forward(model)
+
     def __init__(self, model, windows: torch.Tensor, batch_size: int = 4, cache_gb: float = 0.0,
                  abandon: bool = True):
         self.model = model
         self.windows = windows
         self.batch_size = max(1, batch_size)
         self.abandon = abandon
-        self.tie_margin = TIE_MARGINS.get(next(model.parameters()).dtype, HALF_TIE_MARGIN)
+        self.tie_margin = TIE_MARGINS.get(model.dtype, HALF_TIE_MARGIN)
         self.reference = ReferenceEngine(model, windows)
+        self.blocks = self.reference.blocks  # its own references: a later change to the model's list is not followed
+        self.num_blocks = len(self.blocks)
         device = input_device(model)
         self.batches = []
         with torch.inference_mode():
             for start in range(0, len(windows), self.batch_size):
                 ids = windows[start : start + self.batch_size].to(device)
-                self.batches.append(_Batch(ids, stream.capture(model, ids)))
+                self.batches.append(_Batch(ids, forward.capture(model, ids)))
         self.storage, self.budget_bytes = self._choose_storage(cache_gb)
         self.cache = {}  # (batch index, blocks run in order) -> hidden state after them
         self.cached_bytes = 0
         self.cache_itemsize = next(model.parameters()).element_size()
         self.block_forwards = 0
-        self.rescored = 0  # candidates re-scored with the reference computation to settle near ties
 
     def _choose_storage(self, cache_gb: float):
         """(where cached hidden states live: 'device', 'cpu' or None = recompute, bytes they may take).
@@ -99,12 +106,12 @@ class FastEngine:
 
     def _run(self, indices, hidden, batch):
         self.block_forwards += len(indices) * len(batch.ids)
-        return stream.run_blocks(self.model, indices, hidden, batch.inputs)
+        return forward.run_blocks(self.blocks, indices, hidden, batch.inputs)
 
     def _window_terms(self, hidden, batch) -> list:
         """The paper's per-window term, mean CE x seqlen, for each window of the batch."""
         seqlen = batch.ids.shape[1]
-        sums = stream.tail_nll_sums(self.model, hidden, batch.ids)
+        sums = forward.tail_nll_sums(self.model, hidden, batch.ids)
         return [window_loss(float(s) / (seqlen - 1), seqlen) for s in sums.double().cpu()]
 
     def _forget(self, removal_list: list) -> None:
@@ -134,24 +141,21 @@ class FastEngine:
         return hidden
 
     @torch.inference_mode()
-    def phase_losses(self, state: SearchState, positions, previous=None, exhaustive=False, progress=None,
-                     settle=True):
-        """({position: loss or None if abandoned}, {position: partial loss of abandoned ones}).
-
-        settle=False leaves near ties as computed (a caller merging several engines settles them)."""
-        alive = state.alive
+    def phase(self, removal_list, positions, order_hint=None, complete=False, progress=None) -> PhaseResult:
+        """Losses of the candidate positions; a candidate is abandoned (None, with its partial sum as
+        lower bound) once it cannot win, unless `complete`."""
+        alive = alive_blocks(self.num_blocks, removal_list)
         positions = list(positions)
         if not positions:
-            return {}, {}
+            return PhaseResult({})
         if self.storage is None:
-            losses = self._streamed_losses(alive, positions, progress)
-            return (self.settle_ties(state, losses) if settle else losses), {}
-        self._forget(state.removal_list)
+            return PhaseResult(self._streamed_losses(alive, positions, progress))
+        self._forget(removal_list)
         # The prefix every candidate shares is cached first, so the budget never goes to suffixes instead.
         for b, batch in enumerate(self.batches):
             self._run_path(alive[: max(positions) + 1], b, batch)
         # Strongest candidates first (by last phase's loss), so abandonment bites early.
-        order = sorted(positions, key=lambda p: (_previous_loss(previous, alive[p]), p))
+        order = sorted(positions, key=lambda p: (_previous_loss(order_hint, alive[p]), p))
         losses, lower_bounds = {}, {}
         best = math.inf
         for position in order:
@@ -161,7 +165,7 @@ class FastEngine:
             for b, batch in enumerate(self.batches):
                 hidden = self._run_path(path, b, batch)
                 total += sum(self._window_terms(hidden, batch))
-                if self.abandon and not exhaustive and total > best * (1 + self.tie_margin):
+                if self.abandon and not complete and total > best * (1 + self.tie_margin):
                     abandoned = b < len(self.batches) - 1
                     break
             if abandoned:
@@ -172,7 +176,7 @@ class FastEngine:
                 best = min(best, total)
             if progress is not None:
                 progress(position, losses[position])
-        return (self.settle_ties(state, losses) if settle else losses), lower_bounds
+        return PhaseResult(losses, lower_bounds)
 
     def _streamed_losses(self, alive, positions, progress):
         """No cache: walk each batch through the alive blocks once, branching off every candidate."""
@@ -191,17 +195,12 @@ class FastEngine:
                 progress(position, losses[position])
         return losses
 
-    def settle_ties(self, state, losses: dict) -> dict:
-        """Re-score possible ties with the reference computation, so batching cannot flip a choice."""
-        complete = {p: v for p, v in losses.items() if v is not None}
-        best = min(complete.values())
-        close = [p for p, v in complete.items() if v <= best * (1 + self.tie_margin)]
-        if len(close) > 1:
-            self.rescored += len(close)
-            alive = state.alive
-            for position in close:
-                losses[position] = self.reference.loss(state.removal_list + [alive[position]])
-        return losses
+    def reference_losses(self, removal_list, positions) -> dict:
+        return self.reference.reference_losses(removal_list, positions)
+
+    def stats(self) -> dict:
+        return {"block_forwards": self.block_forwards, "batch_size": self.batch_size, "cache": self.storage,
+                "peak_mem_mb": memory.peak_mb(input_device(self.model))}
 
 
 def _previous_loss(previous, block: int) -> float:

@@ -1,8 +1,9 @@
-"""Prompt and generation latency of a model, dense and with blocks removed, measured in one process.
+"""`python -m latency`: prompt and generation latency, dense vs pruned, measured in one process.
 
-gpt-fast style: warm-up runs, CUDA synchronised around `time.perf_counter()`, median and spread over
-repeats, tokens/s and peak memory. Only depth matters for latency, so by default the removed blocks
-are simply ceil(0.2 N) blocks starting at block 1.
+checks -> load -> measure dense -> prune -> measure pruned -> record -> write -> table. gpt-fast
+style: warm-up runs, CUDA synchronised around `time.perf_counter()`, median and spread over repeats,
+tokens/s, and each model's own peak memory (reset in between). Only depth matters for latency, so by
+default the removed blocks are simply ceil(0.2 N) blocks starting at block 1.
 """
 
 import statistics
@@ -10,41 +11,8 @@ import time
 
 import torch
 
-from sleb import blocks, models, results
-from sleb.errors import UsageError, check_at_least
-
-# Paper settings on a GPU, and what finishes in about a minute on a small CPU.
-GPU_DEFAULTS = {"prompt": {"batch_size": 1, "prompt_len": 2048, "new_tokens": 0},
-                "generation": {"batch_size": 64, "prompt_len": 64, "new_tokens": 128}}
-CPU_DEFAULTS = {"prompt": {"batch_size": 1, "prompt_len": 256, "new_tokens": 0},
-                "generation": {"batch_size": 4, "prompt_len": 32, "new_tokens": 32}}
-
-
-def sizes(settings, device: torch.device) -> dict:
-    """Batch size, prompt length and new tokens: the flags where given, else the device's defaults."""
-    mode = "generation" if settings.generation else "prompt"
-    defaults = (GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS)[mode]
-    chosen = {name: getattr(settings, name) if getattr(settings, name) is not None else default
-              for name, default in defaults.items()}
-    if mode == "prompt":
-        chosen["new_tokens"] = 0
-    for name, value in chosen.items():
-        check_at_least(name, value, 1 if name != "new_tokens" or mode == "generation" else 0)
-    return chosen
-
-
-def default_removal(depth: int) -> list:
-    return list(range(1, 1 + blocks.default_remove_count(depth)))
-
-
-def check_compile(settings) -> None:
-    if not settings.compile:
-        return
-    import torch._dynamo
-
-    if not torch._dynamo.is_dynamo_supported():
-        raise UsageError("--compile True but torch.compile is not supported on this Python/platform; "
-                         "run without --compile")
+from sleb import blocks, memory, models, results, stages
+from sleb.errors import UsageError
 
 
 def _sync(device):
@@ -65,11 +33,21 @@ def _timed_runs(run, device, warmup: int, repeats: int) -> list:
     return times
 
 
-def measure(model, input_ids, new_tokens: int, warmup: int, repeats: int, static_cache: bool) -> dict:
-    """Seconds per run (median, min, max) and tokens/s, for a prompt forward or a greedy generation."""
+def _generation_kwargs(static_cache: bool, compile: bool) -> dict:
+    """transformers 5 compiles decoding by itself whenever the cache is static (on a GPU): say so explicitly."""
+    if not static_cache:
+        return {}
+    from transformers import CompileConfig
+
+    return {"cache_implementation": "static",
+            **({"compile_config": CompileConfig()} if compile else {"disable_compile": True})}
+
+
+def measure(model, input_ids, new_tokens: int, warmup: int, repeats: int, static_cache: bool = False,
+            compile: bool = False) -> dict:
+    """Seconds per run (median, min, max), tokens/s and peak memory, for a prompt forward or a greedy generation."""
     device = models.input_device(model)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    memory.reset_peak(device)
     generated = {}
 
     @torch.inference_mode()
@@ -77,9 +55,8 @@ def measure(model, input_ids, new_tokens: int, warmup: int, repeats: int, static
         if new_tokens == 0:
             model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
         else:
-            kwargs = {"cache_implementation": "static"} if static_cache else {}
             out = model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                 pad_token_id=model.config.eos_token_id or 0, **kwargs)
+                                 pad_token_id=model.config.eos_token_id or 0, **_generation_kwargs(static_cache, compile))
             generated["tokens"] = out.shape[1] - input_ids.shape[1]
 
     times = _timed_runs(run, device, warmup, repeats)
@@ -89,74 +66,66 @@ def measure(model, input_ids, new_tokens: int, warmup: int, repeats: int, static
            "tokens_per_s": tokens / median}
     if new_tokens:
         out["new_tokens_generated"] = generated["tokens"]
-    if device.type == "cuda":
-        out["peak_mem_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
-    else:
-        import resource
-
-        out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_mem_mb" if device.type == "cuda" else "peak_rss_mb"] = memory.peak_mb(device)
     return out
 
 
+def default_result_file(settings) -> str:
+    mode = "generation" if settings.generation else "prompt"
+    return (f"latency_{results.slug(settings.model_name)}_{mode}_b{settings.batch_size}_p{settings.prompt_len}"
+            f"_n{settings.new_tokens}_removed{len(settings.removal_list)}{'_compiled' if settings.compile else ''}.json")
+
+
 def run_latency(settings) -> dict:
-    """`python -m latency`: dense vs pruned latency, speedup and ideal speedup."""
-    if not settings.generation and (settings.new_tokens is not None or settings.static_cache):
-        raise UsageError("--new_tokens and --static_cache apply to --generation True only; add it or drop them")
-    check_at_least("warmup", settings.warmup, 0)
-    check_at_least("repeats", settings.repeats, 1)
-    placement = models.resolve_placement(settings.dtype, settings.device, settings.device_map)
-    chosen = sizes(settings, placement.device)
-    check_compile(settings)
+    """Dense vs pruned latency, speedup and ideal speedup."""
+    # checks
+    settings.check()
     _, config = models.load_config(settings.model_name, settings.trust_remote_code)
     depth = models.config_depth(config)
-    from sleb.evaluation import parse_removal_list
-
-    removal_list = (parse_removal_list(settings.removal_list) if settings.removal_list is not None
-                    else default_removal(depth))
-    blocks.check_indices(depth, removal_list)
-    if not removal_list:
-        raise UsageError("--removal_list is empty; name the blocks to remove, e.g. '[1, 2, 3]'")
-    mode = "generation" if settings.generation else "prompt"
-    result_file = settings.result_file or (
-        f"latency_{results.slug(settings.model_name)}_{mode}_b{chosen['batch_size']}_p{chosen['prompt_len']}"
-        f"_n{chosen['new_tokens']}_removed{len(removal_list)}{'_compiled' if settings.compile else ''}.json")
-    path = results.prepare_result_path(settings.result_folder, result_file, settings.overwrite)
-
-    model, _ = models.load_model(settings.model_name, settings.dtype, settings.device, settings.device_map,
-                                 settings.trust_remote_code)
-    limit = models.max_positions(model)
-    if chosen["prompt_len"] + chosen["new_tokens"] > limit:
-        raise UsageError(f"--prompt_len {chosen['prompt_len']} + --new_tokens {chosen['new_tokens']} exceeds the "
+    settings.check_depth(depth)
+    limit = models.max_positions(config)
+    if settings.prompt_len + settings.new_tokens > limit:
+        raise UsageError(f"--prompt_len {settings.prompt_len} + --new_tokens {settings.new_tokens} exceeds the "
                          f"model's {limit} positions; use smaller sizes")
-    vocab = model.get_input_embeddings().weight.shape[0]
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, vocab, (chosen["batch_size"], chosen["prompt_len"]), generator=generator)
-    input_ids = input_ids.to(models.input_device(model))
-    if settings.compile:
-        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    removal_list = settings.removal_list
+    mode = "generation" if settings.generation else "prompt"
+    with results.claim(settings.result_folder, settings.result_file or default_result_file(settings),
+                       settings.overwrite) as path:
+        # load
+        model, _ = stages.load(settings)
+        vocab = model.get_input_embeddings().weight.shape[0]
+        generator = torch.Generator().manual_seed(0)
+        input_ids = torch.randint(0, vocab, (settings.batch_size, settings.prompt_len), generator=generator)
+        input_ids = input_ids.to(models.input_device(model))
+        compile_forward = settings.compile and mode == "prompt"  # generation compiles inside transformers
+        if compile_forward:
+            model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
 
-    print(f"{mode}: batch {chosen['batch_size']}, prompt {chosen['prompt_len']} tokens"
-          + (f", {chosen['new_tokens']} new tokens (greedy)" if chosen["new_tokens"] else "")
-          + f"; removing {removal_list} ({len(removal_list)} of {depth} blocks; only the count matters for latency)")
-    dense = measure(model, input_ids, chosen["new_tokens"], settings.warmup, settings.repeats, settings.static_cache)
-    blocks.remove_blocks(model, removal_list)
-    if settings.compile:
-        torch._dynamo.reset()  # the block list changed: compile the pruned graph afresh
-    pruned = measure(model, input_ids, chosen["new_tokens"], settings.warmup, settings.repeats, settings.static_cache)
+        # measure dense, prune, measure pruned
+        print(f"{mode}: batch {settings.batch_size}, prompt {settings.prompt_len} tokens"
+              + (f", {settings.new_tokens} new tokens (greedy)" if settings.new_tokens else "")
+              + f"; removing {removal_list} ({len(removal_list)} of {depth} blocks; only the count matters for latency)")
+        sizes = (settings.new_tokens, settings.warmup, settings.repeats, settings.static_cache, settings.compile)
+        dense = measure(model, input_ids, *sizes)
+        blocks.remove_blocks(model, removal_list)
+        if compile_forward:
+            torch._dynamo.reset()  # the block list changed: compile the pruned graph afresh
+        pruned = measure(model, input_ids, *sizes)
 
-    speedup = dense["median_s"] / pruned["median_s"]
-    ideal = depth / (depth - len(removal_list))
-    environment = results.environment(models.input_device(model))
-    record = {"command": "latency", "settings": settings, "environment": environment, "mode": mode,
-              "sizes": chosen, "dtype": str(next(model.parameters()).dtype), "num_blocks": depth,
-              "removal_list": removal_list, "dense": dense, "pruned": pruned, "speedup": speedup,
-              "ideal_speedup": ideal, "speedup_over_ideal": speedup / ideal}
-    results.write_json(path, record)
+        # record and write
+        speedup = dense["median_s"] / pruned["median_s"]
+        ideal = depth / (depth - len(removal_list))
+        record = stages.record("latency", settings, model, depth, mode=mode,
+                               sizes={name: getattr(settings, name) for name in ("batch_size", "prompt_len", "new_tokens")},
+                               removal_list=removal_list, dense=dense, pruned=pruned, speedup=speedup,
+                               ideal_speedup=ideal, speedup_over_ideal=speedup / ideal)
+        results.write_json(path, record)
     rows = [[label, f"{m['median_s'] * 1e3:.1f}", f"{m['min_s'] * 1e3:.1f}-{m['max_s'] * 1e3:.1f}",
              f"{m['tokens_per_s']:.1f}"] for label, m in ((f"dense ({depth} blocks)", dense),
                                                           (f"pruned ({depth - len(removal_list)} blocks)", pruned))]
     print(results.table(["model", "median (ms)", "min-max (ms)", "tokens/s"], rows))
     print(f"speedup {speedup:.3f}x (ideal {ideal:.3f}x, {100 * speedup / ideal:.1f}% of ideal) on "
-          f"{environment['device']}, {record['dtype']}, {settings.repeats} repeats after {settings.warmup} warm-up")
+          f"{record['environment']['device']}, {record['dtype']}, {settings.repeats} repeats after "
+          f"{settings.warmup} warm-up")
     print(f"results written to {path}")
     return record

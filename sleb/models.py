@@ -1,51 +1,127 @@
-"""Loading a causal language model and its tokenizer, from the hub or a local directory."""
+"""Loading a causal language model and its tokenizer, from the hub or a local directory, as the paper does.
 
+Precision and placement follow the official SLEB code (`torch_dtype="auto"`, `device_map="auto"`): on a
+GPU the checkpoint's own dtype, spread by accelerate over every visible GPU (and CPU, then disk, if
+it must); on CPU float32. `--dtype`, `--device` and `--device_map` override either. A checkpoint that
+cannot be read (truncated weights, invalid config.json, no tokenizer) is one line naming the file.
+"""
+
+import atexit
 import json
 import os
+import shutil
+import tempfile
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
-from sleb.errors import UsageError
-from sleb.hub import use_cache_only_if_offline
+from sleb import hub
+from sleb.errors import UsageError, first_line
 
 # `--model_name demo` is the small Llama shipped with the project (see scripts/train_demo_model.py).
 DEMO_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_model")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
 @dataclass(frozen=True)
 class Placement:
     """Where and in what precision the model runs."""
 
-    device: torch.device
-    dtype: torch.dtype
+    device: torch.device  # the whole model's device, or where accelerate puts the first module
+    dtype: object  # a torch.dtype, or "auto" when a GPU run takes a dtype the config does not name
     device_map: object = None  # passed to accelerate; None keeps the whole model on `device`
+    max_memory: dict = None  # accelerate's per-device budget, with device_map
+
+    def describe(self) -> str:
+        dtype = str(self.dtype).replace("torch.", "") if self.dtype != "auto" else "the checkpoint's dtype"
+        if self.device_map is None:
+            return f"{dtype} on {self.device}"
+        shown = self.device_map if isinstance(self.device_map, str) else "a given map"
+        return f"{dtype}, device_map {shown} (accelerate)"
 
 
 def resolve_model_name(model_name: str) -> str:
     return DEMO_MODEL_DIR if model_name == "demo" else model_name
 
 
-def resolve_placement(dtype: str = "auto", device: str = "auto", device_map=None) -> Placement:
+def parse_json_flag(name: str, value):
+    """--device_map and --max_memory take a JSON object; fire hands over a dict or a string."""
+    if isinstance(value, str) and value.strip().startswith("{"):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise UsageError(f"--{name} {value!r} is not valid JSON; e.g. '{{\"\": \"cpu\"}}'") from None
+    return value
+
+
+def _max_memory(value):
+    value = parse_json_flag("max_memory", value)
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not value:
+        raise UsageError(f"--max_memory must be a JSON map of devices to sizes such as "
+                         f"'{{\"0\": \"20GiB\", \"cpu\": \"60GiB\"}}', got {value!r}")
+    # JSON keys are strings; accelerate wants GPU indices as ints.
+    return {int(key) if str(key).isdigit() else key: size for key, size in value.items()}
+
+
+def _config_dtype(config):
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = DTYPES.get(dtype)
+    return dtype if dtype in DTYPES.values() else "auto"
+
+
+def resolve_placement(dtype: str = "auto", device: str = "auto", device_map=None, max_memory=None,
+                      config=None) -> Placement:
+    """The dtype and devices a run uses; `config` (when loaded) supplies the checkpoint's dtype."""
     if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
         raise UsageError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
-    if dtype == "auto":
-        torch_dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    elif dtype in DTYPES:
-        torch_dtype = DTYPES[dtype]
-    else:
+    if dtype != "auto" and dtype not in DTYPES:
         raise UsageError(f"unknown --dtype {dtype!r}; use auto, float16, bfloat16 or float32")
-    return Placement(torch.device(device), torch_dtype, device_map)
+    device_map = parse_json_flag("device_map", device_map)
+    max_memory = _max_memory(max_memory)
+    if max_memory is not None and device_map is None:
+        raise UsageError("--max_memory applies with --device_map (e.g. --device_map auto); add it or drop --max_memory")
+    cuda = torch.cuda.is_available()
+    if device.startswith("cuda") and not cuda:
+        raise UsageError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    if device == "auto" and cuda and device_map is None:
+        device_map = "auto"  # the paper's loading: a model larger than one GPU spreads over all of them
+    resolved = torch.device("cuda" if device == "auto" and cuda else "cpu" if device == "auto" else device)
+    if dtype != "auto":
+        torch_dtype = DTYPES[dtype]
+    elif resolved.type == "cuda":
+        torch_dtype = _config_dtype(config) if config is not None else "auto"
+    else:
+        torch_dtype = torch.float32
+    return Placement(resolved, torch_dtype, device_map, max_memory)
 
 
 def _looks_local(name: str) -> bool:
     # A hub id is "name" or "org/name"; anything else is meant as a path.
     return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def _local_dir(model_name: str):
+    """The directory that holds the checkpoint: the given one, or the hub cache's snapshot."""
+    path = os.path.expanduser(resolve_model_name(model_name))
+    if os.path.isdir(path):
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(path, local_files_only=True)
+    except Exception:
+        return None
+
+
+def _refetch_hint(model_name: str) -> str:
+    if os.path.isdir(os.path.expanduser(resolve_model_name(model_name))):
+        return "copy or save the checkpoint again"
+    return f"download it again with `hf download {model_name} --force-download`"
 
 
 def load_config(model_name: str, trust_remote_code: bool = False):
@@ -57,16 +133,29 @@ def load_config(model_name: str, trust_remote_code: bool = False):
         raise UsageError(f"model directory {path!r} does not exist; pass a local model directory or a hub id")
     path = os.path.expanduser(path)
     if not os.path.isdir(path):
-        use_cache_only_if_offline()
+        hub.reach()
+    _quiet_transformers()
     from transformers import AutoConfig
 
     try:
         return path, AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as error:  # transformers raises OSError, ValueError or hub errors here
+        directory = _local_dir(model_name)
+        config_file = os.path.join(directory, "config.json") if directory else None
+        if config_file and os.path.isfile(config_file):
+            try:
+                with open(config_file) as handle:
+                    json.load(handle)
+            except (ValueError, OSError) as bad:
+                raise UsageError(f"{config_file} is not valid JSON ({first_line(bad)}); "
+                                 f"{_refetch_hint(model_name)}") from None
+            raise UsageError(f"{config_file} is not a model config ({first_line(error)}); "
+                             f"{_refetch_hint(model_name)}") from None
         if os.path.isdir(path):
-            raise UsageError(f"{path!r} holds no model config ({_first_line(error)}); pass a saved model directory") from None
+            raise UsageError(f"{path!r} holds no config.json; pass a saved model directory") from None
+        offline = " (offline, and not in the local cache)" if hub.offline() else ""
         raise UsageError(
-            f"cannot load {model_name!r} from the Hugging Face hub (offline or unknown id: {_first_line(error)}); "
+            f"cannot load {model_name!r} from the Hugging Face hub{offline}: {first_line(error)}; "
             "pass a local model directory, or --model_name demo"
         ) from None
 
@@ -81,64 +170,134 @@ def config_depth(config) -> int:
     return depth
 
 
-def load_model(model_name: str, dtype: str = "auto", device: str = "auto", device_map=None,
-               trust_remote_code: bool = False):
-    """Return (model in eval mode, tokenizer). Any failure to load is a one-line UsageError."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _quiet_transformers() -> None:
+    # Loading reports and warnings would bury a one-line error; our own checks follow.
     from transformers.utils import logging as transformers_logging
 
-    # Loading reports and warnings would bury a one-line error; our own checks follow.
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
-    if isinstance(device_map, str) and device_map.strip().startswith("{"):
+
+
+def load_tokenizer(model_name: str, path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as error:
+        directory = _local_dir(model_name)
+        if directory and not any(os.path.exists(os.path.join(directory, f)) for f in TOKENIZER_FILES):
+            raise UsageError(f"{directory} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}); save the "
+                             "base model's tokenizer there with AutoTokenizer.from_pretrained(BASE)"
+                             f".save_pretrained('{directory}')") from None
+        raise UsageError(f"cannot load the tokenizer of {model_name!r}: {first_line(error)}") from None
+
+
+def _unreadable_weights(directory: str):
+    """'FILE (why)' for the first weights file in `directory` that cannot be read, else None."""
+    from safetensors import safe_open
+
+    names = sorted(os.listdir(directory))
+    for index in [n for n in names if n.endswith(".index.json")]:
         try:
-            device_map = json.loads(device_map)
-        except json.JSONDecodeError:
-            raise UsageError(f"--device_map {device_map!r} is not valid JSON; e.g. '{{\"\": \"cpu\"}}' or auto") from None
-    placement = resolve_placement(dtype, device, device_map)
+            with open(os.path.join(directory, index)) as handle:
+                shards = set(json.load(handle)["weight_map"].values())
+        except (ValueError, KeyError, OSError) as error:
+            return f"{os.path.join(directory, index)} ({first_line(error)})"
+        missing = sorted(s for s in shards if not os.path.isfile(os.path.join(directory, s)))
+        if missing:
+            return f"{os.path.join(directory, missing[0])} (listed in {index} but missing)"
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            if name.endswith(".safetensors"):
+                with safe_open(path, "pt") as handle:  # the header check covers a truncated file
+                    handle.keys()
+            elif name.endswith(".bin"):
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as error:
+            return f"{path} ({first_line(error, 120)})"
+    return None
+
+
+def _offload_folder() -> str:
+    """accelerate needs a folder when a device_map sends weights to disk; one per process, removed at exit."""
+    folder = tempfile.mkdtemp(prefix="sleb-offload-")
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
+
+
+def load_model(model_name: str, dtype: str = "auto", device: str = "auto", device_map=None,
+               trust_remote_code: bool = False, max_memory=None):
+    """Return (model in eval mode, tokenizer). Any failure to load is a one-line UsageError."""
+    from transformers import AutoModelForCausalLM
+
     path, config = load_config(model_name, trust_remote_code)
-    print(f"loading {model_name} ({placement.dtype}, {device_map or placement.device})", flush=True)
+    placement = resolve_placement(dtype, device, device_map, max_memory, config)
+    print(f"loading {model_name}: {placement.describe()}", flush=True)
+    tokenizer = load_tokenizer(model_name, path, trust_remote_code)  # before the weights: cheap, fails fast
     kwargs = {"dtype": placement.dtype, "trust_remote_code": trust_remote_code}
-    if device_map is not None:
-        kwargs["device_map"] = device_map
+    if placement.device_map is not None:
+        kwargs.update(device_map=placement.device_map, offload_folder=_offload_folder())
+        if placement.max_memory is not None:
+            kwargs["max_memory"] = placement.max_memory
     try:
         model, info = AutoModelForCausalLM.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
-    except ValueError as error:
+    except Exception as error:  # OSError, ValueError, safetensors' own error, torch's unpickling errors, ...
         if "Unrecognized configuration class" in str(error) or "does not recognize" in str(error):
             raise UsageError(f"{model_name!r} ({config.model_type}) is not a causal language model; "
                              "pass a decoder such as Llama, OPT or Qwen2") from None
-        raise UsageError(f"cannot load {model_name!r}: {_first_line(error)}") from None
-    except OSError as error:
-        raise UsageError(f"cannot load the weights of {model_name!r}: {_first_line(error)}") from None
+        directory = _local_dir(model_name)
+        broken = _unreadable_weights(directory) if directory else None
+        if broken:
+            raise UsageError(f"cannot read the weights file {broken}: it is truncated or corrupt (an interrupted "
+                             f"download?); {_refetch_hint(model_name)}") from None
+        raise UsageError(f"cannot load the weights of {model_name!r}: {first_line(error)}") from None
     if info.get("missing_keys"):
         # e.g. an encoder checkpoint mapped onto an LM-head class: the head would be random.
         missing = sorted(info["missing_keys"])
         raise UsageError(f"{model_name!r} is not a causal language model checkpoint ({len(missing)} weights "
                          f"missing, e.g. {missing[0]}); pass a decoder such as Llama, OPT or Qwen2")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except Exception as error:
-        raise UsageError(f"cannot load the tokenizer of {model_name!r}: {_first_line(error)}") from None
-    if device_map is None:
+    if placement.device_map is None:
         model.to(placement.device)
+    else:
+        print(f"placed by accelerate: {describe_placement(model)}", flush=True)
     model.eval()
     return model, tokenizer
 
 
+def placement_record(model) -> dict:
+    """What a results file says about where the model ran: dtype, and the devices accelerate chose."""
+    record = {"dtype": str(model.dtype).replace("torch.", ""), "input_device": str(input_device(model))}
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map:
+        record["devices"] = dict(Counter(str(where) for where in device_map.values()))
+    return record
+
+
+def describe_placement(model) -> str:
+    """One line: 'float16 on cuda:0' or 'float16 over cuda:0 (41 modules), cuda:1 (42 modules)'."""
+    record = placement_record(model)
+    if "devices" in record and len(record["devices"]) > 1:
+        spread = ", ".join(f"{where} ({count} modules)" for where, count in record["devices"].items())
+        return f"{record['dtype']} over {spread}"
+    return f"{record['dtype']} on {record['input_device']}"
+
+
 def input_device(model) -> torch.device:
-    """The device that token ids must be on (the embedding's; with a device_map it is not model.device)."""
-    return model.get_input_embeddings().weight.device
+    """The device that token ids must be on: the embedding's (with a device_map it is not model.device;
+    an embedding offloaded by accelerate runs on its hook's execution device)."""
+    embedding = model.get_input_embeddings()
+    hook = getattr(embedding, "_hf_hook", None)
+    if getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    return embedding.weight.device
 
 
-def max_positions(model) -> int:
-    config = model.config
+def max_positions(config) -> int:
+    """The longest sequence a model's config allows."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
             return value
     return 2048
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:300]

@@ -1,5 +1,6 @@
 """Results files: one JSON per run, written atomically, plus a readable table on stdout."""
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -50,13 +51,7 @@ def slug(model_name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in base)
 
 
-def prepare_result_path(folder: str, file: str, overwrite: bool) -> str:
-    """Check, before any work, that the result can be written; return its path."""
-    path = os.path.join(folder, file)
-    if not file.endswith(".json"):
-        raise UsageError(f"--result_file {file!r} must end in .json")
-    if os.path.exists(path) and not overwrite:
-        raise UsageError(f"result file {path!r} exists; pass --overwrite True or another --result_file")
+def _check_writable(folder: str) -> None:
     try:
         os.makedirs(folder, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
@@ -64,7 +59,54 @@ def prepare_result_path(folder: str, file: str, overwrite: bool) -> str:
     except OSError as error:
         raise UsageError(f"cannot write to result folder {folder!r} ({error.strerror}); "
                          "pass a writable --result_folder") from None
-    return path
+
+
+def _lock(path: str):
+    """(fd, lock file) holding an exclusive lock on `path`'s lock file, or a UsageError if another run holds it.
+
+    flock is released by the kernel when its process dies, even by kill -9, so a crash never leaves
+    a claim that stops the next run; the lock file itself is removed by the run that releases it."""
+    import fcntl
+
+    lock_path = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.lock")
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UsageError(f"result file {path!r} is being written by another run (pid {holder}); wait for it "
+                             "to finish or pass another --result_file") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # else the previous holder removed it between our open and our lock: take a fresh one
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            return fd, lock_path
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def claim(folder: str, file: str, overwrite: bool = False):
+    """Check, before any work, that the results file can be written, and hold it for this run.
+
+    Yields its path. A second run aimed at the same file while this one runs stops at once with
+    one line; an existing file is an error unless `overwrite` (a resumed search continues its own)."""
+    path = os.path.join(folder, file)
+    if not file.endswith(".json"):
+        raise UsageError(f"--result_file {file!r} must end in .json")
+    _check_writable(folder)
+    fd, lock_path = _lock(path)
+    try:
+        if os.path.exists(path) and not overwrite:
+            raise UsageError(f"result file {path!r} exists; pass --overwrite True or another --result_file")
+        yield path
+    finally:
+        os.unlink(lock_path)
+        os.close(fd)
 
 
 def to_jsonable(value):

@@ -1,25 +1,26 @@
 """Which blocks to remove: SLEB's greedy search (metric 3) and the baselines it is compared with.
 
-The reference engine is the paper's algorithm written as plainly as possible: for every candidate,
-skip it (on top of the blocks already removed), run every calibration window through the whole model
-as a batch-1 forward and sum mean cross-entropy x seqlen. The fast engine (sleb/fast_search.py) must
-return the same list; tests hold it to this one.
+Every metric has one signature, `metric(job, state) -> state`, and is registered in METRICS. The
+metrics that compare calibration losses get an engine from the job (sleb/engines.py); after an
+engine has scored a phase, the loop settles near ties in a step of its own: candidates whose order
+float rounding could have decided are re-scored the reference way, so every engine returns the
+reference engine's list. Removal lists are original block indices in removal order.
 """
 
 import math
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from sleb import blocks, stream
-from sleb.errors import UsageError, check_at_least
+from sleb import blocks, forward
+from sleb.engines import Engine, PhaseResult, alive_blocks
+from sleb.errors import check_finite
 from sleb.models import input_device
-
-METRICS = ("sleb", "sleb_oneshot", "cosine", "angular", "random")
 
 
 @dataclass
@@ -28,13 +29,40 @@ class SearchState:
 
     num_blocks: int
     removal_list: list = field(default_factory=list)
-    losses: list = field(default_factory=list)  # per phase: loss per original block, None if not computed
+    # Per phase, one value per original block (None: not a candidate): the calibration loss for the
+    # sleb metrics, Block Influence (1 - cos) for cosine, the angular distance of the run starting
+    # there for angular.
+    scores: list = field(default_factory=list)
     lower_bounds: list = field(default_factory=list)  # per phase: partial loss of abandoned candidates
     phase_seconds: list = field(default_factory=list)
+    rescored: int = 0  # candidates re-scored the reference way to settle near ties
+    max_rescore_gap: Optional[float] = None  # largest relative engine-vs-reference gap among them
 
     @property
     def alive(self) -> list:
-        return [i for i in range(self.num_blocks) if i not in self.removal_list]
+        return alive_blocks(self.num_blocks, self.removal_list)
+
+
+@dataclass
+class SearchJob:
+    """What every metric is given."""
+
+    model: object
+    windows: torch.Tensor  # (windows, seqlen) calibration token ids
+    num_remove_blocks: int
+    early_barrier: int
+    latter_barrier: int
+    seed: int = 0
+    batch_size: int = 1  # windows per forward where a metric runs the blocks itself
+    build_engine: Optional[Callable[[], Engine]] = None
+    on_phase: Callable = lambda state: None  # called after every phase of an iterative metric
+    log: Callable = print
+    engine: Optional[Engine] = None  # built on first use
+
+    def get_engine(self) -> Engine:
+        if self.engine is None:
+            self.engine = self.build_engine()
+        return self.engine
 
 
 def candidate_positions(alive_count: int, early_barrier: int, latter_barrier: int) -> range:
@@ -42,102 +70,51 @@ def candidate_positions(alive_count: int, early_barrier: int, latter_barrier: in
     return range(early_barrier, alive_count - latter_barrier)
 
 
-def check_search_flags(depth: int, num_remove_blocks: int, early_barrier: int, latter_barrier: int,
-                       metric: str) -> None:
-    if metric not in METRICS:
-        raise UsageError(f"unknown --metric {metric!r}; use one of {', '.join(METRICS)}")
-    if early_barrier < 0 or latter_barrier < 0:
-        raise UsageError(f"barriers must be >= 0, got --early_barrier {early_barrier} --latter_barrier {latter_barrier}")
-    check_at_least("num_remove_blocks", num_remove_blocks, 1)
-    available = depth - early_barrier - latter_barrier
-    if available < 1:
-        raise UsageError(f"barriers {early_barrier} + {latter_barrier} leave no candidate among {depth} blocks; "
-                         "lower --early_barrier or --latter_barrier")
-    # The iterative search loses one candidate per phase; the last phase still needs one.
-    if num_remove_blocks >= available:
-        raise UsageError(f"--num_remove_blocks {num_remove_blocks} must be below the {available} blocks between the "
-                         f"barriers of a {depth}-block model; remove fewer blocks")
-
-
-def window_loss(mean_ce: float, seqlen: int) -> float:
-    """The paper's per-window term: mean next-token cross-entropy x seqlen."""
-    return mean_ce * seqlen
-
-
-class ReferenceEngine:
-    """The paper's loop, unchanged in substance: batch-1 full forwards with the candidate skipped."""
-
-    name = "reference"
-
-    def __init__(self, model, windows: torch.Tensor):
-        self.model = model
-        self.windows = windows
-
-    @torch.inference_mode()
-    def loss(self, skipped: list) -> float:
-        device = input_device(self.model)
-        total = 0.0
-        with blocks.skipping(self.model, skipped):
-            for window in self.windows:
-                inputs = window.unsqueeze(0).to(device)
-                logits = self.model(input_ids=inputs, use_cache=False).logits
-                shift_logits = logits[:, :-1, :].contiguous()
-                ce = nn.CrossEntropyLoss()(shift_logits.reshape(-1, shift_logits.size(-1)).float(),
-                                           inputs[:, 1:].reshape(-1).to(logits.device))
-                total += window_loss(ce.item(), inputs.shape[1])
-        return total
-
-    def phase_losses(self, state: SearchState, positions, previous=None, exhaustive=False, progress=None,
-                     settle=True):
-        """({position: loss}, {}) for every candidate position of this phase (all computed in full)."""
-        alive = state.alive
-        out = {}
-        for position in positions:
-            out[position] = self.loss(state.removal_list + [alive[position]])
-            if progress is not None:
-                progress(position, out[position])
-        return out, {}
-
-    def settle_ties(self, state, losses: dict) -> dict:
-        return losses  # already the reference computation
-
-
 def choose(losses: dict) -> int:
     """Smallest loss; ties go to the smallest position."""
     return min(losses, key=lambda position: (losses[position], position))
 
 
-def greedy_search(engine, state: SearchState, num_remove_blocks: int, early_barrier: int, latter_barrier: int,
-                  on_phase=None, log=print) -> SearchState:
-    """SLEB metric 3: one block per phase, the one whose removal raises calibration loss least."""
-    while len(state.removal_list) < num_remove_blocks:
-        phase = len(state.removal_list)
-        alive = state.alive
-        positions = candidate_positions(len(alive), early_barrier, latter_barrier)
-        previous = state.losses[-1] if state.losses else None
-        started = time.perf_counter()
-        bar = tqdm(total=len(positions), desc=f"phase {phase + 1}/{num_remove_blocks}", leave=False)
-        best = [math.inf, None]
+def rank(scores: dict) -> list:
+    """Positions from the smallest score up; ties to the smallest position."""
+    return sorted(scores, key=lambda position: (scores[position], position))
 
-        def progress(position, loss):
-            if loss is not None and loss < best[0]:
-                best[:] = [loss, alive[position]]
-            bar.update(1)
-            bar.set_postfix_str(f"best block {best[1]} loss {best[0]:.3f}")
 
-        losses, lower_bounds = engine.phase_losses(state, positions, previous=previous, progress=progress)
-        bar.close()
-        position = choose({p: v for p, v in losses.items() if v is not None})
-        seconds = time.perf_counter() - started
-        state.losses.append(_by_block(state.num_blocks, alive, losses))
-        state.lower_bounds.append(_by_block(state.num_blocks, alive, lower_bounds))
-        state.phase_seconds.append(round(seconds, 3))
-        state.removal_list.append(alive[position])
-        log(f"phase {phase + 1}/{num_remove_blocks}: removed block {alive[position]} "
-            f"(loss {losses[position]:.4f}, {seconds:.1f} s); removal list {state.removal_list}")
-        if on_phase is not None:
-            on_phase(state)
-    return state
+def near_ties(losses: dict, count: int, margin: float) -> list:
+    """Positions whose order among the best `count` (or across the cut after them) rounding could decide.
+
+    Neighbours in sorted order closer than `margin` (relative) form chains; every chain that reaches
+    into the best `count`, and its continuation past the cut, is returned.
+    """
+    ordered = sorted((value, position) for position, value in losses.items() if value is not None)
+    tied, chain_open = set(), False
+    for index, ((a, first), (b, second)) in enumerate(zip(ordered, ordered[1:])):
+        close = b - a <= margin * abs(a)
+        if index >= count and not (close and chain_open):
+            break
+        if close:
+            tied.update((first, second))
+        chain_open = close
+    return sorted(tied) if margin > 0 else []
+
+
+def settle_near_ties(engine: Engine, state: SearchState, losses: dict, count: int) -> dict:
+    """`losses` with every near tie of the best `count` replaced by the reference engine's loss."""
+    positions = near_ties(losses, count, engine.tie_margin)
+    if not positions:
+        return losses
+    exact = engine.reference_losses(state.removal_list, positions)
+    gap = max(abs(exact[p] - losses[p]) / abs(exact[p]) for p in positions)
+    state.rescored += len(positions)
+    state.max_rescore_gap = gap if state.max_rescore_gap is None else max(state.max_rescore_gap, gap)
+    return {**losses, **exact}
+
+
+def _check_phase(result: PhaseResult, alive: list, removal_list: list, model) -> None:
+    for position, value in list(result.losses.items()) + list(result.lower_bounds.items()):
+        if value is not None:
+            after = f" after removing {removal_list}" if removal_list else ""
+            check_finite(value, f"the calibration loss with block {alive[position]} removed{after}", model)
 
 
 def _by_block(num_blocks: int, alive: list, by_position: dict) -> list:
@@ -147,71 +124,143 @@ def _by_block(num_blocks: int, alive: list, by_position: dict) -> list:
     return row
 
 
-def oneshot_search(engine, state: SearchState, num_remove_blocks: int, early_barrier: int, latter_barrier: int,
-                   log=print) -> SearchState:
+def sleb_iterative(job: SearchJob, state: SearchState) -> SearchState:
+    """SLEB metric 3: one block per phase, the one whose removal raises calibration loss least."""
+    engine = job.get_engine()
+    k = job.num_remove_blocks
+    while len(state.removal_list) < k:
+        phase = len(state.removal_list)
+        alive = state.alive
+        positions = list(candidate_positions(len(alive), job.early_barrier, job.latter_barrier))
+        started = time.perf_counter()
+        bar = tqdm(total=len(positions), desc=f"phase {phase + 1}/{k}", leave=False)
+        best = [math.inf, None]
+
+        def progress(position, loss):
+            if loss is not None and loss < best[0]:
+                best[:] = [loss, alive[position]]
+            bar.update(1)
+            bar.set_postfix_str(f"best block {best[1]} loss {best[0]:.3f}")
+
+        result = engine.phase(state.removal_list, positions, order_hint=state.scores[-1] if state.scores else None,
+                              progress=progress)
+        bar.close()
+        _check_phase(result, alive, state.removal_list, job.model)
+        losses = settle_near_ties(engine, state, result.losses, count=1)
+        position = choose({p: v for p, v in losses.items() if v is not None})
+        seconds = time.perf_counter() - started
+        state.scores.append(_by_block(state.num_blocks, alive, losses))
+        state.lower_bounds.append(_by_block(state.num_blocks, alive, result.lower_bounds))
+        state.phase_seconds.append(round(seconds, 3))
+        state.removal_list.append(alive[position])
+        job.log(f"phase {phase + 1}/{k}: removed block {alive[position]} "
+                f"(loss {losses[position]:.4f}, {seconds:.1f} s); removal list {state.removal_list}")
+        job.on_phase(state)
+    return state
+
+
+def sleb_oneshot(job: SearchJob, state: SearchState) -> SearchState:
     """Paper's metric 2: rank blocks once by their single-removal loss, remove the k best."""
-    positions = candidate_positions(state.num_blocks, early_barrier, latter_barrier)
+    engine = job.get_engine()
+    every = list(range(state.num_blocks))
+    positions = list(candidate_positions(state.num_blocks, job.early_barrier, job.latter_barrier))
     started = time.perf_counter()
     bar = tqdm(total=len(positions), desc="single-removal losses", leave=False)
-    losses, _ = engine.phase_losses(state, positions, exhaustive=True, progress=lambda p, v: bar.update(1))
+    result = engine.phase([], positions, complete=True, progress=lambda p, v: bar.update(1))
     bar.close()
-    ranked = sorted(losses, key=lambda position: (losses[position], position))
-    state.losses.append(_by_block(state.num_blocks, list(range(state.num_blocks)), losses))
+    _check_phase(result, every, [], job.model)
+    losses = settle_near_ties(engine, state, result.losses, count=job.num_remove_blocks)
+    ranked = rank(losses)
+    state.scores.append(_by_block(state.num_blocks, every, losses))
     state.phase_seconds.append(round(time.perf_counter() - started, 3))
-    state.removal_list = ranked[:num_remove_blocks]
-    log(f"one-shot ranking {ranked}; removal list {state.removal_list}")
+    state.removal_list = ranked[: job.num_remove_blocks]
+    job.log(f"one-shot ranking {ranked}; removal list {state.removal_list}")
     return state
 
 
 @torch.inference_mode()
-def similarity_scores(model, windows: torch.Tensor, span: int, batch_size: int = 1) -> list:
-    """For each l: mean over tokens of cos(input of block l, output of block l+span-1)."""
-    depth = blocks.num_blocks(model)
+def _block_states(model, windows: torch.Tensor, batch_size: int):
+    """Per batch of windows: [input of block 0, output of block 0, ..., output of the last block]."""
+    block_list = list(blocks.get_blocks(model))
     device = input_device(model)
-    sums = torch.zeros(depth - span + 1, dtype=torch.float64)
-    tokens = 0
     for start in tqdm(range(0, len(windows), batch_size), desc="block similarities", leave=False):
-        batch = windows[start : start + batch_size].to(device)
-        inputs = stream.capture(model, batch)
+        inputs = forward.capture(model, windows[start : start + batch_size].to(device))
         states = [inputs.hidden]
-        for index in range(depth):
-            states.append(stream.run_block(model, index, states[-1], inputs))
-        for first in range(depth - span + 1):
-            a, b = states[first].float(), states[first + span].float().to(states[first].device)
-            sums[first] += nn.functional.cosine_similarity(a, b, dim=-1).double().sum().cpu()
-        tokens += batch.numel()
+        for index in range(len(block_list)):
+            states.append(forward.run_blocks(block_list, [index], states[-1], inputs))
+        yield states
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cosine_similarity(a.float(), b.float().to(a.device), dim=-1).double().cpu()
+
+
+def block_influence(model, windows: torch.Tensor, batch_size: int = 1) -> list:
+    """ShortGPT's Block Influence per block l: mean over all tokens of 1 - cos(input of l, output of l)."""
+    depth = blocks.num_blocks(model)
+    sums, tokens = torch.zeros(depth, dtype=torch.float64), 0
+    for states in _block_states(model, windows, batch_size):
+        for first in range(depth):
+            sums[first] += (1 - _cosine(states[first], states[first + 1])).sum()
+        tokens += states[0].shape[0] * states[0].shape[1]
     return (sums / tokens).tolist()
 
 
-def cosine_search(model, windows, state, num_remove_blocks, early_barrier, latter_barrier, batch_size=1, log=print):
-    """Paper's metric 1 / ShortGPT's Block Influence: remove the k blocks with lowest mean 1 - cos(in, out)."""
-    similarity = similarity_scores(model, windows, 1, batch_size)
-    influence = {l: 1.0 - similarity[l] for l in candidate_positions(state.num_blocks, early_barrier, latter_barrier)}
-    ranked = sorted(influence, key=lambda l: (influence[l], l))
-    state.losses.append(_by_block(state.num_blocks, list(range(state.num_blocks)), influence))
-    state.removal_list = ranked[:num_remove_blocks]
-    log(f"block influence ranking {ranked}; removal list {state.removal_list}")
+def angular_distances(model, windows: torch.Tensor, span: int, batch_size: int = 1) -> list:
+    """Gromov et al. per start l: mean over sequences of arccos(cos(h_l, h_{l+span})) / pi at the last token."""
+    depth = blocks.num_blocks(model)
+    sums = torch.zeros(depth - span + 1, dtype=torch.float64)
+    for states in _block_states(model, windows, batch_size):
+        for first in range(depth - span + 1):
+            cos = _cosine(states[first][:, -1], states[first + span][:, -1]).clamp(-1.0, 1.0)
+            sums[first] += (torch.arccos(cos) / math.pi).sum()
+    return (sums / len(windows)).tolist()
+
+
+def cosine(job: SearchJob, state: SearchState) -> SearchState:
+    """Paper's metric 1 / ShortGPT's Block Influence: remove the k blocks with the lowest influence."""
+    influence_by_block = block_influence(job.model, job.windows, job.batch_size)
+    every = list(range(state.num_blocks))
+    influence = {l: influence_by_block[l] for l in candidate_positions(state.num_blocks, job.early_barrier,
+                                                                         job.latter_barrier)}
+    for block, value in influence.items():
+        check_finite(value, f"the block influence of block {block}", job.model)
+    ranked = rank(influence)
+    state.scores.append(_by_block(state.num_blocks, every, influence))
+    state.removal_list = ranked[: job.num_remove_blocks]
+    job.log(f"block influence ranking {ranked}; removal list {state.removal_list}")
     return state
 
 
-def angular_search(model, windows, state, num_remove_blocks, early_barrier, latter_barrier, batch_size=1, log=print):
+def angular(job: SearchJob, state: SearchState) -> SearchState:
     """Gromov et al.: remove the contiguous run of k blocks whose input and output are closest in angle."""
-    k = num_remove_blocks
-    similarity = similarity_scores(model, windows, k, batch_size)
-    starts = range(early_barrier, state.num_blocks - latter_barrier - k + 1)
-    if len(starts) == 0:
-        raise UsageError(f"no run of {k} blocks fits between the barriers; remove fewer blocks")
-    distance = {l: math.acos(max(-1.0, min(1.0, similarity[l]))) / math.pi for l in starts}
-    best = min(distance, key=lambda l: (distance[l], l))
-    state.losses.append(_by_block(state.num_blocks, list(range(state.num_blocks)), distance))
+    k = job.num_remove_blocks
+    by_start = angular_distances(job.model, job.windows, k, job.batch_size)
+    starts = range(job.early_barrier, state.num_blocks - job.latter_barrier - k + 1)
+    distance = {l: by_start[l] for l in starts}
+    for start, value in distance.items():
+        check_finite(value, f"the angular distance of the run from block {start}", job.model)
+    best = choose(distance)
+    state.scores.append(_by_block(state.num_blocks, list(range(state.num_blocks)), distance))
     state.removal_list = list(range(best, best + k))
-    log(f"angular distance of runs of {k}: best starts at block {best}; removal list {state.removal_list}")
+    job.log(f"angular distance of runs of {k}: best starts at block {best}; removal list {state.removal_list}")
     return state
 
 
-def random_search(state, num_remove_blocks, early_barrier, latter_barrier, seed, log=print):
+def random_choice(job: SearchJob, state: SearchState) -> SearchState:
     """Seeded uniform choice among the blocks between the barriers."""
-    positions = list(candidate_positions(state.num_blocks, early_barrier, latter_barrier))
-    state.removal_list = random.Random(seed).sample(positions, num_remove_blocks)
-    log(f"random (seed {seed}) removal list {state.removal_list}")
+    positions = list(candidate_positions(state.num_blocks, job.early_barrier, job.latter_barrier))
+    state.removal_list = random.Random(job.seed).sample(positions, job.num_remove_blocks)
+    job.log(f"random (seed {job.seed}) removal list {state.removal_list}")
     return state
+
+
+METRICS = {
+    "sleb": sleb_iterative,
+    "sleb_oneshot": sleb_oneshot,
+    "cosine": cosine,
+    "angular": angular,
+    "random": random_choice,
+}
+USES_ENGINE = ("sleb", "sleb_oneshot")
+ITERATIVE = ("sleb",)  # the metrics whose partial result (finished phases) can be continued

@@ -1,38 +1,94 @@
-"""Every run's settings: one dataclass per entry module, each field with its help text.
+"""Every run's settings: one dataclass per entry module, each field with its help text, each class
+owning its checks.
 
-The same object is stored in the run's results file.
+`check()` runs every check that needs no model and fills the defaults that follow the model (the
+demo model calibrates and evaluates on the demo corpus, any other on the paper's data sets);
+`check_depth(depth)` runs the ones that need the model's depth, read from its config before any
+weights load. After these two, no stage re-checks a flag. The same object is stored in the run's
+results file.
 """
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
+from sleb import blocks, data, models
 from sleb.cli import flag
+from sleb.errors import UsageError, check_at_least
+from sleb.search import METRICS
+
+PAPER_PPL_DATASETS = "wikitext2,c4"
+PAPER_TASKS = "piqa,winogrande,hellaswag,arc_challenge,arc_easy"
+DEMO_TASKS = "demo_cloze,demo_order"
+ENGINES = ("fast", "reference")
+
+
+def comma_list(value: str, flag_name: str, example: str) -> list:
+    """'a, b,c' -> ['a', 'b', 'c']; an empty list is an error."""
+    names = [name.strip() for name in str(value).split(",") if name.strip()]
+    if not names:
+        raise UsageError(f"--{flag_name} is empty; name at least one, e.g. {example}")
+    return names
+
+
+def _follows_model(model_name: str, demo_value: str, paper_value: str) -> str:
+    return demo_value if model_name == "demo" else paper_value
 
 
 @dataclass
 class ModelFlags:
     model_name: str = flag("demo", "hub id (e.g. facebook/opt-13b), a local model directory, or demo (the shipped model)")
-    dtype: str = flag("auto", "auto (float16 on CUDA, float32 on CPU), float16, bfloat16 or float32")
-    device: str = flag("auto", "auto, cpu, cuda or cuda:N")
+    dtype: str = flag("auto", "auto (on a GPU the checkpoint's own dtype, on CPU float32), float16, bfloat16 or float32")
+    device: str = flag("auto", "auto (every visible GPU through accelerate's device_map auto, else cpu), cpu, cuda or "
+                               "cuda:N (the whole model on that one device)")
     device_map: object = flag(None, "passed to accelerate to split a model over devices: auto, balanced, or a "
                                      "JSON map of module names to devices")
+    max_memory: object = flag(None, "with --device_map: accelerate's budget per device as JSON, e.g. "
+                                     "'{\"0\": \"70GiB\", \"cpu\": \"100GiB\"}'")
     trust_remote_code: bool = flag(False, "allow the model's own code from the hub to run")
+
+    def check_model(self) -> None:
+        models.resolve_placement(self.dtype, self.device, self.device_map, self.max_memory)
 
 
 @dataclass
 class EvalFlags:
     eval_ppl: bool = flag(True, "measure perplexity on --ppl_datasets")
-    ppl_datasets: str = flag("wikitext2,c4", "comma-separated: wikitext2, c4, ptb, demo, file:PATH (.txt or .jsonl)")
+    ppl_datasets: Optional[str] = flag(None, "comma-separated: wikitext2, c4, ptb, demo, file:PATH (.txt or .jsonl); "
+                                             f"default {PAPER_PPL_DATASETS} (demo for the demo model)")
     seqlen: int = flag(2048, "tokens per window (capped at the model's maximum positions)")
     batch_size: int = flag(1, "windows per forward pass when measuring perplexity")
     save_model: Optional[str] = flag(None, "directory to write the pruned model and tokenizer to (save_pretrained)")
     eval_zeroshot: bool = flag(False, "zero-shot accuracy with lm-eval on --tasks")
-    tasks: str = flag("piqa,winogrande,hellaswag,arc_challenge,arc_easy",
-                      "comma-separated lm-eval tasks; offline: demo_cloze,demo_order")
+    tasks: Optional[str] = flag(None, f"comma-separated lm-eval tasks; default {PAPER_TASKS} "
+                                      f"({DEMO_TASKS}, which work offline, for the demo model)")
     num_fewshot: int = flag(0, "few-shot examples per zero-shot item")
     limit: Optional[float] = flag(None, "at most this many items per task (a fraction if below 1)")
     zeroshot_batch_size: int = flag(8, "lm-eval batch size")
     log_samples: bool = flag(False, "keep lm-eval's per-item records in the results JSON")
+
+    def check_eval(self) -> None:
+        for name, minimum in (("seqlen", 2), ("batch_size", 1), ("num_fewshot", 0), ("zeroshot_batch_size", 1)):
+            check_at_least(name, getattr(self, name), minimum)
+        if self.save_model and os.path.exists(self.save_model) and os.listdir(self.save_model):
+            raise UsageError(f"--save_model directory {self.save_model!r} is not empty; choose a new directory")
+        if self.ppl_datasets is None:
+            self.ppl_datasets = _follows_model(self.model_name, "demo", PAPER_PPL_DATASETS)
+        if self.tasks is None:
+            self.tasks = _follows_model(self.model_name, DEMO_TASKS, PAPER_TASKS)
+        for name in self.ppl_dataset_names():
+            data.check_dataset_name(name)
+        self.task_names()
+        if self.limit is not None and self.limit <= 0:
+            raise UsageError(f"--limit must be a positive number of items per task, got {self.limit!r}")
+        if self.limit is not None and self.limit >= 1 and float(self.limit).is_integer():
+            self.limit = int(self.limit)  # lm-eval reads an integer as a count, a float as a fraction
+
+    def ppl_dataset_names(self) -> list:
+        return comma_list(self.ppl_datasets, "ppl_datasets", "wikitext2,c4") if self.eval_ppl else []
+
+    def task_names(self) -> list:
+        return comma_list(self.tasks, "tasks", "piqa,arc_easy or demo_cloze") if self.eval_zeroshot else []
 
 
 @dataclass
@@ -41,12 +97,25 @@ class OutputFlags:
     result_file: Optional[str] = flag(None, "file name of the results JSON (default: derived from the settings)")
     overwrite: bool = flag(False, "replace an existing results file")
 
+    def check_output(self) -> None:
+        if self.result_file is not None and not self.result_file.endswith(".json"):
+            raise UsageError(f"--result_file {self.result_file!r} must end in .json")
+
 
 @dataclass
 class EvalSettings(OutputFlags, EvalFlags, ModelFlags):
     """`python -m eval`: evaluate a model with given blocks removed."""
 
     removal_list: list = flag([], "original indices of the blocks to remove, e.g. '[5, 4, 9]'; [] = dense")
+
+    def check(self) -> None:
+        self.removal_list = blocks.check_removal_list(self.removal_list)
+        self.check_eval()
+        self.check_model()
+        self.check_output()
+
+    def check_depth(self, depth: int) -> None:
+        blocks.check_removal_list(self.removal_list, depth)
 
 
 @dataclass
@@ -57,7 +126,8 @@ class SearchSettings(OutputFlags, EvalFlags, ModelFlags):
     num_remove_blocks: Optional[int] = flag(None, "blocks to remove (default: ceil(0.2 x num_blocks))")
     early_barrier: int = flag(1, "the first this-many alive blocks are never candidates")
     latter_barrier: int = flag(1, "the last this-many alive blocks are never candidates")
-    dataset: str = flag("wikitext2", "calibration data: wikitext2, c4, ptb, demo or file:PATH")
+    dataset: Optional[str] = flag(None, "calibration data: wikitext2, c4, ptb, demo or file:PATH; default wikitext2 "
+                                        "(demo for the demo model)")
     nsamples: int = flag(128, "calibration rows taken from the shuffled train split")
     seed: int = flag(0, "seed of the calibration shuffle (and of --metric random)")
     metric: str = flag("sleb", "sleb (iterative, metric 3), sleb_oneshot (metric 2), cosine, angular or random")
@@ -66,6 +136,52 @@ class SearchSettings(OutputFlags, EvalFlags, ModelFlags):
     cache_gb: float = flag(0.0, "memory for cached hidden states in the fast engine (0: automatic)")
     resume: bool = flag(False, "continue an interrupted search from its results file")
     plot: bool = flag(False, "write PNGs: candidate-loss heatmap and loss vs blocks removed")
+
+    def check(self) -> None:
+        if self.resume and self.overwrite:
+            raise UsageError("--resume True continues the results file and --overwrite True replaces it; pass one")
+        if self.engine not in ENGINES:
+            raise UsageError(f"unknown --engine {self.engine!r}; use fast or reference")
+        if self.metric not in METRICS:
+            raise UsageError(f"unknown --metric {self.metric!r}; use one of {', '.join(METRICS)}")
+        if self.early_barrier < 0 or self.latter_barrier < 0:
+            raise UsageError(f"barriers must be >= 0, got --early_barrier {self.early_barrier} "
+                             f"--latter_barrier {self.latter_barrier}")
+        for name, minimum in (("nsamples", 1), ("search_batch_size", 1), ("cache_gb", 0)):
+            check_at_least(name, getattr(self, name), minimum)
+        if self.num_remove_blocks is not None:
+            check_at_least("num_remove_blocks", self.num_remove_blocks, 1)
+        if self.dataset is None:
+            self.dataset = _follows_model(self.model_name, "demo", "wikitext2")
+        data.check_dataset_name(self.dataset)
+        self.check_eval()
+        self.check_model()
+        self.check_output()
+
+    def check_depth(self, depth: int) -> None:
+        """Fill num_blocks and num_remove_blocks from the depth; check that the search has candidates."""
+        if self.num_blocks is not None and self.num_blocks != depth:
+            raise UsageError(f"--num_blocks {self.num_blocks} but {self.model_name} has {depth} blocks; "
+                             f"pass --num_blocks {depth} or leave it out")
+        self.num_blocks = depth
+        if self.num_remove_blocks is None:
+            self.num_remove_blocks = blocks.default_remove_count(depth)
+        k = self.num_remove_blocks
+        available = depth - self.early_barrier - self.latter_barrier
+        if available < 1:
+            raise UsageError(f"barriers {self.early_barrier} + {self.latter_barrier} leave no candidate among "
+                             f"{depth} blocks; lower --early_barrier or --latter_barrier")
+        # The iterative search loses one candidate per phase; the last phase still needs one.
+        if k >= available:
+            raise UsageError(f"--num_remove_blocks {k} must be below the {available} blocks between the "
+                             f"barriers of a {depth}-block model; remove fewer blocks")
+
+
+# Latency sizes: the paper's settings on a GPU, and what finishes in about a minute on a small CPU.
+GPU_SIZES = {"prompt": {"batch_size": 1, "prompt_len": 2048, "new_tokens": 0},
+             "generation": {"batch_size": 64, "prompt_len": 64, "new_tokens": 128}}
+CPU_SIZES = {"prompt": {"batch_size": 1, "prompt_len": 256, "new_tokens": 0},
+             "generation": {"batch_size": 4, "prompt_len": 32, "new_tokens": 32}}
 
 
 @dataclass
@@ -79,5 +195,39 @@ class LatencySettings(OutputFlags, ModelFlags):
     new_tokens: Optional[int] = flag(None, "generated tokens in --generation (default: 128 on GPU, 32 on CPU)")
     warmup: int = flag(2, "untimed runs before measuring")
     repeats: int = flag(5, "timed runs; median, min and max are reported")
-    static_cache: bool = flag(False, "generate with a static KV cache")
-    compile: bool = flag(False, "torch.compile the forward (mode reduce-overhead); pair with --static_cache")
+    static_cache: bool = flag(False, "generate with a static KV cache (not compiled unless --compile True)")
+    compile: bool = flag(False, "torch.compile: the forward in prompt mode; in --generation, transformers' own "
+                                "compiled decoding, which needs --static_cache True")
+
+    def check(self) -> None:
+        if not self.generation and (self.new_tokens is not None or self.static_cache):
+            raise UsageError("--new_tokens and --static_cache apply to --generation True only; add it or drop them")
+        if self.generation and self.compile and not self.static_cache:
+            raise UsageError("--compile True in --generation compiles decoding with a static KV cache; "
+                             "add --static_cache True")
+        check_at_least("warmup", self.warmup, 0)
+        check_at_least("repeats", self.repeats, 1)
+        self.check_model()
+        # Sizes left out take the device's defaults; the filled-in values are what the results record.
+        device = models.resolve_placement(self.dtype, self.device, self.device_map, self.max_memory).device
+        mode = "generation" if self.generation else "prompt"
+        for name, default in (GPU_SIZES if device.type == "cuda" else CPU_SIZES)[mode].items():
+            if getattr(self, name) is None:
+                setattr(self, name, default)
+            check_at_least(name, getattr(self, name), 1 if name != "new_tokens" or self.generation else 0)
+        if self.removal_list is not None:
+            self.removal_list = blocks.check_removal_list(self.removal_list)
+            if not self.removal_list:
+                raise UsageError("--removal_list is empty; name the blocks to remove, e.g. '[1, 2, 3]'")
+        if self.compile:
+            import torch._dynamo
+
+            if not torch._dynamo.is_dynamo_supported():
+                raise UsageError("--compile True but torch.compile is not supported on this Python/platform; "
+                                 "run without --compile")
+        self.check_output()
+
+    def check_depth(self, depth: int) -> None:
+        if self.removal_list is None:
+            self.removal_list = list(range(1, 1 + blocks.default_remove_count(depth)))
+        blocks.check_removal_list(self.removal_list, depth)

@@ -2,9 +2,8 @@
 
 import logging
 
-from sleb import results
-from sleb.errors import UsageError
-from sleb.hub import use_cache_only_if_offline
+from sleb import hub, results
+from sleb.errors import UsageError, first_line
 
 PAPER_TASKS = "piqa,winogrande,hellaswag,arc_challenge,arc_easy"
 
@@ -28,26 +27,24 @@ def task_manager(names: list):
     return TaskManager(include_path=demo_tasks.write_tasks(), include_defaults=not only_offline)
 
 
-def check_tasks(names: list, limit, manager) -> None:
+def check_tasks(names: list, manager) -> None:
     """Unknown names and data that cannot be loaded fail here, before the model loads."""
     from lm_eval.tasks import get_task_dict
 
     from sleb.demo_tasks import TASKS as OFFLINE
 
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0):
-        raise UsageError(f"--limit must be a positive number of items per task, got {limit!r}")
     known = set(manager.all_tasks)
     unknown = [name for name in names if name not in known]
     if unknown:
         raise UsageError(f"unknown task {unknown[0]!r}; list the tasks with `lm-eval ls tasks` "
                          f"(offline tasks: {', '.join(OFFLINE)})")
     if any(name not in OFFLINE for name in names):
-        use_cache_only_if_offline()
+        hub.reach()
     try:
         get_task_dict(names, manager)
     except Exception as error:  # datasets raises many types when a hub data set is out of reach
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
-        raise UsageError(f"task data unavailable ({first}); offline, use --tasks {','.join(OFFLINE)}") from None
+        raise UsageError(f"task data unavailable ({first_line(error, 160)}); offline, use --tasks "
+                         f"{','.join(OFFLINE)}") from None
 
 
 def evaluate_zeroshot(model, tokenizer, names: list, manager, num_fewshot: int = 0, limit=None,

@@ -30,9 +30,8 @@ def test_latency_reports_dense_pruned_and_speedup(mode, model_dirs, tmp_path):
 def test_compile_refused_where_torch_cannot(monkeypatch):
     import torch._dynamo
 
-    from sleb.latency import check_compile
     from sleb.settings import LatencySettings
 
     monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)
     with pytest.raises(UsageError, match="--compile"):
-        check_compile(LatencySettings(compile=True))
+        LatencySettings(compile=True).check()

@@ -31,12 +31,12 @@ def test_perplexity_matches_naive_reference(arch, model_dirs, text_file):
 
 
 def test_head_is_applied_in_chunks(model_dirs, text_file, monkeypatch):
-    from sleb import perplexity as module
+    from sleb import forward
 
     model, tokenizer = load_model(model_dirs["llama"], device="cpu")
     windows = data.load_eval_windows(f"file:{text_file}", tokenizer, seqlen=64)
     whole = perplexity(model, windows, 2)
-    monkeypatch.setattr(module, "_LOGITS_PER_CHUNK", model.config.vocab_size * 2 * 5)  # 5 positions
+    monkeypatch.setattr(forward, "LOGITS_PER_CHUNK", model.config.vocab_size * 2 * 5)  # 5 positions
     assert perplexity(model, windows, 2) == pytest.approx(whole, rel=1e-6)
 
 

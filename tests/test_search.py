@@ -5,10 +5,26 @@ import pytest
 import torch
 
 from sleb import blocks, data, search
+from sleb.engines import ReferenceEngine
 from sleb.errors import UsageError
 from sleb.fast_search import FastEngine
 from sleb.models import load_model
-from sleb.search import ReferenceEngine, SearchState, candidate_positions
+from sleb.search import SearchJob, SearchState, candidate_positions
+from sleb.settings import SearchSettings
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
+def run_metric(metric, engine, model, windows, k, early=1, latter=1, seed=0):
+    """Run a registered metric on a fresh state, as the pipeline does."""
+    job = SearchJob(model, windows, k, early, latter, seed, build_engine=lambda: engine, log=quiet)
+    return search.METRICS[metric](job, SearchState(blocks.num_blocks(model)))
+
+
+def greedy(engine, model, windows, k):
+    return run_metric("sleb", engine, model, windows, k)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +57,7 @@ def hand_loss(model_dir, skipped, windows):
 def test_reference_loss_is_the_hand_computed_sum(model_dirs, calibration):
     model, windows = calibration(model_dirs["llama"])
     engine = ReferenceEngine(model, windows)
-    losses, _ = engine.phase_losses(SearchState(6, [2]), candidate_positions(5, 1, 1))
+    losses = engine.phase([2], candidate_positions(5, 1, 1)).losses
     alive = [0, 1, 3, 4, 5]
     for position, loss in losses.items():
         assert loss == pytest.approx(hand_loss(model_dirs["llama"], [2, alive[position]], windows), rel=1e-5)
@@ -52,9 +68,9 @@ def test_identity_block_costs_nothing_and_phases_pick_their_argmin(model_dirs, c
     _make_identity(blocks.get_blocks(model)[3])
     engine = ReferenceEngine(model, windows)
     dense = engine.loss([])
-    state = search.greedy_search(engine, SearchState(6), 3, 1, 1, log=lambda *_: None)
-    assert state.losses[0][3] == pytest.approx(dense, rel=1e-6)
-    for phase, row in enumerate(state.losses):
+    state = greedy(engine, model, windows, 3)
+    assert state.scores[0][3] == pytest.approx(dense, rel=1e-6)
+    for phase, row in enumerate(state.scores):
         chosen = state.removal_list[phase]
         computed = {block: loss for block, loss in enumerate(row) if loss is not None}
         assert computed[chosen] == min(computed.values())
@@ -66,26 +82,25 @@ def test_identity_block_costs_nothing_and_phases_pick_their_argmin(model_dirs, c
 @pytest.mark.parametrize("arch", ["llama", "opt", "qwen2"])
 def test_fast_engine_equals_reference(arch, model_dirs, calibration):
     model, windows = calibration(model_dirs[arch])
-    reference = search.greedy_search(ReferenceEngine(model, windows), SearchState(6), 3, 1, 1, log=lambda *_: None)
-    fast_engine = FastEngine(model, windows, batch_size=4)
-    fast = search.greedy_search(fast_engine, SearchState(6), 3, 1, 1, log=lambda *_: None)
+    reference = greedy(ReferenceEngine(model, windows), model, windows, 3)
+    fast = greedy(FastEngine(model, windows, batch_size=4), model, windows, 3)
     assert fast.removal_list == reference.removal_list
-    for ref_row, fast_row in zip(reference.losses, fast.losses):
+    for ref_row, fast_row in zip(reference.scores, fast.scores):
         for ref, got in zip(ref_row, fast_row):
             if got is not None:  # abandoned candidates have no complete loss
                 assert got == pytest.approx(ref, rel=1e-5)
     # One-shot ranking uses every candidate's complete loss.
-    ref_once = search.oneshot_search(ReferenceEngine(model, windows), SearchState(6), 2, 1, 1, log=lambda *_: None)
-    fast_once = search.oneshot_search(FastEngine(model, windows, 3), SearchState(6), 2, 1, 1, log=lambda *_: None)
+    ref_once = run_metric("sleb_oneshot", ReferenceEngine(model, windows), model, windows, 2)
+    fast_once = run_metric("sleb_oneshot", FastEngine(model, windows, 3), model, windows, 2)
     assert fast_once.removal_list == ref_once.removal_list
-    for ref, got in zip(ref_once.losses[0], fast_once.losses[0]):
+    for ref, got in zip(ref_once.scores[0], fast_once.scores[0]):
         assert (got is None and ref is None) or got == pytest.approx(ref, rel=1e-5)
 
 
 def test_prefix_reuse_saves_block_forwards(model_dirs, calibration):
     model, windows = calibration(model_dirs["llama"])
     engine = FastEngine(model, windows, batch_size=6, abandon=False)
-    search.greedy_search(engine, SearchState(6), 2, 1, 1, log=lambda *_: None)
+    greedy(engine, model, windows, 2)
     # The reference engine runs every alive block but one per candidate: 4 x 5 + 3 x 4 = 32 per window.
     assert engine.block_forwards < 32 * len(windows)
 
@@ -98,17 +113,17 @@ def test_abandonment_keeps_the_winner_among_near_ties(model_dirs, calibration):
     with torch.no_grad():
         layers[3].mlp.down_proj.weight.mul_(1e-4)  # and block 3 nearly ties
         layers[3].self_attn.o_proj.weight.mul_(1e-4)
-    state = SearchState(6)
     positions = [2, 3, 4]
-    reference, _ = ReferenceEngine(model, windows).phase_losses(state, positions)
+    reference = ReferenceEngine(model, windows).phase([], positions).losses
     # Evaluate block 4 first (as a previous phase ranking it best would), one window per batch.
     previous = [None, None, 3.0, 2.0, 1.0, None]
-    fast, _ = FastEngine(model, windows, batch_size=1).phase_losses(state, positions, previous=previous)
+    engine = FastEngine(model, windows, batch_size=1)
+    fast = engine.phase([], positions, order_hint=previous).losses
+    settled = search.settle_near_ties(engine, SearchState(6), fast, count=1)
     assert reference[2] == reference[4]
-    assert search.choose(reference) == search.choose({p: v for p, v in fast.items() if v is not None}) == 2
-    full = search.greedy_search(FastEngine(model, windows, batch_size=1), SearchState(6), 2, 1, 1, log=lambda *_: None)
-    assert full.removal_list == search.greedy_search(ReferenceEngine(model, windows), SearchState(6), 2, 1, 1,
-                                                     log=lambda *_: None).removal_list
+    assert search.choose(reference) == search.choose({p: v for p, v in settled.items() if v is not None}) == 2
+    full = greedy(FastEngine(model, windows, batch_size=1), model, windows, 2)
+    assert full.removal_list == greedy(ReferenceEngine(model, windows), model, windows, 2).removal_list
 
 
 def test_memory_fallback_gives_the_same_answer(model_dirs, calibration):
@@ -116,19 +131,17 @@ def test_memory_fallback_gives_the_same_answer(model_dirs, calibration):
     cached = FastEngine(model, windows, batch_size=2)
     streamed = FastEngine(model, windows, batch_size=2, cache_gb=1e-9)
     assert cached.storage == "device" and streamed.storage is None
-    a = search.greedy_search(cached, SearchState(6), 3, 1, 1, log=lambda *_: None)
-    b = search.greedy_search(streamed, SearchState(6), 3, 1, 1, log=lambda *_: None)
+    a = greedy(cached, model, windows, 3)
+    b = greedy(streamed, model, windows, 3)
     assert a.removal_list == b.removal_list
 
 
 @pytest.mark.parametrize("metric", ["cosine", "angular", "random"])
 def test_baselines_give_valid_lists(metric, model_dirs, calibration):
     model, windows = calibration(model_dirs["llama"])
-    run = {
-        "cosine": lambda: search.cosine_search(model, windows, SearchState(6), 2, 1, 1, log=lambda *_: None),
-        "angular": lambda: search.angular_search(model, windows, SearchState(6), 2, 1, 1, log=lambda *_: None),
-        "random": lambda: search.random_search(SearchState(6), 2, 1, 1, seed=7, log=lambda *_: None),
-    }[metric]
+    def run():
+        return run_metric(metric, None, model, windows, 2, seed=7)
+
     chosen = run().removal_list
     assert len(chosen) == 2 and len(set(chosen)) == 2 and all(1 <= b <= 4 for b in chosen)
     if metric == "angular":
@@ -140,16 +153,22 @@ def test_baselines_give_valid_lists(metric, model_dirs, calibration):
 def test_cosine_ranks_an_identity_block_first(model_dirs, calibration):
     model, windows = calibration(model_dirs["llama"])
     _make_identity(blocks.get_blocks(model)[4])
-    state = search.cosine_search(model, windows, SearchState(6), 1, 1, 1, log=lambda *_: None)
-    assert state.removal_list == [4] and state.losses[0][4] == pytest.approx(0.0, abs=1e-6)
+    state = run_metric("cosine", None, model, windows, 1)
+    assert state.removal_list == [4] and state.scores[0][4] == pytest.approx(0.0, abs=1e-6)
+
+
+def _checked(**flags):
+    settings = SearchSettings(**flags)
+    settings.check()
+    settings.check_depth(6)
 
 
 def test_flag_checks():
     with pytest.raises(UsageError, match="below"):
-        search.check_search_flags(6, 4, 1, 1, "sleb")
+        _checked(num_remove_blocks=4)
     with pytest.raises(UsageError, match="barriers"):
-        search.check_search_flags(6, 1, -1, 1, "sleb")
+        _checked(num_remove_blocks=1, early_barrier=-1)
     with pytest.raises(UsageError, match="no candidate"):
-        search.check_search_flags(6, 1, 3, 3, "sleb")
+        _checked(num_remove_blocks=1, early_barrier=3, latter_barrier=3)
     with pytest.raises(UsageError, match="unknown --metric"):
-        search.check_search_flags(6, 1, 1, 1, "magic")
+        _checked(metric="magic")

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from sleb import run_search as run_search_module
+from sleb import search
 from sleb.settings import SearchSettings
 from clitools import run
 
@@ -31,22 +32,25 @@ def test_resume_after_interruption_reaches_the_same_answer(model_dirs, text_file
                     result_folder=str(tmp_path))
     whole = run_search_module.run_search(SearchSettings(**settings, result_file="whole.json"))
 
-    real_greedy = run_search_module.greedy_search
+    real_greedy = search.METRICS["sleb"]
 
-    def interrupted_greedy(*args, on_phase=None, **kwargs):
+    def interrupted_greedy(job, state):
+        save = job.on_phase
+
         def save_then_stop(state):
-            on_phase(state)
+            save(state)
             if len(state.removal_list) == 2:
                 raise KeyboardInterrupt
-        return real_greedy(*args, on_phase=save_then_stop, **kwargs)
+        job.on_phase = save_then_stop
+        return real_greedy(job, state)
 
-    monkeypatch.setattr(run_search_module, "greedy_search", interrupted_greedy)
+    monkeypatch.setitem(search.METRICS, "sleb", interrupted_greedy)
     with pytest.raises(KeyboardInterrupt):
         run_search_module.run_search(SearchSettings(**settings, result_file="part.json"))
     partial = json.loads((tmp_path / "part.json").read_text())
     assert partial["search"]["status"] == "searching" and len(partial["search"]["removal_list"]) == 2
 
-    monkeypatch.setattr(run_search_module, "greedy_search", real_greedy)
+    monkeypatch.setitem(search.METRICS, "sleb", real_greedy)
     resumed = run_search_module.run_search(SearchSettings(**settings, result_file="part.json", resume=True))
     assert resumed["search"]["removal_list"] == whole["search"]["removal_list"]
     assert resumed["search"]["losses"] == whole["search"]["losses"]

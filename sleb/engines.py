@@ -1,0 +1,103 @@
+"""What a search engine is: it scores the candidates of one phase; the reference engine is the paper's loop.
+
+An engine answers three questions. `phase` scores candidate positions (skipping each on top of the
+blocks already removed) and may abandon a candidate that can no longer win; `reference_losses`
+re-scores given candidates the reference way, batch-1, so the search loop can settle near ties; and
+`stats` reports what it did. `tie_margin` is the relative gap under which two of its losses could
+have been ordered by float rounding (0 for the reference engine itself).
+
+The reference engine is the paper's algorithm written as plainly as possible: for every candidate,
+skip it, run every calibration window through the whole model as a batch-1 forward and sum mean
+cross-entropy x seqlen. The fast engine (sleb/fast_search.py) must return the same list.
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Protocol
+
+import torch
+import torch.nn as nn
+
+from sleb import blocks
+from sleb.models import input_device
+
+
+@dataclass
+class PhaseResult:
+    """One phase's candidate scores, by position in the alive list."""
+
+    losses: dict  # position -> loss, or None if abandoned
+    lower_bounds: dict = field(default_factory=dict)  # position -> partial loss of an abandoned candidate
+
+
+Progress = Optional[Callable[[int, Optional[float]], None]]
+
+
+class Engine(Protocol):
+    name: str
+    tie_margin: float
+
+    def phase(self, removal_list: list, positions: list, order_hint: Optional[list] = None,
+              complete: bool = False, progress: Progress = None) -> PhaseResult:
+        """Score every position; `complete` forbids abandoning; `order_hint` is last phase's row."""
+
+    def reference_losses(self, removal_list: list, positions: list) -> dict:
+        """{position: the reference engine's loss} for the given positions."""
+
+    def stats(self) -> dict:
+        """Counters for the results file (empty when there is nothing to say)."""
+
+
+def window_loss(mean_ce: float, seqlen: int) -> float:
+    """The paper's per-window term: mean next-token cross-entropy x seqlen."""
+    return mean_ce * seqlen
+
+
+def alive_blocks(num_blocks: int, removal_list: list) -> list:
+    removed = set(removal_list)
+    return [i for i in range(num_blocks) if i not in removed]
+
+
+class ReferenceEngine:
+    """The paper's loop, unchanged in substance: batch-1 full forwards with the candidate skipped."""
+
+    name = "reference"
+    tie_margin = 0.0
+
+    def __init__(self, model, windows: torch.Tensor):
+        self.model = model
+        self.windows = windows
+        self.blocks = list(blocks.get_blocks(model))
+        self.num_blocks = len(self.blocks)
+
+    @torch.inference_mode()
+    def loss(self, skipped: list) -> float:
+        current = blocks.get_blocks(self.model)
+        if len(current) != self.num_blocks or any(a is not b for a, b in zip(current, self.blocks)):
+            raise RuntimeError("the model's blocks changed after this engine was built; build a new engine")
+        device = input_device(self.model)
+        total = 0.0
+        with blocks.skipping(self.model, skipped):
+            for window in self.windows:
+                inputs = window.unsqueeze(0).to(device)
+                logits = self.model(input_ids=inputs, use_cache=False).logits
+                shift_logits = logits[:, :-1, :].contiguous()
+                ce = nn.CrossEntropyLoss()(shift_logits.reshape(-1, shift_logits.size(-1)).float(),
+                                           inputs[:, 1:].reshape(-1).to(logits.device))
+                total += window_loss(ce.item(), inputs.shape[1])
+        return total
+
+    def phase(self, removal_list, positions, order_hint=None, complete=False, progress=None) -> PhaseResult:
+        alive = alive_blocks(self.num_blocks, removal_list)
+        losses = {}
+        for position in positions:
+            losses[position] = self.loss(removal_list + [alive[position]])
+            if progress is not None:
+                progress(position, losses[position])
+        return PhaseResult(losses)
+
+    def reference_losses(self, removal_list, positions) -> dict:
+        alive = alive_blocks(self.num_blocks, removal_list)
+        return {position: self.loss(removal_list + [alive[position]]) for position in positions}
+
+    def stats(self) -> dict:
+        return {}

@@ -1,0 +1,44 @@
+"""`python -m eval`: checks -> data -> load -> prune -> evaluate -> record -> write -> table."""
+
+import time
+
+from sleb import blocks, models, results, stages
+
+
+def default_result_file(settings) -> str:
+    removed = "-".join(map(str, settings.removal_list)) or "dense"
+    return f"eval_{results.slug(settings.model_name)}_removed{len(settings.removal_list)}_{removed}.json"
+
+
+def run_eval(settings) -> dict:
+    # checks
+    settings.check()
+    _, config = models.load_config(settings.model_name, settings.trust_remote_code)
+    depth = models.config_depth(config)
+    settings.check_depth(depth)
+    with results.claim(settings.result_folder, settings.result_file or default_result_file(settings),
+                       settings.overwrite) as path:
+        started = time.perf_counter()
+        # data and load
+        eval_data = stages.fetch_eval_data(settings)
+        model, tokenizer = stages.load(settings)
+        load_seconds = time.perf_counter() - started
+        # prune and evaluate
+        blocks.remove_blocks(model, settings.removal_list)
+        print(f"model {settings.model_name}: {depth} blocks, removed {settings.removal_list or 'none'} -> "
+              f"{blocks.num_blocks(model)} blocks")
+        eval_windows = stages.tokenize_eval_texts(model, tokenizer, eval_data, settings.seqlen)
+        record = stages.record("eval", settings, model, depth, removal_list=settings.removal_list,
+                               ppl=stages.perplexity(model, eval_windows, settings.batch_size))
+        record["zeroshot"] = stages.zeroshot_accuracy(model, tokenizer, eval_data, settings)
+        if settings.save_model:
+            from sleb.model_card import pruned_card
+
+            stages.save_checkpoint(model, tokenizer, settings.save_model, pruned_card(record))
+        record["times"] = {"load_s": round(load_seconds, 3), "total_s": round(time.perf_counter() - started, 3)}
+        # write and report
+        results.write_json(path, record)
+    if record["ppl"]:
+        print(stages.ppl_table(record["ppl"]))
+    print(f"results written to {path}")
+    return record

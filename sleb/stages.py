@@ -1,0 +1,113 @@
+"""The stages every pipeline shares: fetch evaluation data, load, measure perplexity and zero-shot
+accuracy, save a checkpoint, and start a results record.
+
+A pipeline (run_search, run_eval, latency, heal) is a short list of these calls in one order:
+checks -> data -> load -> work -> record -> write -> table.
+"""
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+
+from sleb import data, models, results, zeroshot
+
+
+@dataclass
+class EvalData:
+    """What evaluation needs, fetched before the model loads so a missing data set fails fast."""
+
+    texts: dict  # data set name -> data.EvalText
+    tasks: list  # lm-eval task names ([] when zero-shot is off)
+    task_manager: object = None
+
+
+def fetch_eval_data(settings) -> EvalData:
+    texts = {name: data.eval_text(name) for name in settings.ppl_dataset_names()}
+    tasks = settings.task_names()
+    manager = None
+    if tasks:
+        manager = zeroshot.task_manager(tasks)
+        zeroshot.check_tasks(tasks, manager)
+    return EvalData(texts, tasks, manager)
+
+
+def load(settings):
+    """(model, tokenizer) as the settings place them."""
+    return models.load_model(settings.model_name, settings.dtype, settings.device, settings.device_map,
+                             settings.trust_remote_code, settings.max_memory)
+
+
+def effective_seqlen(model, seqlen: int) -> int:
+    return min(seqlen, models.max_positions(model.config))
+
+
+def tokenize_eval_texts(model, tokenizer, eval_data: EvalData, seqlen: int) -> dict:
+    """{data set: (windows, seqlen) token ids}, tokenized once per run."""
+    seqlen = effective_seqlen(model, seqlen)
+    return {name: data.token_windows(tokenizer, text.text, seqlen, text.max_windows)
+            for name, text in eval_data.texts.items()}
+
+
+def perplexity(model, eval_windows: dict, batch_size: int) -> dict:
+    """{data set: {"ppl": ..., "windows": ..., "seqlen": ..., "seconds": ...}}."""
+    from sleb.perplexity import perplexity as measure
+
+    out = {}
+    for name, windows in eval_windows.items():
+        started = time.perf_counter()
+        value = measure(model, windows, batch_size, desc=f"ppl {name}")
+        out[name] = {"ppl": value, "windows": len(windows), "seqlen": windows.shape[1],
+                     "seconds": round(time.perf_counter() - started, 3)}
+    return out
+
+
+def zeroshot_accuracy(model, tokenizer, eval_data: EvalData, settings):
+    """lm-eval's accuracy on the settings' tasks (printed as a table), or None when zero-shot is off."""
+    if not eval_data.tasks:
+        return None
+    result = zeroshot.evaluate_zeroshot(model, tokenizer, eval_data.tasks, eval_data.task_manager,
+                                        settings.num_fewshot, settings.limit, settings.zeroshot_batch_size,
+                                        settings.log_samples)
+    print(zeroshot.zeroshot_table(result))
+    return result
+
+
+def save_checkpoint(model, tokenizer, directory: str, card=None) -> None:
+    """save_pretrained into a temporary sibling, then rename: a killed save leaves no complete-looking dir.
+
+    `card` (a huggingface_hub ModelCard) is written as the checkpoint's README.md."""
+    directory = os.path.abspath(directory)
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.partial-")
+    try:
+        os.chmod(tmp, 0o777 & ~results.umask())  # mkdtemp makes it owner-only; a checkpoint is for sharing
+        use_cache = model.config.use_cache
+        model.config.use_cache = True
+        model.save_pretrained(tmp)
+        model.config.use_cache = use_cache
+        tokenizer.save_pretrained(tmp)
+        if card is not None:
+            card.save(os.path.join(tmp, "README.md"))
+        if os.path.isdir(directory):
+            os.rmdir(directory)  # empty (checked before the run)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"model saved to {directory}")
+
+
+def record(command: str, settings, model, num_blocks: int, **fields) -> dict:
+    """The start of every results JSON: command, settings, environment, dtype and placement, depth."""
+    return {"command": command, "settings": settings,
+            "environment": results.environment(models.input_device(model)),
+            "dtype": str(model.dtype), "placement": models.placement_record(model), "num_blocks": num_blocks,
+            **fields}
+
+
+def ppl_table(ppl: dict, label: str = "pruned") -> str:
+    rows = [[name, f"{entry['ppl']:.3f}", entry["windows"], entry["seqlen"]] for name, entry in ppl.items()]
+    return results.table(["data set", f"perplexity ({label})", "windows", "seqlen"], rows)
