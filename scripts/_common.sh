@@ -1,15 +1,28 @@
 # Shared by the experiment scripts: argument parsing, dry runs, skipping finished runs, model depths.
-# Usage of every script: SCRIPT MODELS OUT_DIR [--dry-run]   (MODELS: comma-separated)
+# Usage of every script: SCRIPT MODELS OUT_DIR [--dry-run]   (MODELS: comma-separated; --dry-run anywhere)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-if [ $# -lt 2 ]; then
-  echo "usage: $0 MODELS OUT_DIR [--dry-run]   (MODELS comma-separated, e.g. facebook/opt-6.7b,meta-llama/Llama-2-7b-hf)" >&2
+USAGE="usage: $0 ${SCRIPT_ARGS:-MODELS OUT_DIR (MODELS comma-separated, e.g. facebook/opt-6.7b,meta-llama/Llama-2-7b-hf)} [--dry-run]"
+DRY_RUN=0
+POSITIONAL=()
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY_RUN=1 ;;
+    -*) echo "error: unknown option $arg; $USAGE" >&2; exit 2 ;;
+    *) POSITIONAL+=("$arg") ;;
+  esac
+done
+# A script with other arguments than MODELS OUT_DIR sets SCRIPT_ARGS, SCRIPT_MIN_ARGS and SCRIPT_MAX_ARGS.
+if [ "${#POSITIONAL[@]}" -lt "${SCRIPT_MIN_ARGS:-2}" ] || [ "${#POSITIONAL[@]}" -gt "${SCRIPT_MAX_ARGS:-2}" ]; then
+  echo "$USAGE" >&2
   exit 2
 fi
-IFS=, read -r -a MODELS <<< "$1"
-OUT="$2"
-DRY_RUN=0
-[ "${3:-}" = "--dry-run" ] && DRY_RUN=1
+if [ -z "${SCRIPT_ARGS:-}" ]; then
+  IFS=, read -r -a MODELS <<< "${POSITIONAL[0]}"
+  OUT="${POSITIONAL[1]}"
+fi
+DRY_FLAG=()
+[ "$DRY_RUN" = 1 ] && DRY_FLAG=(--dry-run)
 PY="${PYTHON:-python}"
 
 # Number of decoder blocks: the paper's models by name, anything else from its config.

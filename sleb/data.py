@@ -70,13 +70,15 @@ def _quiet_datasets():
 def _file_rows(path):
     def rows():
         _quiet_datasets()
-        from datasets import load_dataset
+        from datasets import Dataset
 
         if not os.path.isfile(path):
             raise UsageError(f"data file {path!r} does not exist; give file:PATH with a .txt or .jsonl file")
-        builder = "json" if path.endswith((".jsonl", ".json")) else "text"
+        # Dataset.from_text/from_json read a local file without load_dataset's hub lookups (its
+        # download-count ping would touch the network for a local file).
+        read = Dataset.from_json if path.endswith((".jsonl", ".json")) else Dataset.from_text
         try:
-            dataset = load_dataset(builder, data_files=path, split="train")
+            dataset = read(path)
         except Exception as error:
             raise UsageError(f"cannot read data file {path!r}: {first_line(error, 200)}") from None
         if "text" not in dataset.column_names:

@@ -50,11 +50,12 @@ def final_hidden_states(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    logits = model.get_output_embeddings()(hidden).float()
+    """Float32 logits computed as the model's own forward computes them (in its dtype, then cast)."""
+    logits = model.get_output_embeddings()(hidden)
     softcap = getattr(model.config, "final_logit_softcapping", None)
-    if softcap:  # Gemma 2/3 squash logits in their CausalLM forward, after the head
+    if softcap:  # Gemma 2/3 squash logits in their CausalLM forward, after the head, in the model's dtype
         logits = torch.tanh(logits / softcap) * softcap
-    return logits
+    return logits.float()
 
 
 def head_matches_forward(model) -> bool:

@@ -49,8 +49,22 @@ def _metric(record) -> str:
         "dense" if not record["removal_list"] else "given")
 
 
+def _calibration(record) -> str:
+    settings = record["settings"]
+    if record["command"] != "sleb" or settings.get("metric") == "random":
+        return "-"  # given lists and random choices use no calibration data
+    return f"{settings['dataset']}, {settings['nsamples']} rows, seed {settings['seed']}"
+
+
+def _group(record) -> tuple:
+    """Runs that are the same experiment: random runs differ only in their seed and are averaged;
+    every other run is its own row unless model, list, metric and calibration all agree."""
+    removed = () if _metric(record) == "random" else tuple(record["removal_list"])
+    return (_model(record), len(record["removal_list"]), _metric(record), _calibration(record), removed)
+
+
 def quality_rows(records: list):
-    """One row per (model, metric, blocks removed); random runs averaged over their seeds."""
+    """One row per experiment (see _group); random runs averaged over their seeds."""
     groups = defaultdict(list)
     datasets, tasks = [], []
     for record in records:
@@ -62,14 +76,14 @@ def quality_rows(records: list):
         for name in (record.get("zeroshot") or {}).get("tasks", {}):
             if name not in tasks:
                 tasks.append(name)
-        groups[(_model(record), len(record["removal_list"]), _metric(record))].append(record)
+        groups[_group(record)].append(record)
     accuracy_columns = tasks + ["mean"] if tasks else []
     rows = []
-    for (model, removed, metric), group in sorted(groups.items()):
+    for (model, removed, metric, calibration, _), group in sorted(groups.items()):
         depth = group[0]["num_blocks"]
         runs = "seeds" if metric == "random" else "runs"
         row = [model, f"{removed}/{depth} ({100 * removed / depth:.0f}%)", metric + (
-            f" (mean of {len(group)} {runs})" if len(group) > 1 else "")]
+            f" (mean of {len(group)} {runs})" if len(group) > 1 else ""), calibration]
         for name in datasets:
             values = [r["ppl"][name]["ppl"] for r in group if name in (r.get("ppl") or {})]
             row.append(f"{statistics.mean(values):.2f}" if values else "-")
@@ -83,7 +97,7 @@ def quality_rows(records: list):
                 lists.append(record["removal_list"])
         row.append("; ".join(str(blocks) for blocks in lists) or "-")
         rows.append(row)
-    headers = ["model", "removed", "metric"] + [f"ppl {name}" for name in datasets]
+    headers = ["model", "removed", "metric", "calibration"] + [f"ppl {name}" for name in datasets]
     headers += [f"{name} acc (%)" if name != "mean" else "zero-shot mean acc (%)" for name in accuracy_columns]
     headers += ["removed blocks"]
     return headers, rows

@@ -36,10 +36,14 @@ def test_demo_model_loads_by_alias_and_path_with_its_card_perplexity():
 
 
 def test_quickstart_runs_offline(tmp_path):
-    out = run("sleb", "--model_name", "demo", "--dataset", "demo", "--ppl_datasets", "demo", "--nsamples", "16", "--seqlen", "128",
-              "--num_remove_blocks", "1", "--result_folder", str(tmp_path), "--result_file", "q.json")
+    # No model or data flags: the demo model is the default, and its data sets follow it.
+    out = run("sleb", "--nsamples", "16", "--seqlen", "128", "--num_remove_blocks", "1",
+              "--result_folder", str(tmp_path), "--result_file", "q.json")
     assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == "loading demo: float32 on cpu"  # dtype and placement first
     result = json.loads((tmp_path / "q.json").read_text())
+    assert result["settings"]["dataset"] == "demo" and result["settings"]["ppl_datasets"] == "demo"
+    assert result["placement"] == {"dtype": "float32", "input_device": "cpu"}
     assert len(result["search"]["removal_list"]) == 1
     assert result["ppl"]["demo"]["ppl"] > result["ppl_dense"]["demo"]["ppl"] > 1
 

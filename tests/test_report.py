@@ -19,7 +19,7 @@ SCRIPTS = ["ppl.sh", "zeroshot.sh", "latency.sh", "metrics.sh", "demo_table.sh"]
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_dry_run_prints_valid_commands(script, tmp_path):
     models = [] if script == "demo_table.sh" else ["facebook/opt-6.7b,meta-llama/Llama-2-70b-hf"]
-    out = subprocess.run(["bash", os.path.join(ROOT, "scripts", script), *models, str(tmp_path), "--dry-run"],
+    out = subprocess.run(["bash", os.path.join(ROOT, "scripts", script), "--dry-run", *models, str(tmp_path)],
                          capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHON": sys.executable})
     assert out.returncode == 0, out.stderr
     commands = [shlex.split(line) for line in out.stdout.strip().splitlines()]
@@ -45,12 +45,22 @@ def test_script_without_arguments_says_how(tmp_path):
     assert out.returncode == 2 and "usage" in out.stderr
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_option_like_argument_is_refused_not_run(script, tmp_path):
+    # A misspelt --dry-run must never become OUT_DIR and start the full table.
+    out = subprocess.run(["bash", os.path.join(ROOT, "scripts", script), "--dryrun", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHON": sys.executable})
+    assert out.returncode == 2 and "unknown option --dryrun" in out.stderr and not out.stdout
+    assert not (tmp_path / "out").exists() and not os.path.exists(os.path.join(ROOT, "--dryrun"))
+
+
 def test_report_tables_plots_and_skipped_files(model_dirs, text_file, tmp_path):
     results = tmp_path / "results"
     common = ["--model_name", model_dirs["llama"], "--ppl_datasets", f"file:{text_file}", "--seqlen", "32",
               "--result_folder", str(results)]
     for args in (["eval", "--removal_list", "[]", "--eval_zeroshot", "True", "--tasks", "demo_order", "--limit", "4"],
                  ["sleb", "--dataset", f"file:{text_file}", "--nsamples", "40", "--num_remove_blocks", "1"],
+                 ["sleb", "--dataset", f"file:{text_file}", "--nsamples", "20", "--num_remove_blocks", "1"],
                  ["sleb", "--dataset", f"file:{text_file}", "--nsamples", "40", "--num_remove_blocks", "2",
                   "--metric", "cosine"]):
         assert run(args[0], *args[1:], *common).returncode == 0
@@ -69,9 +79,13 @@ def test_report_tables_plots_and_skipped_files(model_dirs, text_file, tmp_path):
     dense_row = next(line for line in report.splitlines() if line.startswith("| llama | 0/6 (0%) | dense |"))
     assert dense_row.split("|")[-3].strip() == dense_row.split("|")[-4].strip() != "-"  # one task: mean == task
     assert dense_row.split("|")[-2].strip() == "-"  # nothing removed
-    sleb_result = json.loads(next(results.glob("sleb_*_sleb_remove1of6_*.json")).read_text())
-    sleb_row = next(line for line in report.splitlines() if line.startswith("| llama | 1/6 (17%) | sleb |"))
-    assert sleb_row.split("|")[-2].strip() == str(sleb_result["search"]["removal_list"])
+    # Two searches that differ only in their calibration rows are two rows, not one average.
+    sleb_rows = [line for line in report.splitlines() if line.startswith("| llama | 1/6 (17%) | sleb |")]
+    assert len(sleb_rows) == 2 and "mean of" not in report
+    for nsamples in (20, 40):
+        sleb_result = json.loads(next(results.glob(f"sleb_*_sleb_remove1of6_*_n{nsamples}_*.json")).read_text())
+        row = next(line for line in sleb_rows if f"{nsamples} rows" in line)
+        assert row.split("|")[-2].strip() == str(sleb_result["search"]["removal_list"])
     assert "| llama | 1/6 (17%) | sleb |" in report and "| llama | 2/6 (33%) | cosine |" in report
     assert "## Latency" in report and "| llama | prompt |" in report
     pngs = list((tmp_path / "report").glob("*.png"))

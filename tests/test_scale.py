@@ -35,19 +35,22 @@ def test_torchrun_two_ranks_equals_single_process(model_dirs, text_file, tmp_pat
     assert launched.stdout.count("results written to") == 1  # only rank 0 writes
 
 
-def test_device_map_gives_the_same_list_perplexity_and_accuracy(model_dirs, text_file, tmp_path):
+def test_model_spread_by_accelerate_gives_the_same_list_perplexity_and_accuracy(model_dirs, text_file, tmp_path):
+    """A CPU budget too small for the model makes accelerate offload blocks to disk and attach its hooks
+    (weights stay on the meta device until a block runs): the path of a model larger than its GPUs."""
     zeroshot = ["--eval_zeroshot", "True", "--tasks", "demo_order", "--limit", "12"]
     plain = run("sleb", *_search_args(model_dirs["llama"], text_file, tmp_path, "plain.json"), *zeroshot)
-    device_map = json.dumps({"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
-                             "model.layers.1": "cpu", "model.layers.2": "cpu", "model.layers.3": "cpu",
-                             "model.layers.4": "cpu", "model.layers.5": "cpu", "model.norm": "cpu",
-                             "lm_head": "cpu"})
-    mapped = run("sleb", *_search_args(model_dirs["llama"], text_file, tmp_path, "mapped.json"),
-                 "--device_map", device_map, *zeroshot)
-    assert plain.returncode == 0 and mapped.returncode == 0, mapped.stderr
+    spread = run("sleb", *_search_args(model_dirs["llama"], text_file, tmp_path, "spread.json"),
+                 "--device_map", "auto", "--max_memory", '{"cpu": "150KB"}', *zeroshot)
+    assert plain.returncode == 0 and spread.returncode == 0, spread.stderr
     a = json.loads((tmp_path / "plain.json").read_text())
-    b = json.loads((tmp_path / "mapped.json").read_text())
+    b = json.loads((tmp_path / "spread.json").read_text())
+    assert set(b["placement"]["devices"]) == {"cpu", "disk"}  # really spread, hooks and all
+    assert "placed by accelerate" in spread.stdout.splitlines()[1]
     assert b["search"]["removal_list"] == a["search"]["removal_list"]
+    for row_a, row_b in zip(a["search"]["losses"], b["search"]["losses"]):
+        for x, y in zip(row_a, row_b):
+            assert (x is None and y is None) or y == pytest.approx(x, rel=1e-6)
     name = f"file:{text_file}"
     assert abs(b["ppl"][name]["ppl"] - a["ppl"][name]["ppl"]) <= 1e-5 * a["ppl"][name]["ppl"]
     assert b["zeroshot"]["tasks"]["demo_order"] == pytest.approx(a["zeroshot"]["tasks"]["demo_order"], rel=1e-6)

@@ -90,3 +90,16 @@ def write_text(path, lines: int = 400, seed: int = 0) -> str:
 
 
 ARCHS = ("llama", "mistral", "qwen2", "gemma3", "phi3", "opt", "gpt_neox", "gpt2")
+
+
+def make_overflowing_model_dir(path, scale: float = 3e4) -> str:
+    """A tiny Llama that is finite in float32 and bfloat16 but overflows to NaN in float16, as a
+    bf16-native checkpoint can: block 2's MLP output is scaled past float16's range (65504)."""
+    from transformers import AutoModelForCausalLM
+
+    make_model_dir(path, "llama")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        model.model.layers[2].mlp.down_proj.weight.mul_(scale)
+    model.save_pretrained(path)
+    return str(path)
