@@ -2,6 +2,7 @@
 what it cost, how it was healed, and the command that made it, so a checkpoint pushed to the hub
 says what it is and where it came from."""
 
+import os
 import shlex
 import sys
 
@@ -24,14 +25,20 @@ def _ppl_lines(title: str, ppl: dict) -> list:
     return [f"- {title}: " + ", ".join(f"{name} {entry['ppl']:.3f}" for name, entry in ppl.items())]
 
 
-def make_card(record: dict, module: str, tags: list, sections: list):
+def _settings(record: dict) -> dict:
+    settings = record["settings"]
+    return settings if isinstance(settings, dict) else vars(settings)
+
+
+def make_card(record: dict, module: str, tags: list, sections: list, metric: str):
     from huggingface_hub import ModelCard, ModelCardData
 
-    settings = record["settings"]
-    settings = settings if isinstance(settings, dict) else vars(settings)
-    model_name = settings["model_name"]
+    model_name = _settings(record)["model_name"]
+    # sleb_* keys: what `python -m sleb.heal` (and any other reader) needs to know about the checkpoint.
     data = ModelCardData(base_model=_base_model(model_name), library_name="transformers",
-                         tags=["sleb", "depth-pruning", "pruned"] + tags)
+                         tags=["sleb", "depth-pruning", "pruned"] + tags,
+                         sleb_removal_list=list(record["removal_list"]), sleb_num_blocks=record["num_blocks"],
+                         sleb_metric=metric)
     removed = record["removal_list"]
     depth = record["num_blocks"]
     body = [f"# {model_name} with {len(removed)} of {depth} blocks removed", "",
@@ -45,8 +52,7 @@ def make_card(record: dict, module: str, tags: list, sections: list):
 
 
 def _search_lines(record: dict) -> list:
-    settings = record["settings"]
-    settings = settings if isinstance(settings, dict) else vars(settings)
+    settings = _settings(record)
     if record["command"] != "sleb":
         return ["- removal list given by hand (`python -m eval --removal_list`)"]
     return [f"- metric: {settings['metric']}; calibration: {settings['dataset']}, {settings['nsamples']} rows "
@@ -58,5 +64,43 @@ def pruned_card(record: dict):
     quality = _ppl_lines("perplexity before removal", record.get("ppl_dense")) + \
         _ppl_lines("perplexity after removal", record.get("ppl"))
     module = "sleb" if record["command"] == "sleb" else "eval"
+    metric = _settings(record)["metric"] if record["command"] == "sleb" else "given"
     return make_card(record, module, [], [("How the blocks were chosen", _search_lines(record)),
-                                          ("Quality", quality)])
+                                          ("Quality", quality)], metric)
+
+
+def read_card(directory: str):
+    """The sleb metadata of a checkpoint's model card ({} when it has no sleb card)."""
+    from huggingface_hub import ModelCard
+
+    path = os.path.join(directory, "README.md")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        data = ModelCard.load(path).data.to_dict()
+    except Exception:  # a README that is not a model card
+        return {}
+    return {key: value for key, value in data.items() if key.startswith("sleb_")}
+
+
+def read_removal_list(directory: str):
+    """The removed blocks a sleb checkpoint's card records, or None."""
+    removal = read_card(directory).get("sleb_removal_list")
+    return list(removal) if isinstance(removal, list) else None
+
+
+def healed_card(record: dict):
+    """Card of a checkpoint healed by `python -m sleb.heal`."""
+    settings = _settings(record)
+    metric = record["source_metric"]
+    recipe = [f"- LoRA (peft) r={settings['lora_r']}, alpha={settings['lora_alpha']}, dropout "
+              f"{settings['lora_dropout']}, on {', '.join(record['lora_targets'])}; merged into the weights",
+              f"- AdamW, lr {settings['lr']}, {settings['warmup_steps']} warm-up steps then linear decay, "
+              f"batch {settings['train_batch_size']} x {settings['grad_accum']} accumulation, "
+              + (f"{settings['max_steps']} steps" if settings["max_steps"] > 0 else f"{settings['epochs']} epochs"),
+              f"- data: {settings['dataset']}, {record['train_windows']} windows of {settings['seqlen']} tokens; "
+              f"trained {record['train_seconds']:.0f} s" + (" on a 4-bit base (QLoRA)" if settings["load_in_4bit"] else "")]
+    quality = _ppl_lines("perplexity after removal", record.get("ppl_pruned")) + \
+        _ppl_lines("perplexity after healing", record.get("ppl_healed"))
+    return make_card(record, "sleb.heal", ["lora", "healed"], [("How the blocks were chosen", [f"- metric: {metric}"]),
+                                                              ("Healing", recipe), ("Quality", quality)], metric)

@@ -227,8 +227,10 @@ def _offload_folder() -> str:
 
 
 def load_model(model_name: str, dtype: str = "auto", device: str = "auto", device_map=None,
-               trust_remote_code: bool = False, max_memory=None):
-    """Return (model in eval mode, tokenizer). Any failure to load is a one-line UsageError."""
+               trust_remote_code: bool = False, max_memory=None, quantization_config=None):
+    """Return (model in eval mode, tokenizer). Any failure to load is a one-line UsageError.
+
+    `quantization_config` (e.g. bitsandbytes' 4-bit, for QLoRA) is handed to from_pretrained."""
     from transformers import AutoModelForCausalLM
 
     path, config = load_config(model_name, trust_remote_code)
@@ -236,6 +238,8 @@ def load_model(model_name: str, dtype: str = "auto", device: str = "auto", devic
     print(f"loading {model_name}: {placement.describe()}", flush=True)
     tokenizer = load_tokenizer(model_name, path, trust_remote_code)  # before the weights: cheap, fails fast
     kwargs = {"dtype": placement.dtype, "trust_remote_code": trust_remote_code}
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
     if placement.device_map is not None:
         kwargs.update(device_map=placement.device_map, offload_folder=_offload_folder())
         if placement.max_memory is not None:
@@ -257,7 +261,7 @@ def load_model(model_name: str, dtype: str = "auto", device: str = "auto", devic
         missing = sorted(info["missing_keys"])
         raise UsageError(f"{model_name!r} is not a causal language model checkpoint ({len(missing)} weights "
                          f"missing, e.g. {missing[0]}); pass a decoder such as Llama, OPT or Qwen2")
-    if placement.device_map is None:
+    if placement.device_map is None and quantization_config is None:
         model.to(placement.device)
     else:
         print(f"placed by accelerate: {describe_placement(model)}", flush=True)

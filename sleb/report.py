@@ -15,7 +15,7 @@ import fire
 
 from sleb.errors import UsageError
 
-COMMANDS = ("sleb", "eval", "latency")
+COMMANDS = ("sleb", "eval", "latency", "heal")
 
 
 def load_results(folder: str) -> list:
@@ -45,12 +45,16 @@ def _model(record) -> str:
 
 
 def _metric(record) -> str:
+    if record["command"] == "heal":
+        return f"{record.get('source_metric', 'given')} + LoRA"
     return record["settings"].get("metric", "given") if record["command"] == "sleb" else (
         "dense" if not record["removal_list"] else "given")
 
 
 def _calibration(record) -> str:
     settings = record["settings"]
+    if record["command"] == "heal":
+        return f"LoRA on {settings['dataset']}, {len(record.get('loss_curve') or [])} logged steps"
     if record["command"] != "sleb" or settings.get("metric") == "random":
         return "-"  # given lists and random choices use no calibration data
     return f"{settings['dataset']}, {settings['nsamples']} rows, seed {settings['seed']}"

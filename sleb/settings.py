@@ -58,7 +58,6 @@ class EvalFlags:
                                              f"default {PAPER_PPL_DATASETS} (demo for the demo model)")
     seqlen: int = flag(2048, "tokens per window (capped at the model's maximum positions)")
     batch_size: int = flag(1, "windows per forward pass when measuring perplexity")
-    save_model: Optional[str] = flag(None, "directory to write the pruned model and tokenizer to (save_pretrained)")
     eval_zeroshot: bool = flag(False, "zero-shot accuracy with lm-eval on --tasks")
     tasks: Optional[str] = flag(None, f"comma-separated lm-eval tasks; default {PAPER_TASKS} "
                                       f"({DEMO_TASKS}, which work offline, for the demo model)")
@@ -70,8 +69,6 @@ class EvalFlags:
     def check_eval(self) -> None:
         for name, minimum in (("seqlen", 2), ("batch_size", 1), ("num_fewshot", 0), ("zeroshot_batch_size", 1)):
             check_at_least(name, getattr(self, name), minimum)
-        if self.save_model and os.path.exists(self.save_model) and os.listdir(self.save_model):
-            raise UsageError(f"--save_model directory {self.save_model!r} is not empty; choose a new directory")
         if self.ppl_datasets is None:
             self.ppl_datasets = _follows_model(self.model_name, "demo", PAPER_PPL_DATASETS)
         if self.tasks is None:
@@ -92,6 +89,16 @@ class EvalFlags:
 
 
 @dataclass
+class SaveFlags:
+    save_model: Optional[str] = flag(None, "directory to write the pruned model, tokenizer and model card to "
+                                           "(save_pretrained)")
+
+    def check_save(self) -> None:
+        if self.save_model and os.path.exists(self.save_model) and os.listdir(self.save_model):
+            raise UsageError(f"--save_model directory {self.save_model!r} is not empty; choose a new directory")
+
+
+@dataclass
 class OutputFlags:
     result_folder: str = flag("sleb_results", "where the results JSON is written")
     result_file: Optional[str] = flag(None, "file name of the results JSON (default: derived from the settings)")
@@ -103,7 +110,7 @@ class OutputFlags:
 
 
 @dataclass
-class EvalSettings(OutputFlags, EvalFlags, ModelFlags):
+class EvalSettings(OutputFlags, SaveFlags, EvalFlags, ModelFlags):
     """`python -m eval`: evaluate a model with given blocks removed."""
 
     removal_list: list = flag([], "original indices of the blocks to remove, e.g. '[5, 4, 9]'; [] = dense")
@@ -111,6 +118,7 @@ class EvalSettings(OutputFlags, EvalFlags, ModelFlags):
     def check(self) -> None:
         self.removal_list = blocks.check_removal_list(self.removal_list)
         self.check_eval()
+        self.check_save()
         self.check_model()
         self.check_output()
 
@@ -119,7 +127,7 @@ class EvalSettings(OutputFlags, EvalFlags, ModelFlags):
 
 
 @dataclass
-class SearchSettings(OutputFlags, EvalFlags, ModelFlags):
+class SearchSettings(OutputFlags, SaveFlags, EvalFlags, ModelFlags):
     """`python -m sleb`: find which blocks to remove, then evaluate the pruned model."""
 
     num_blocks: Optional[int] = flag(None, "the model's depth (default: read from the model); a mismatch is an error")
@@ -155,6 +163,7 @@ class SearchSettings(OutputFlags, EvalFlags, ModelFlags):
             self.dataset = _follows_model(self.model_name, "demo", "wikitext2")
         data.check_dataset_name(self.dataset)
         self.check_eval()
+        self.check_save()
         self.check_model()
         self.check_output()
 

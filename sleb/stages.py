@@ -33,10 +33,17 @@ def fetch_eval_data(settings) -> EvalData:
     return EvalData(texts, tasks, manager)
 
 
-def load(settings):
-    """(model, tokenizer) as the settings place them."""
+def load(settings, quantize_4bit: bool = False):
+    """(model, tokenizer) as the settings place them; `quantize_4bit`: NF4 weights through bitsandbytes."""
+    quantization = None
+    if quantize_4bit:
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=torch.bfloat16)
     return models.load_model(settings.model_name, settings.dtype, settings.device, settings.device_map,
-                             settings.trust_remote_code, settings.max_memory)
+                             settings.trust_remote_code, settings.max_memory, quantization)
 
 
 def effective_seqlen(model, seqlen: int) -> int:

@@ -10,10 +10,11 @@ import pytest
 
 from clitools import ROOT, run
 from sleb.cli import parse_settings
+from sleb.heal import HealSettings
 from sleb.settings import EvalSettings, LatencySettings, SearchSettings
 
-SETTINGS = {"sleb": SearchSettings, "eval": EvalSettings, "latency": LatencySettings}
-SCRIPTS = ["ppl.sh", "zeroshot.sh", "latency.sh", "metrics.sh", "demo_table.sh"]
+SETTINGS = {"sleb": SearchSettings, "eval": EvalSettings, "latency": LatencySettings, "sleb.heal": HealSettings}
+SCRIPTS = ["ppl.sh", "zeroshot.sh", "latency.sh", "metrics.sh", "demo_table.sh", "heal.sh"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -1,0 +1,183 @@
+"""Healing with LoRA: training lowers the loss, the merged checkpoint reloads to the peft model's logits,
+kill -9 then resume finishes, bad input is one line, and saved checkpoints carry a model card."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import tiny
+from clitools import ROOT, run
+from sleb import blocks, heal, stages
+from sleb.model_card import read_card
+from sleb.models import load_model
+
+
+def _heal_args(model_dir, text_file, tmp_path, *extra):
+    return ["--model_name", model_dir, "--removal_list", "[2, 4]", "--dataset", f"file:{text_file}",
+            "--nsamples", "300", "--seqlen", "32", "--ppl_datasets", f"file:{text_file}", "--eval_seqlen", "32",
+            "--lr", "1e-2", "--warmup_steps", "2", "--train_batch_size", "4", "--grad_accum", "1",
+            "--logging_steps", "2", "--output_dir", str(tmp_path / "healed"), "--result_folder", str(tmp_path),
+            "--result_file", "h.json", *extra]
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_heal_lowers_the_loss_and_saves_a_checkpoint_stock_transformers_loads(arch, model_dirs, text_file, tmp_path):
+    out = run("sleb.heal", *_heal_args(model_dirs[arch], text_file, tmp_path, "--max_steps", "30"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    record = json.loads((tmp_path / "h.json").read_text())
+    curve = [point["loss"] for point in record["loss_curve"]]
+    assert len(curve) == 15 and curve[-1] < curve[0]
+    name = f"file:{text_file}"
+    assert record["ppl_healed"][name]["ppl"] < record["ppl_pruned"][name]["ppl"]
+    assert record["ppl"] == record["ppl_healed"] and record["train_seconds"] > 0
+    assert record["output_dir"] == str(tmp_path / "healed") and record["removal_list"] == [2, 4]
+    assert os.path.getsize(record["loss_plot"]) > 1000
+    expected = {"llama": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+                "opt": {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}}[arch]
+    assert set(record["lora_targets"]) == expected
+    healed = AutoModelForCausalLM.from_pretrained(tmp_path / "healed")
+    assert healed.config.num_hidden_layers == 4
+    card = read_card(str(tmp_path / "healed"))
+    assert card["sleb_removal_list"] == [2, 4] and card["sleb_num_blocks"] == 6
+    assert "python -m sleb.heal" in (tmp_path / "healed" / "README.md").read_text()
+    assert not (tmp_path / "h_trainer").exists()  # the Trainer's checkpoints are gone once the merge is saved
+
+
+def test_merged_checkpoint_reloads_to_the_peft_models_logits(model_dirs, text_file, tmp_path):
+
+    settings = heal.HealSettings(model_name=model_dirs["llama"], removal_list=[1], dataset=f"file:{text_file}",
+                                 nsamples=200, seqlen=32, lr=1e-2, max_steps=8, warmup_steps=0, train_batch_size=4,
+                                 grad_accum=1, logging_steps=4, output_dir=str(tmp_path / "out"))
+    settings.check()
+    model, tokenizer = load_model(model_dirs["llama"], device="cpu")
+    blocks.remove_blocks(model, [1])
+    train_data = heal._training_windows(settings, tokenizer)
+    peft_model, curve, _ = heal._train(model, train_data, settings, str(tmp_path / "work"))
+    ids = torch.tensor(train_data[0]["input_ids"])[None]
+    with torch.no_grad():
+        adapted = peft_model(input_ids=ids).logits
+        merged = heal._merge(peft_model, settings, [1], tokenizer)
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted, rtol=1e-5, atol=1e-5)
+        stages.save_checkpoint(merged, tokenizer, str(tmp_path / "out"))
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, adapted, rtol=1e-5, atol=1e-5)
+        # The LoRA moved the weights: the merged model is not the pruned one.
+        pruned, _ = load_model(model_dirs["llama"], device="cpu")
+        blocks.remove_blocks(pruned, [1])
+        assert not torch.allclose(pruned(input_ids=ids).logits, adapted, atol=1e-3)
+
+
+def test_kill_then_resume_finishes_with_a_merged_checkpoint(model_dirs, text_file, tmp_path):
+    args = _heal_args(model_dirs["llama"], text_file, tmp_path, "--max_steps", "40", "--save_steps", "5",
+                      "--eval_ppl", "False")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    process = subprocess.Popen([sys.executable, "-m", "sleb.heal", *args], cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    work = tmp_path / "h_trainer"
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if (work / "checkpoint-10").is_dir():
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "training ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "healed").exists() and not (tmp_path / "h.json").exists()
+
+    resumed = run("sleb.heal", *args, "--resume", "True")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    record = json.loads((tmp_path / "h.json").read_text())
+    steps = [point["step"] for point in record["loss_curve"]]
+    assert steps[-1] == 40 and steps[0] == 2  # the curve runs from before the kill to the end
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "healed").config.num_hidden_layers == 4
+
+
+def test_resume_steps_over_a_checkpoint_killed_while_written(tmp_path):
+    for step in (5, 10, 15):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    (tmp_path / "checkpoint-5" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-10" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-15" / "trainer_state.json").write_text('{"log_hist')  # cut off mid-write
+    assert heal.last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    assert heal.last_complete_checkpoint(str(tmp_path / "none")) is None
+
+
+BAD = [
+    (["--removal_list", None], "not a pruned checkpoint"),
+    (["--dataset", "nowhere"], "unknown data set"),
+    (["--dataset", "file:EMPTY"], "fewer than one window"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--output_dir", "FULL"], "not empty"),
+    (["--removal_list", "[]"], "nothing to heal"),
+    (["--resume", "True"], "no complete Trainer checkpoint"),
+]
+
+
+@pytest.mark.parametrize("override, message", BAD, ids=[m for _, m in BAD])
+def test_bad_input_is_one_line_and_writes_nothing(override, message, model_dirs, text_file, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n\n")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("x")
+    args = _heal_args(model_dirs["llama"], text_file, tmp_path / "results", "--max_steps", "2")
+    name, value = override
+    index = args.index(name) if name in args else None
+    if value is None:
+        del args[index : index + 2]
+    else:
+        value = value.replace("EMPTY", str(empty)).replace("FULL", str(full))
+        if index is None:
+            args += [name, value]
+        else:
+            args[index + 1] = value
+    out = run("sleb.heal", *args)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = [line for line in out.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and message in lines[-1], out.stderr[-2000:]
+    assert sum(line.startswith("error: ") for line in lines) == 1 and "Traceback" not in out.stderr
+    assert not (tmp_path / "results").exists() or not [p for p in (tmp_path / "results").iterdir()]
+    assert list(full.iterdir()) == [full / "keep.txt"]
+
+
+@pytest.mark.parametrize("arch, expected", [("gpt2", {"c_attn", "c_proj", "c_fc"}),  # Conv1D, c_proj twice
+                                            ("gpt_neox", {"query_key_value", "dense", "dense_h_to_4h",
+                                                          "dense_4h_to_h"})])
+def test_lora_targets_are_found_per_architecture(arch, expected, model_dirs):
+    model, _ = load_model(model_dirs[arch], device="cpu")
+    names = heal.lora_targets(model)
+    assert {name.rsplit(".", 1)[-1] for name in names} == expected
+    assert len(names) == 6 * 4  # four projections in every block, nothing outside them (no LM head)
+
+
+def test_pruned_checkpoint_carries_a_card_and_heals_without_a_list(model_dirs, text_file, tmp_path):
+    saved = tmp_path / "pruned"
+    out = run("eval", "--model_name", model_dirs["llama"], "--removal_list", "[4, 1]", "--ppl_datasets",
+              f"file:{text_file}", "--seqlen", "32", "--save_model", str(saved), "--result_folder", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    text = (saved / "README.md").read_text()
+    assert text.startswith("---\n") and "depth-pruning" in text and "`[4, 1]`" in text and "python -m eval" in text
+    assert read_card(str(saved))["sleb_removal_list"] == [4, 1]
+    healed = run("sleb.heal", "--model_name", str(saved), "--dataset", f"file:{text_file}", "--nsamples", "100",
+                 "--seqlen", "32", "--eval_ppl", "False", "--max_steps", "2", "--warmup_steps", "0",
+                 "--output_dir", str(tmp_path / "healed"), "--result_folder", str(tmp_path), "--result_file", "h.json")
+    assert healed.returncode == 0, healed.stderr[-2000:]
+    record = json.loads((tmp_path / "h.json").read_text())
+    assert record["removal_list"] == [4, 1] and record["num_blocks"] == 6 and record["source_metric"] == "given"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="QLoRA needs CUDA (bitsandbytes)")
+def test_qlora_on_gpu(model_dirs, text_file, tmp_path):
+    out = run("sleb.heal", *_heal_args(model_dirs["llama"], text_file, tmp_path, "--max_steps", "10",
+                                       "--load_in_4bit", "True"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    record = json.loads((tmp_path / "h.json").read_text())
+    assert record["loss_curve"][-1]["loss"] < record["loss_curve"][0]["loss"]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "healed").config.num_hidden_layers == 4
