@@ -22,7 +22,7 @@ from typing import Optional
 from sleb import blocks, data, models, results, stages
 from sleb.cli import flag, run_cli
 from sleb.errors import UsageError, check_at_least, check_finite
-from sleb.settings import EvalFlags, ModelFlags, OutputFlags
+from sleb.settings import EvalFlags, ModelFlags, OutputFlags, follows_model
 
 
 @dataclass
@@ -87,7 +87,7 @@ class HealSettings(OutputFlags, EvalFlags, ModelFlags):
             if importlib.util.find_spec("bitsandbytes") is None:
                 raise UsageError("--load_in_4bit True needs bitsandbytes: pip install bitsandbytes")
         if self.dataset is None:
-            self.dataset = "demo" if self.model_name == "demo" else "c4"
+            self.dataset = follows_model(self.model_name, "demo", "c4")
         data.check_dataset_name(self.dataset)
         self.check_eval()
         self.check_model()
@@ -106,13 +106,13 @@ class HealSettings(OutputFlags, EvalFlags, ModelFlags):
         return blocks.check_removal_list(self.removal_list, depth)
 
 
-def _source_metric(model_name: str, card_removal) -> str:
-    """How the blocks were chosen: the pruned checkpoint's card says, else they were given by hand."""
+def _source(model_name: str, card_removal) -> dict:
+    """How the blocks were chosen and from which model: a pruned checkpoint's card says; else they
+    are given by hand on `model_name` itself."""
     from sleb.model_card import read_card
 
-    if card_removal is None:
-        return "given"
-    return read_card(os.path.expanduser(models.resolve_model_name(model_name))).get("sleb_metric", "given")
+    card = read_card(os.path.expanduser(models.resolve_model_name(model_name))) if card_removal is not None else {}
+    return {"source_metric": card.get("sleb_metric", "given"), "base_model": card.get("sleb_base_model", model_name)}
 
 
 def _card_removal(model_name: str):
@@ -279,7 +279,7 @@ def run_heal(settings) -> dict:
               f"{settings.dataset}")
         eval_windows = stages.tokenize_eval_texts(model, tokenizer, eval_data, settings.eval_seqlen)
         record = stages.record("heal", settings, model, original_depth, removal_list=removed,
-                               source_metric=_source_metric(settings.model_name, card_removal),
+                               **_source(settings.model_name, card_removal),
                                ppl_pruned=stages.perplexity(model, eval_windows, settings.batch_size))
         if eval_data.tasks:
             record["zeroshot_pruned"] = stages.zeroshot_accuracy(model, tokenizer, eval_data, settings)

@@ -105,12 +105,12 @@ def run_latency(settings) -> dict:
         print(f"{mode}: batch {settings.batch_size}, prompt {settings.prompt_len} tokens"
               + (f", {settings.new_tokens} new tokens (greedy)" if settings.new_tokens else "")
               + f"; removing {removal_list} ({len(removal_list)} of {depth} blocks; only the count matters for latency)")
-        sizes = (settings.new_tokens, settings.warmup, settings.repeats, settings.static_cache, settings.compile)
-        dense = measure(model, input_ids, *sizes)
+        how = (settings.new_tokens, settings.warmup, settings.repeats, settings.static_cache, settings.compile)
+        dense = measure(model, input_ids, *how)
         blocks.remove_blocks(model, removal_list)
         if compile_forward:
             torch._dynamo.reset()  # the block list changed: compile the pruned graph afresh
-        pruned = measure(model, input_ids, *sizes)
+        pruned = measure(model, input_ids, *how)
 
         # record and write
         speedup = dense["median_s"] / pruned["median_s"]

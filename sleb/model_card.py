@@ -33,12 +33,12 @@ def _settings(record: dict) -> dict:
 def make_card(record: dict, module: str, tags: list, sections: list, metric: str):
     from huggingface_hub import ModelCard, ModelCardData
 
-    model_name = _settings(record)["model_name"]
+    model_name = record.get("base_model") or _settings(record)["model_name"]  # heal: the model it was pruned from
     # sleb_* keys: what `python -m sleb.heal` (and any other reader) needs to know about the checkpoint.
     data = ModelCardData(base_model=_base_model(model_name), library_name="transformers",
                          tags=["sleb", "depth-pruning", "pruned"] + tags,
                          sleb_removal_list=list(record["removal_list"]), sleb_num_blocks=record["num_blocks"],
-                         sleb_metric=metric)
+                         sleb_metric=metric, sleb_base_model=model_name)
     removed = record["removal_list"]
     depth = record["num_blocks"]
     body = [f"# {model_name} with {len(removed)} of {depth} blocks removed", "",

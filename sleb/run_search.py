@@ -9,7 +9,7 @@ import time
 from sleb import blocks, data, distributed, models, results, stages
 from sleb.engines import ReferenceEngine
 from sleb.errors import UsageError
-from sleb.search import ITERATIVE, METRICS, USES_ENGINE, SearchJob, SearchState
+from sleb.search import ITERATIVE, METRICS, SearchJob, SearchState
 
 # Settings that define a search's answer: a resumed run must match them.
 _RESUME_KEYS = ("model_name", "num_blocks", "num_remove_blocks", "early_barrier", "latter_barrier", "dataset",
@@ -121,8 +121,7 @@ def run_search(settings) -> dict:
         print(f"removal list: {state.removal_list} (search took {search_seconds:.1f} s)")
 
         # prune and evaluate
-        record = {**base, "search": _search_record(state, job.engine if settings.metric in USES_ENGINE else None,
-                                                   search_seconds, "done")}
+        record = {**base, "search": _search_record(state, job.engine, search_seconds, "done")}
         eval_windows = stages.tokenize_eval_texts(model, tokenizer, eval_data, settings.seqlen)
         dense = stages.perplexity(model, eval_windows, settings.batch_size)
         if dense:

@@ -262,5 +262,4 @@ METRICS = {
     "angular": angular,
     "random": random_choice,
 }
-USES_ENGINE = ("sleb", "sleb_oneshot")
 ITERATIVE = ("sleb",)  # the metrics whose partial result (finished phases) can be continued

@@ -31,8 +31,18 @@ def comma_list(value: str, flag_name: str, example: str) -> list:
     return names
 
 
-def _follows_model(model_name: str, demo_value: str, paper_value: str) -> str:
-    return demo_value if model_name == "demo" else paper_value
+def is_demo(model_name: str) -> bool:
+    """The demo model, or a checkpoint sleb saved from it (its model card names the model it came from)."""
+    if model_name == "demo":
+        return True
+    from sleb.model_card import read_card
+
+    path = os.path.expanduser(model_name)
+    return os.path.isdir(path) and read_card(path).get("sleb_base_model") == "demo"
+
+
+def follows_model(model_name: str, demo_value: str, paper_value: str) -> str:
+    return demo_value if is_demo(model_name) else paper_value
 
 
 @dataclass
@@ -70,9 +80,9 @@ class EvalFlags:
         for name, minimum in (("seqlen", 2), ("batch_size", 1), ("num_fewshot", 0), ("zeroshot_batch_size", 1)):
             check_at_least(name, getattr(self, name), minimum)
         if self.ppl_datasets is None:
-            self.ppl_datasets = _follows_model(self.model_name, "demo", PAPER_PPL_DATASETS)
+            self.ppl_datasets = follows_model(self.model_name, "demo", PAPER_PPL_DATASETS)
         if self.tasks is None:
-            self.tasks = _follows_model(self.model_name, DEMO_TASKS, PAPER_TASKS)
+            self.tasks = follows_model(self.model_name, DEMO_TASKS, PAPER_TASKS)
         for name in self.ppl_dataset_names():
             data.check_dataset_name(name)
         self.task_names()
@@ -160,7 +170,7 @@ class SearchSettings(OutputFlags, SaveFlags, EvalFlags, ModelFlags):
         if self.num_remove_blocks is not None:
             check_at_least("num_remove_blocks", self.num_remove_blocks, 1)
         if self.dataset is None:
-            self.dataset = _follows_model(self.model_name, "demo", "wikitext2")
+            self.dataset = follows_model(self.model_name, "demo", "wikitext2")
         data.check_dataset_name(self.dataset)
         self.check_eval()
         self.check_save()

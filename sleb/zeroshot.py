@@ -5,16 +5,6 @@ import logging
 from sleb import hub, results
 from sleb.errors import UsageError, first_line
 
-PAPER_TASKS = "piqa,winogrande,hellaswag,arc_challenge,arc_easy"
-
-
-def task_names(tasks: str) -> list:
-    names = [name.strip() for name in str(tasks).split(",") if name.strip()]
-    if not names:
-        raise UsageError("--tasks is empty; name lm-eval tasks, e.g. piqa,arc_easy or demo_cloze")
-    return names
-
-
 def task_manager(names: list):
     """lm-eval's task registry plus the offline demo tasks (alone when only those are asked for:
     indexing lm-eval's thousands of task files takes ~30 s)."""

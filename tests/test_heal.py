@@ -173,6 +173,17 @@ def test_pruned_checkpoint_carries_a_card_and_heals_without_a_list(model_dirs, t
     assert record["removal_list"] == [4, 1] and record["num_blocks"] == 6 and record["source_metric"] == "given"
 
 
+def test_a_checkpoint_pruned_from_the_demo_model_defaults_to_demo_data(tmp_path):
+    saved = tmp_path / "pruned-demo"
+    out = run("eval", "--model_name", "demo", "--removal_list", "[7]", "--eval_ppl", "False",
+              "--save_model", str(saved), "--result_folder", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert read_card(str(saved))["sleb_base_model"] == "demo"
+    settings = heal.HealSettings(model_name=str(saved), output_dir=str(tmp_path / "healed"))
+    settings.check()
+    assert (settings.dataset, settings.ppl_datasets, settings.tasks) == ("demo", "demo", "demo_cloze,demo_order")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="QLoRA needs CUDA (bitsandbytes)")
 def test_qlora_on_gpu(model_dirs, text_file, tmp_path):
     out = run("sleb.heal", *_heal_args(model_dirs["llama"], text_file, tmp_path, "--max_steps", "10",
