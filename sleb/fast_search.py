@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sleb import blocks, forward, memory
+from sleb import forward, memory
 from sleb.engines import PhaseResult, ReferenceEngine, alive_blocks, window_loss
 from sleb.models import input_device
 

@@ -11,10 +11,8 @@ alpha 16, dropout 0.05 on every attention and MLP projection, AdamW, lr 1e-4, 10
 2 epochs, batch 64 as 4 x 16 accumulation, 256-token windows.
 """
 
-import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from typing import Optional

@@ -20,7 +20,9 @@ COMMANDS = ("sleb", "eval", "latency", "heal")
 
 def load_results(folder: str) -> list:
     found = []
-    for root, _, files in sorted(os.walk(folder)):
+    for root, subdirs, files in os.walk(folder):  # subdirs sorted in place: a stable order
+        # Saved checkpoints (pruned, healed) sit beside the results; their JSON files are not results.
+        subdirs[:] = sorted(d for d in subdirs if not os.path.isfile(os.path.join(root, d, "config.json")))
         for name in sorted(files):
             if not name.endswith(".json") or name.startswith("."):
                 continue
@@ -41,7 +43,9 @@ def load_results(folder: str) -> list:
 
 
 def _model(record) -> str:
-    return os.path.basename(str(record["settings"]["model_name"]).rstrip("/")) or "model"
+    # A healed run names the model its checkpoint was pruned from.
+    name = record.get("base_model") or record["settings"]["model_name"]
+    return os.path.basename(str(name).rstrip("/")) or "model"
 
 
 def _metric(record) -> str:
@@ -54,7 +58,8 @@ def _metric(record) -> str:
 def _calibration(record) -> str:
     settings = record["settings"]
     if record["command"] == "heal":
-        return f"LoRA on {settings['dataset']}, {len(record.get('loss_curve') or [])} logged steps"
+        steps = (record.get("loss_curve") or [{"step": 0}])[-1]["step"]
+        return f"LoRA on {settings['dataset']}, {steps} steps"
     if record["command"] != "sleb" or settings.get("metric") == "random":
         return "-"  # given lists and random choices use no calibration data
     return f"{settings['dataset']}, {settings['nsamples']} rows, seed {settings['seed']}"

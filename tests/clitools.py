@@ -7,10 +7,18 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+OFFLINE = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+
+
 def run(module, *args, timeout=300):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+                          timeout=timeout, env=OFFLINE)
+
+
+def start(module, *args, stderr=subprocess.DEVNULL) -> subprocess.Popen:
+    """The entry module running in the background (to be killed or interrupted by the test)."""
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=OFFLINE,
+                            stdout=subprocess.DEVNULL, stderr=stderr, text=True)
 
 
 def assert_bad_input(module, flags: dict, overrides: list, message: str, result_folder) -> None:

@@ -4,10 +4,9 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
-from clitools import ROOT, run
+from clitools import run, start
 
 
 def test_sigkill_then_resume_gives_the_same_list_and_losses(model_dirs, text_file, tmp_path):
@@ -19,9 +18,7 @@ def test_sigkill_then_resume_gives_the_same_list_and_losses(model_dirs, text_fil
     expected = json.loads((tmp_path / "whole.json").read_text())["search"]
 
     partial = tmp_path / "killed.json"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    process = subprocess.Popen([sys.executable, "-m", "sleb", *args, "--result_file", "killed.json"], cwd=ROOT,
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = start("sleb", *args, "--result_file", "killed.json")
     deadline = time.time() + 240
     while time.time() < deadline and process.poll() is None:
         if partial.exists() and json.loads(partial.read_text())["search"]["removal_list"]:
@@ -45,9 +42,7 @@ def test_ctrl_c_says_where_the_partial_result_is(model_dirs, text_file, tmp_path
     args = ["--model_name", model_dirs["llama"], "--dataset", f"file:{text_file}", "--nsamples", "200",
             "--seqlen", "64", "--num_remove_blocks", "3", "--engine", "reference", "--eval_ppl", "False",
             "--result_folder", str(tmp_path), "--result_file", "int.json"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    process = subprocess.Popen([sys.executable, "-m", "sleb", *args], cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = start("sleb", *args, stderr=subprocess.PIPE)
     partial = tmp_path / "int.json"
     deadline = time.time() + 240
     while time.time() < deadline and process.poll() is None and not partial.exists():

@@ -4,16 +4,13 @@ kill -9 then resume finishes, bad input is one line, and saved checkpoints carry
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import tiny
-from clitools import ROOT, run
+from clitools import run, start
 from sleb import blocks, heal, stages
 from sleb.model_card import read_card
 from sleb.models import load_model
@@ -77,9 +74,7 @@ def test_merged_checkpoint_reloads_to_the_peft_models_logits(model_dirs, text_fi
 def test_kill_then_resume_finishes_with_a_merged_checkpoint(model_dirs, text_file, tmp_path):
     args = _heal_args(model_dirs["llama"], text_file, tmp_path, "--max_steps", "40", "--save_steps", "5",
                       "--eval_ppl", "False")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    process = subprocess.Popen([sys.executable, "-m", "sleb.heal", *args], cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = start("sleb.heal", *args)
     work = tmp_path / "h_trainer"
     deadline = time.time() + 240
     while time.time() < deadline and process.poll() is None:

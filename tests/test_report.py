@@ -69,6 +69,8 @@ def test_report_tables_plots_and_skipped_files(model_dirs, text_file, tmp_path):
                   "--warmup", "0", "--result_folder", str(results))
     assert latency.returncode == 0, latency.stderr
     (results / "foreign.json").write_text(json.dumps({"accuracy": 1}))
+    (results / "pruned").mkdir()  # a saved checkpoint beside the results: its JSON files are not results
+    (results / "pruned" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     (results / "broken.json").write_text("{not json")
 
     out = run("sleb.report", str(results), "--out", str(tmp_path / "report" / "report.md"))

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import tiny
-from clitools import ROOT, run
+from clitools import ROOT, run, start
 from sleb import blocks, data, search
 from sleb.engines import ReferenceEngine
 from sleb.errors import UsageError
@@ -174,9 +174,7 @@ def test_second_run_on_the_same_results_file_stops_at_once(model_dirs, text_file
     args = ["--model_name", model_dirs["llama"], "--dataset", f"file:{text_file}", "--nsamples", "200",
             "--seqlen", "64", "--num_remove_blocks", "3", "--engine", "reference", "--eval_ppl", "False",
             "--result_folder", str(tmp_path), "--result_file", "same.json"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    first = subprocess.Popen([sys.executable, "-m", "sleb", *args], cwd=ROOT, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = start("sleb", *args)
     try:
         lock = tmp_path / ".same.json.lock"
         deadline = time.time() + 120
