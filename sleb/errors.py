@@ -16,7 +16,7 @@ def check_at_least(name: str, value, minimum) -> None:
 def first_line(error: BaseException, limit: int = 240) -> str:
     """A library's error reduced to its first line, for quoting inside a one-line message."""
     lines = str(error).strip().splitlines()
-    return (lines[0] if lines else type(error).__name__)[:limit]
+    return (lines[0] if lines else type(error).__name__)[:limit].rstrip(".")  # our message goes on after it
 
 
 def check_finite(value, what: str, model) -> None:
