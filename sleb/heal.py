@@ -104,21 +104,12 @@ class HealSettings(OutputFlags, EvalFlags, ModelFlags):
         return blocks.check_removal_list(self.removal_list, depth)
 
 
-def _source(model_name: str, card_removal) -> dict:
-    """How the blocks were chosen and from which model: a pruned checkpoint's card says; else they
-    are given by hand on `model_name` itself."""
+def _pruned_card(model_name: str) -> dict:
+    """The sleb metadata of a pruned checkpoint's model card ({} for any other model)."""
     from sleb.model_card import read_card
 
-    card = read_card(os.path.expanduser(models.resolve_model_name(model_name))) if card_removal is not None else {}
-    return {"source_metric": card.get("sleb_metric", "given"), "base_model": card.get("sleb_base_model", model_name)}
-
-
-def _card_removal(model_name: str):
-    """The removal list a sleb model card records, or None (not a sleb checkpoint)."""
-    from sleb.model_card import read_removal_list
-
     path = os.path.expanduser(models.resolve_model_name(model_name))
-    return read_removal_list(path) if os.path.isdir(path) else None
+    return read_card(path) if os.path.isdir(path) else {}
 
 
 def lora_targets(model) -> list:
@@ -127,7 +118,7 @@ def lora_targets(model) -> list:
     import torch.nn as nn
     from transformers.pytorch_utils import Conv1D
 
-    prefix = ".".join(n for n in (_owner_name(model),) if n)
+    prefix = _owner_name(model)
     names = []
     for index, block in enumerate(blocks.get_blocks(model)):
         for name, module in block.named_modules():
@@ -253,7 +244,8 @@ def run_heal(settings) -> dict:
     settings.check()
     _, config = models.load_config(settings.model_name, settings.trust_remote_code)
     depth = models.config_depth(config)
-    card_removal = _card_removal(settings.model_name)
+    card = _pruned_card(settings.model_name)
+    card_removal = card.get("sleb_removal_list")
     removal_list = settings.check_depth(depth, card_removal)
     result_file = settings.result_file or default_result_file(settings)
     work_dir = os.path.join(settings.result_folder, os.path.splitext(result_file)[0] + "_trainer")
@@ -277,7 +269,8 @@ def run_heal(settings) -> dict:
               f"{settings.dataset}")
         eval_windows = stages.tokenize_eval_texts(model, tokenizer, eval_data, settings.eval_seqlen)
         record = stages.record("heal", settings, model, original_depth, removal_list=removed,
-                               **_source(settings.model_name, card_removal),
+                               source_metric=card.get("sleb_metric", "given"),
+                               base_model=card.get("sleb_base_model", settings.model_name),
                                ppl_pruned=stages.perplexity(model, eval_windows, settings.batch_size))
         if eval_data.tasks:
             record["zeroshot_pruned"] = stages.zeroshot_accuracy(model, tokenizer, eval_data, settings)

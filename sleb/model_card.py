@@ -83,12 +83,6 @@ def read_card(directory: str):
     return {key: value for key, value in data.items() if key.startswith("sleb_")}
 
 
-def read_removal_list(directory: str):
-    """The removed blocks a sleb checkpoint's card records, or None."""
-    removal = read_card(directory).get("sleb_removal_list")
-    return list(removal) if isinstance(removal, list) else None
-
-
 def healed_card(record: dict):
     """Card of a checkpoint healed by `python -m sleb.heal`."""
     settings = _settings(record)
