@@ -39,7 +39,7 @@ def _resolve(model, path: str):
     return parent, attribute
 
 
-def _find_generic(model):
+def _find_generic(model) -> str:
     depth = getattr(model.config, "num_hidden_layers", None)
     found = []
     for name, module in model.named_modules():
@@ -51,20 +51,25 @@ def _find_generic(model):
             f"cannot tell which ModuleList holds the decoder blocks of {type(model).__name__} "
             f"(candidates: {found or 'none'}); this architecture is not supported"
         )
-    return _resolve(model, found[0])
+    return found[0]
 
 
-def block_owner(model):
-    """(module holding the block list, attribute name)."""
+def block_path(model) -> str:
+    """Dotted name of the decoder-block ModuleList, e.g. 'model.layers' or 'transformer.h'."""
     path = BLOCK_PATHS.get(getattr(model.config, "model_type", None))
     if path is not None:
         try:
             parent, attribute = _resolve(model, path)
             if isinstance(getattr(parent, attribute), nn.ModuleList):
-                return parent, attribute
+                return path
         except AttributeError:
             pass
     return _find_generic(model)
+
+
+def block_owner(model):
+    """(module holding the block list, attribute name)."""
+    return _resolve(model, block_path(model))
 
 
 def get_blocks(model) -> nn.ModuleList:

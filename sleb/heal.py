@@ -20,7 +20,7 @@ from typing import Optional
 from sleb import blocks, data, models, results, stages
 from sleb.cli import flag, run_cli
 from sleb.errors import UsageError, check_at_least, check_finite
-from sleb.settings import EvalFlags, ModelFlags, OutputFlags, follows_model
+from sleb.settings import EvalFlags, ModelFlags, OutputFlags, check_new_directory, follows_model
 
 
 @dataclass
@@ -55,10 +55,8 @@ class HealSettings(OutputFlags, EvalFlags, ModelFlags):
     def check(self) -> None:
         if self.output_dir is None:
             raise UsageError("--output_dir is required: the directory the healed checkpoint goes to")
-        if os.path.exists(self.output_dir) and (not os.path.isdir(self.output_dir) or os.listdir(self.output_dir)):
-            raise UsageError(f"--output_dir {self.output_dir!r} is not empty; choose a new directory")
-        if self.save_adapter and os.path.exists(self.save_adapter) and os.listdir(self.save_adapter):
-            raise UsageError(f"--save_adapter directory {self.save_adapter!r} is not empty; choose a new directory")
+        check_new_directory("output_dir", self.output_dir)
+        check_new_directory("save_adapter", self.save_adapter)
         if self.resume and self.overwrite:
             raise UsageError("--resume True continues the training and --overwrite True starts it again; pass one")
         if self.lr <= 0:
@@ -118,7 +116,7 @@ def lora_targets(model) -> list:
     import torch.nn as nn
     from transformers.pytorch_utils import Conv1D
 
-    prefix = _owner_name(model)
+    prefix = blocks.block_path(model)
     names = []
     for index, block in enumerate(blocks.get_blocks(model)):
         for name, module in block.named_modules():
@@ -128,15 +126,6 @@ def lora_targets(model) -> list:
         raise UsageError(f"no linear projections found in the blocks of {type(model).__name__}; LoRA has nothing "
                          "to adapt in this architecture")
     return names
-
-
-def _owner_name(model) -> str:
-    """The dotted name of the block list, e.g. 'model.layers'."""
-    parent, attribute = blocks.block_owner(model)
-    for name, module in model.named_modules():
-        if module is getattr(parent, attribute):
-            return name
-    return attribute
 
 
 def _training_windows(settings, tokenizer):

@@ -31,6 +31,12 @@ def comma_list(value: str, flag_name: str, example: str) -> list:
     return names
 
 
+def check_new_directory(flag_name: str, path) -> None:
+    """A directory a run will write a checkpoint to must not exist yet, or be empty."""
+    if path and os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise UsageError(f"--{flag_name} directory {path!r} is not empty; choose a new directory")
+
+
 def is_demo(model_name: str) -> bool:
     """The demo model, or a checkpoint sleb saved from it (its model card names the model it came from)."""
     if model_name == "demo":
@@ -104,8 +110,7 @@ class SaveFlags:
                                            "(save_pretrained)")
 
     def check_save(self) -> None:
-        if self.save_model and os.path.exists(self.save_model) and os.listdir(self.save_model):
-            raise UsageError(f"--save_model directory {self.save_model!r} is not empty; choose a new directory")
+        check_new_directory("save_model", self.save_model)
 
 
 @dataclass
