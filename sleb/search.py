@@ -86,6 +86,8 @@ def near_ties(losses: dict, count: int, margin: float) -> list:
     Neighbours in sorted order closer than `margin` (relative) form chains; every chain that reaches
     into the best `count`, and its continuation past the cut, is returned.
     """
+    if margin <= 0:
+        return []  # an engine whose losses are the reference's own has nothing to settle
     ordered = sorted((value, position) for position, value in losses.items() if value is not None)
     tied, chain_open = set(), False
     for index, ((a, first), (b, second)) in enumerate(zip(ordered, ordered[1:])):
@@ -95,7 +97,7 @@ def near_ties(losses: dict, count: int, margin: float) -> list:
         if close:
             tied.update((first, second))
         chain_open = close
-    return sorted(tied) if margin > 0 else []
+    return sorted(tied)
 
 
 def settle_near_ties(engine: Engine, state: SearchState, losses: dict, count: int) -> dict:
