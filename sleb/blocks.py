@@ -10,10 +10,11 @@ import math
 
 import torch.nn as nn
 
+from sleb import layout
 from sleb.errors import UsageError
 
 # Attribute path of the decoder-block ModuleList, by `config.model_type`. Anything else goes through
-# `_find_generic`, which looks for the one ModuleList of identical blocks.
+# `_find_generic`, which looks inside the language model for the one ModuleList as long as the depth.
 BLOCK_PATHS = {
     "llama": "model.layers",
     "mistral": "model.layers",
@@ -24,6 +25,8 @@ BLOCK_PATHS = {
     "gemma": "model.layers",
     "gemma2": "model.layers",
     "gemma3_text": "model.layers",
+    "gemma3": "model.language_model.layers",
+    "qwen2_5_vl": "model.language_model.layers",
     "phi3": "model.layers",
     "opt": "model.decoder.layers",
     "gpt_neox": "gpt_neox.layers",
@@ -39,17 +42,27 @@ def _resolve(model, path: str):
     return parent, attribute
 
 
+def _language_model(model):
+    """The decoder that holds the blocks: the model itself, or a vision-language model's text part."""
+    get_decoder = getattr(model, "get_decoder", None)
+    try:
+        decoder = get_decoder() if get_decoder is not None else None
+    except (AttributeError, NotImplementedError):
+        decoder = None
+    return decoder if isinstance(decoder, nn.Module) else model
+
+
 def _find_generic(model) -> str:
-    depth = getattr(model.config, "num_hidden_layers", None)
-    found = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and len(module) == depth:
-            if len({type(block) for block in module}) == 1:
-                found.append(name)
+    # Blocks may be of several classes (attention and Mamba layers in one list): the length decides.
+    depth = getattr(layout.depth_config(model.config), "num_hidden_layers", None)
+    decoder = _language_model(model)
+    prefix = next((name for name, module in model.named_modules() if module is decoder), "")
+    found = [".".join(filter(None, (prefix, name))) for name, module in decoder.named_modules()
+             if isinstance(module, nn.ModuleList) and len(module) > 0 and len(module) == depth]
     if len(found) != 1:
         raise UsageError(
             f"cannot tell which ModuleList holds the decoder blocks of {type(model).__name__} "
-            f"(candidates: {found or 'none'}); this architecture is not supported"
+            f"(lists of {depth} modules: {found or 'none'}); this architecture is not supported"
         )
     return found[0]
 
@@ -81,32 +94,12 @@ def num_blocks(model) -> int:
     return len(get_blocks(model))
 
 
-def _per_layer_lists(config, depth: int):
-    """Names of config lists with one entry per block (layer_types, mlp_layer_types, ...)."""
-    return [
-        name for name, value in vars(config).items()
-        if "layer" in name and isinstance(value, (list, tuple)) and len(value) == depth
-    ]
-
-
-def _configs(model):
-    config = model.config
-    text = getattr(config, "text_config", None)
-    return [config] + ([text] if text is not None and text is not config else [])
-
-
 def _set_block_list(model, keep: list) -> dict:
     """Keep only the blocks at positions `keep`; return what is needed to undo it."""
     parent, attribute = block_owner(model)
     blocks = getattr(parent, attribute)
-    saved = {"owner": (parent, attribute), "blocks": blocks, "configs": []}
-    for config in _configs(model):
-        depth = config.num_hidden_layers
-        lists = {name: getattr(config, name) for name in _per_layer_lists(config, depth)}
-        saved["configs"].append((config, depth, lists))
-        config.num_hidden_layers = len(keep)
-        for name, value in lists.items():
-            setattr(config, name, type(value)(value[i] for i in keep))
+    saved = {"owner": (parent, attribute), "blocks": blocks,
+             "layout": layout.keep_blocks(layout.depth_config(model.config), keep)}
     setattr(parent, attribute, nn.ModuleList([blocks[i] for i in keep]))
     saved["layer_idx"] = _renumber(getattr(parent, attribute))
     return saved
@@ -181,7 +174,4 @@ def skipping(model, skipped):
         setattr(parent, attribute, saved["blocks"])
         for module, layer_idx in saved["layer_idx"]:
             module.layer_idx = layer_idx
-        for config, depth, lists in saved["configs"]:
-            config.num_hidden_layers = depth
-            for name, value in lists.items():
-                setattr(config, name, value)
+        saved["layout"].restore()

@@ -49,9 +49,10 @@ class FastEngine:
     name = "fast"
 
     @staticmethod
-    def applies_to(model) -> bool:
-        """The engine applies the head itself, so it needs a model whose logits are head(final hidden)."""
-        return forward.head_matches_forward(model)
+    def cannot_follow(model):
+        """Why the engine cannot split this model at its blocks (it applies the tail and head itself),
+        or None when it can."""
+        return forward.cannot_follow(model)
 
     def __init__(self, model, windows: torch.Tensor, batch_size: int = 4, cache_gb: float = 0.0,
                  abandon: bool = True):
@@ -63,24 +64,29 @@ class FastEngine:
         self.reference = ReferenceEngine(model, windows)
         self.blocks = self.reference.blocks  # its own references: a later change to the model's list is not followed
         self.num_blocks = len(self.blocks)
-        device = input_device(model)
-        self.batches = []
-        with torch.inference_mode():
-            for start in range(0, len(windows), self.batch_size):
-                ids = windows[start : start + self.batch_size].to(device)
-                self.batches.append(_Batch(ids, forward.capture(model, ids)))
         self.storage, self.budget_bytes = self._choose_storage(cache_gb)
         self.cache = {}  # (batch index, blocks run in order) -> hidden state after them
         self.cached_bytes = 0
         self.cache_itemsize = next(model.parameters()).element_size()
         self.block_forwards = 0
+        device = input_device(model)
+        self.batches = []
+        with torch.inference_mode():
+            for start in range(0, len(windows), self.batch_size):
+                ids = windows[start : start + self.batch_size].to(device)
+                # The capture runs the dense model once; its block outputs are the first phase's prefix states.
+                inputs = forward.capture(model, ids, keep_outputs=self.storage is not None)
+                self.block_forwards += self.num_blocks * len(ids)
+                self.batches.append(_Batch(ids, inputs))
+                for depth, hidden in enumerate((inputs.outputs or [])[:-1]):
+                    self._keep(len(self.batches) - 1, tuple(range(depth + 1)), hidden)
+                inputs.outputs = None
 
     def _choose_storage(self, cache_gb: float):
         """(where cached hidden states live: 'device', 'cpu' or None = recompute, bytes they may take).
 
         The prefix states of a phase (one per block) must fit; states of candidates' paths use the rest."""
-        depth = len(self.batches[0].inputs.args)
-        needed = cache_bytes(self.model, self.windows, depth)
+        needed = cache_bytes(self.model, self.windows, self.num_blocks)
         device = input_device(self.model)
         if cache_gb <= 0:  # auto: a share of what the device (or, on CPU, the machine) has free
             if device.type == "cuda":
@@ -104,6 +110,13 @@ class FastEngine:
     def _load(self, tensor, like):
         return tensor.to(like.device, non_blocking=True) if tensor.device != like.device else tensor
 
+    def _keep(self, b: int, path: tuple, hidden) -> None:
+        """Cache the state after `path` on batch b while the budget allows."""
+        size = hidden.numel() * self.cache_itemsize
+        if self.cached_bytes + size <= self.budget_bytes:
+            self.cache[(b, path)] = self._store(hidden)
+            self.cached_bytes += size
+
     def _run(self, indices, hidden, batch):
         self.block_forwards += len(indices) * len(batch.ids)
         return forward.run_blocks(self.blocks, indices, hidden, batch.inputs)
@@ -111,7 +124,7 @@ class FastEngine:
     def _window_terms(self, hidden, batch) -> list:
         """The paper's per-window term, mean CE x seqlen, for each window of the batch."""
         seqlen = batch.ids.shape[1]
-        sums = forward.tail_nll_sums(self.model, hidden, batch.ids)
+        sums = forward.tail_nll_sums(self.model, hidden, batch.inputs, batch.ids)
         return [window_loss(float(s) / (seqlen - 1), seqlen) for s in sums.double().cpu()]
 
     def _forget(self, removal_list: list) -> None:
@@ -134,10 +147,8 @@ class FastEngine:
         hidden = self._load(self.cache[(b, tuple(path[:start]))], batch.ids) if start else batch.inputs.hidden
         for k in range(start, len(path)):
             hidden = self._run([path[k]], hidden, batch)
-            size = hidden.numel() * self.cache_itemsize
-            if k + 1 < len(path) and self.cached_bytes + size <= self.budget_bytes:
-                self.cache[(b, tuple(path[: k + 1]))] = self._store(hidden)
-                self.cached_bytes += size
+            if k + 1 < len(path):
+                self._keep(b, tuple(path[: k + 1]), hidden)
         return hidden
 
     @torch.inference_mode()

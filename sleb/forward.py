@@ -1,22 +1,23 @@
 """Running a model up to its LM head, whole or block by block. The only module that hooks a model.
 
 The model's own forward computes masks, position embeddings and everything else a block is given;
-`capture` records those arguments for every block once (they depend on shapes and positions, not on
-hidden states), so a block can later be called on any hidden state exactly as the model would call
-it, including after other blocks were skipped. Callers hand over the block modules they run, so an
+`capture` records those arguments for every block once, with hooks on the real blocks (they depend
+on shapes and positions, not on hidden states), so a block can later be called on any hidden state
+exactly as the model would call it, including after other blocks were skipped. Callers hand over the block modules they run, so an
 engine keeps running its own blocks even if the model's list is changed elsewhere. The head (final
 norm, LM head, Gemma's soft-capping) is applied in chunks of positions with the loss in float32, so
 full float32 logits for a large vocabulary (150k x batch x 2048) never exist at once.
 """
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from sleb import blocks
-from sleb.errors import check_finite
+from sleb.errors import check_finite, first_line
 from sleb.models import input_device
 
 # Positions per head chunk: about 2**26 float32 logits (256 MB) at a time.
@@ -111,64 +112,117 @@ class BlockInputs:
     hidden: torch.Tensor  # what enters block 0 (embeddings, scaled as the model scales them)
     args: list  # per original block: positional arguments after the hidden state
     kwargs: list  # per original block: keyword arguments (masks, position embeddings, ...)
+    outputs: Optional[list] = None  # per block: its output in this dense forward (when asked for)
+    tail: Optional[nn.Module] = None  # the first module the last block's output goes into (None: not seen)
 
 
-class _Recorder(nn.Module):
-    """Stands in for a block during capture: records its call and passes the hidden state through."""
-
-    def __init__(self, sink: list):
-        super().__init__()
-        self.sink = sink
-
-    def forward(self, hidden_states, *args, **kwargs):
-        self.sink.append((hidden_states, args, kwargs))
-        return hidden_states
+def _hidden_of(args, kwargs):
+    """A module call's hidden state: its first positional argument, else `hidden_states=` (or the first keyword)."""
+    if args:
+        return args[0]
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else next(iter(kwargs.values()))
 
 
-class _Injector(nn.Module):
-    """Stands in for the whole block stack: ignores its input and returns a given hidden state."""
-
-    def __init__(self, hidden):
-        super().__init__()
-        self.hidden = hidden
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return self.hidden
+def _output_of(out):
+    return out[0] if isinstance(out, tuple) else out
 
 
-def _with_blocks(model, replacement, input_ids):
-    """The head's input when the model runs with its block list replaced by `replacement`."""
-    parent, attribute = blocks.block_owner(model)
-    original = getattr(parent, attribute)
-    config = model.config
-    depth = config.num_hidden_layers
-    setattr(parent, attribute, nn.ModuleList(replacement))
+def capture(model, input_ids: torch.Tensor, keep_outputs: bool = False) -> BlockInputs:
+    """What the model hands each of its blocks for these token ids, seen by hooks on the real blocks
+    during one dense forward (so every attribute the model reads from a block is there).
+
+    Also finds the tail: the first module outside the blocks that runs after the last block, and
+    checks that it receives the last block's output unchanged, so `tail_nll_sums` can hand it any
+    hidden state. `keep_outputs` keeps every block's output (the first phase's prefix states)."""
+    block_list = blocks.get_blocks(model)
+    inside = {id(module) for block in block_list for module in block.modules()} | {id(block_list)}
+    calls, outputs, tail = [], [], []
+
+    def on_block(module, args, kwargs):
+        rest = dict(kwargs)
+        if not args:
+            rest.pop("hidden_states" if "hidden_states" in rest else next(iter(rest)))
+        calls.append((_hidden_of(args, kwargs), tuple(args[1:]), rest))
+
+    def after_block(module, args, kwargs, out):
+        outputs.append(_output_of(out))
+
+    def outside(module, args, kwargs):
+        if len(outputs) == len(block_list) and not tail and (args or kwargs):
+            tail.append((module, _hidden_of(args, kwargs)))
+
+    handles = [block.register_forward_pre_hook(on_block, with_kwargs=True) for block in block_list]
+    handles += [block.register_forward_hook(after_block, with_kwargs=True) for block in block_list]
+    handles += [module.register_forward_pre_hook(outside, with_kwargs=True) for module in model.modules()
+                if id(module) not in inside]
     try:
-        config.num_hidden_layers = min(len(replacement), depth)
-        return _run_to_head(model, input_ids)
+        _run_to_head(model, input_ids)
     finally:
-        setattr(parent, attribute, original)
-        config.num_hidden_layers = depth
-
-
-def capture(model, input_ids: torch.Tensor) -> BlockInputs:
-    """What the model hands each of its blocks for these token ids."""
-    sink = []
-    depth = blocks.num_blocks(model)
-    _with_blocks(model, [_Recorder(sink) for _ in range(depth)], input_ids)
-    if len(sink) != depth:
-        raise RuntimeError(f"expected {depth} block calls, saw {len(sink)}")
-    return BlockInputs(sink[0][0], [args for _, args, _ in sink], [kwargs for _, _, kwargs in sink])
+        for handle in handles:
+            handle.remove()
+    if len(calls) != len(block_list):
+        raise RuntimeError(f"expected {len(block_list)} block calls, saw {len(calls)}")
+    # Where anything happens between the last block and the next module, the tail cannot be followed.
+    entry = tail[0][0] if tail and torch.equal(tail[0][1], outputs[-1]) else None
+    return BlockInputs(calls[0][0], [a for _, a, _ in calls], [k for _, _, k in calls],
+                       outputs if keep_outputs else None, entry)
 
 
 def run_blocks(block_list, indices, hidden: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
     """Run blocks `indices` (positions in `block_list`, which `inputs` was captured for) in order."""
     for index in indices:
-        out = block_list[index](hidden, *inputs.args[index], **inputs.kwargs[index])
-        hidden = out[0] if isinstance(out, tuple) else out
+        hidden = _output_of(block_list[index](hidden, *inputs.args[index], **inputs.kwargs[index]))
     return hidden
 
 
-def tail_nll_sums(model, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Per window: next-token NLL sum (float32) of the model's final norm + head applied to `hidden`."""
-    return nll_sums_from_hidden(model, _with_blocks(model, [_Injector(hidden)], input_ids), input_ids)
+def _after_blocks(model, tail: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """The head's input when `hidden` leaves the last block: the model's own forward with an empty
+    block list, `hidden` handed to the tail module in place of what arrives there."""
+    def inject(module, args, kwargs):
+        if args:
+            return (hidden, *args[1:]), kwargs
+        first = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+        return args, {**kwargs, first: hidden}
+
+    parent, attribute = blocks.block_owner(model)
+    original = getattr(parent, attribute)
+    handle = tail.register_forward_pre_hook(inject, with_kwargs=True)
+    setattr(parent, attribute, nn.ModuleList())
+    try:
+        return _run_to_head(model, input_ids)
+    finally:
+        setattr(parent, attribute, original)
+        handle.remove()
+
+
+def tail_nll_sums(model, hidden: torch.Tensor, inputs: BlockInputs, input_ids: torch.Tensor) -> torch.Tensor:
+    """Per window: next-token NLL sum (float32) of what follows the blocks (final norm, head) applied to `hidden`."""
+    if inputs.tail is None:
+        raise RuntimeError("the capture did not see where the last block's output goes")
+    if inputs.tail is not model.get_output_embeddings():
+        hidden = _after_blocks(model, inputs.tail, hidden, input_ids)
+    return nll_sums_from_hidden(model, hidden, input_ids)
+
+
+def cannot_follow(model) -> Optional[str]:
+    """Why the fast engine cannot compute this model's loss from block outputs, or None when it can.
+
+    Tried once per model on a short input: the head must reproduce the logits, the capture must see
+    each block called once and the tail must take the last block's output unchanged."""
+    if not head_matches_forward(model):
+        return f"{type(model).__name__} post-processes its logits in a way the fast engine cannot follow"
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.arange(8, device=input_device(model)).unsqueeze(0) % vocab
+    try:
+        with torch.inference_mode():
+            inputs = capture(model, ids)
+            if inputs.tail is None:
+                return f"{type(model).__name__} changes the last block's output before its final norm"
+            hidden = run_blocks(blocks.get_blocks(model), range(len(inputs.args)), inputs.hidden, inputs)
+            dense = window_nll_sums(model, ids)
+            ours = tail_nll_sums(model, hidden, inputs, ids)
+    except Exception as error:  # an architecture whose forward cannot be split at its blocks
+        return f"splitting {type(model).__name__} at its blocks failed ({first_line(error, 160)})"
+    if not torch.allclose(ours.to(dense.device), dense, rtol=1e-3, atol=1e-3):
+        return f"{type(model).__name__}'s loss computed block by block differs from its own forward"
+    return None

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from sleb import blocks, data, models, results, stages
+from sleb import blocks, checkpoint, data, models, results, stages
 from sleb.cli import flag, run_cli
 from sleb.errors import UsageError, check_at_least, check_finite
 from sleb.settings import EvalFlags, ModelFlags, OutputFlags, check_new_directory, follows_model
@@ -163,7 +163,7 @@ def _train(model, train_data, settings, work_dir: str, checkpoint=None):
         model = prepare_model_for_kbit_training(model)
     config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                         target_modules=targets, bias="none", task_type="CAUSAL_LM")
-    model.config.use_cache = False
+    model.config.get_text_config().use_cache = False  # training; the saved checkpoint gets it back
     peft_model = get_peft_model(model, config)
     cuda = models.input_device(model).type == "cuda"
     arguments = TrainingArguments(
@@ -268,6 +268,7 @@ def run_heal(settings) -> dict:
         if settings.save_adapter:
             peft_model.save_pretrained(settings.save_adapter)
         model = _merge(peft_model, settings, removal_list, tokenizer)
+        checkpoint.check_reloads(model)  # before the healed perplexity: a model that cannot be saved stops here
         record.update(train_seconds=round(train_seconds, 3), train_windows=len(train_data), loss_curve=curve,
                       lora_targets=sorted({name.rsplit(".", 1)[-1] for name in lora_targets(model)}))
         record["ppl_healed"] = stages.perplexity(model, eval_windows, settings.batch_size)
@@ -278,7 +279,7 @@ def run_heal(settings) -> dict:
         from sleb.model_card import healed_card
 
         record["output_dir"] = os.path.abspath(settings.output_dir)
-        stages.save_checkpoint(model, tokenizer, settings.output_dir, healed_card(record))
+        checkpoint.save(model, tokenizer, settings.output_dir, healed_card(record))
         record["times"] = {"train_s": round(train_seconds, 3), "total_s": round(time.perf_counter() - started, 3)}
         record["loss_plot"] = _plot_curve(curve, os.path.splitext(path)[0] + "_loss.png") if curve else None
         results.write_json(path, record)

@@ -7,6 +7,7 @@ cannot be read (truncated weights, invalid config.json, no tokenizer) is one lin
 """
 
 import atexit
+import contextlib
 import json
 import os
 import shutil
@@ -226,13 +227,22 @@ def _offload_folder() -> str:
     return folder
 
 
+def auto_class(config):
+    """AutoModelForCausalLM, or AutoModelForImageTextToText for a vision-language model that has no
+    causal-LM class (Qwen2.5-VL): its language model is pruned, its vision tower kept as it is."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+        if type(config) in auto._model_mapping:
+            return auto
+    return AutoModelForCausalLM  # its error names the unknown configuration
+
+
 def load_model(model_name: str, dtype: str = "auto", device: str = "auto", device_map=None,
                trust_remote_code: bool = False, max_memory=None, quantization_config=None):
     """Return (model in eval mode, tokenizer). Any failure to load is a one-line UsageError.
 
     `quantization_config` (e.g. bitsandbytes' 4-bit, for QLoRA) is handed to from_pretrained."""
-    from transformers import AutoModelForCausalLM
-
     path, config = load_config(model_name, trust_remote_code)
     placement = resolve_placement(dtype, device, device_map, max_memory, config)
     print(f"loading {model_name}: {placement.describe()}", flush=True)
@@ -245,10 +255,10 @@ def load_model(model_name: str, dtype: str = "auto", device: str = "auto", devic
         if placement.max_memory is not None:
             kwargs["max_memory"] = placement.max_memory
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
+        model, info = auto_class(config).from_pretrained(path, config=config, output_loading_info=True, **kwargs)
     except Exception as error:  # OSError, ValueError, safetensors' own error, torch's unpickling errors, ...
         if "Unrecognized configuration class" in str(error) or "does not recognize" in str(error):
-            raise UsageError(f"{model_name!r} ({config.model_type}) is not a causal language model; "
+            raise UsageError(f"{model_name!r} ({config.model_type}) is not a causal or vision-language model; "
                              "pass a decoder such as Llama, OPT or Qwen2") from None
         directory = _local_dir(model_name)
         broken = _unreadable_weights(directory) if directory else None
@@ -305,3 +315,16 @@ def max_positions(config) -> int:
         if isinstance(value, int) and value > 0:
             return value
     return 2048
+
+
+@contextlib.contextmanager
+def use_cache(model, enabled: bool):
+    """`use_cache` set on the config that holds it (a vision-language model's text config) for the
+    duration, then put back."""
+    config = model.config.get_text_config()
+    before = getattr(config, "use_cache", None)
+    config.use_cache = enabled
+    try:
+        yield model
+    finally:
+        config.use_cache = before

@@ -2,7 +2,7 @@
 
 import time
 
-from sleb import blocks, models, results, stages
+from sleb import blocks, checkpoint, models, results, stages
 
 
 def default_result_file(settings) -> str:
@@ -31,13 +31,13 @@ def run_eval(settings) -> dict:
         record = stages.record("eval", settings, model, depth, removal_list=settings.removal_list,
                                ppl=stages.perplexity(model, eval_windows, settings.batch_size))
         record["zeroshot"] = stages.zeroshot_accuracy(model, tokenizer, eval_data, settings)
+        record["times"] = {"load_s": round(load_seconds, 3), "total_s": round(time.perf_counter() - started, 3)}
+        # write, save and report (the results stand even where the checkpoint cannot be saved)
+        results.write_json(path, record)
         if settings.save_model:
             from sleb.model_card import pruned_card
 
-            stages.save_checkpoint(model, tokenizer, settings.save_model, pruned_card(record))
-        record["times"] = {"load_s": round(load_seconds, 3), "total_s": round(time.perf_counter() - started, 3)}
-        # write and report
-        results.write_json(path, record)
+            checkpoint.save(model, tokenizer, settings.save_model, pruned_card(record))
     if record["ppl"]:
         print(stages.ppl_table(record["ppl"]))
     print(f"results written to {path}")

@@ -6,7 +6,7 @@ import os
 import sys
 import time
 
-from sleb import blocks, data, distributed, models, results, stages
+from sleb import blocks, checkpoint, data, distributed, models, results, stages
 from sleb.engines import ReferenceEngine
 from sleb.errors import UsageError
 from sleb.search import ITERATIVE, METRICS, SearchJob, SearchState
@@ -48,12 +48,12 @@ def _resumed_state(path: str, settings) -> SearchState:
 def _build_engine(settings, model, windows, rank: int, world: int):
     from sleb.fast_search import FastEngine
 
-    if settings.engine == "fast" and FastEngine.applies_to(model):
+    reason = FastEngine.cannot_follow(model) if settings.engine == "fast" else None
+    if settings.engine == "fast" and reason is None:
         engine = FastEngine(model, windows, settings.search_batch_size, settings.cache_gb)
     else:
-        if settings.engine == "fast":
-            print(f"note: {type(model).__name__} post-processes its logits in a way the fast engine cannot "
-                  "follow; using the reference engine", file=sys.stderr)
+        if reason is not None:
+            print(f"note: {reason}; using the reference engine", file=sys.stderr)
         engine = ReferenceEngine(model, windows)
     return distributed.CandidateParallel(engine, rank, world) if world > 1 else engine
 
@@ -104,17 +104,15 @@ def run_search(settings) -> dict:
                         settings.search_batch_size, on_phase=save_partial, log=log,
                         build_engine=lambda: _build_engine(settings, model, windows, rank, world))
         search_started = time.perf_counter()
-        use_cache = model.config.use_cache
-        model.config.use_cache = False
         try:
             if len(state.removal_list) < k:  # a finished search resumed is only evaluated again
-                state = METRICS[settings.metric](job, state)
+                with models.use_cache(model, False):
+                    state = METRICS[settings.metric](job, state)
         except KeyboardInterrupt:
             if state.removal_list and main_rank:
                 print(f"interrupted after phase {len(state.removal_list)}; partial result in {path}; "
                       "rerun the same command with --resume True to continue", file=sys.stderr)
             raise
-        model.config.use_cache = use_cache
         search_seconds = time.perf_counter() - search_started
         if not main_rank:
             return None  # rank 0 evaluates and writes
@@ -133,14 +131,14 @@ def run_search(settings) -> dict:
         zeroshot = stages.zeroshot_accuracy(model, tokenizer, eval_data, settings)
         if zeroshot is not None:
             record["zeroshot"] = zeroshot
+        record["times"] = {"search_s": round(search_seconds, 3), "total_s": round(time.perf_counter() - started, 3)}
+
+        # write, save and report (the results stand even where the checkpoint cannot be saved)
+        results.write_json(path, record)
         if settings.save_model:
             from sleb.model_card import pruned_card
 
-            stages.save_checkpoint(model, tokenizer, settings.save_model, pruned_card(record))
-        record["times"] = {"search_s": round(search_seconds, 3), "total_s": round(time.perf_counter() - started, 3)}
-
-        # write and report
-        results.write_json(path, record)
+            checkpoint.save(model, tokenizer, settings.save_model, pruned_card(record))
     if dense:
         rows = [[name, f"{dense[name]['ppl']:.3f}", f"{record['ppl'][name]['ppl']:.3f}", record["ppl"][name]["windows"]]
                 for name in dense]

@@ -183,14 +183,10 @@ def sleb_oneshot(job: SearchJob, state: SearchState) -> SearchState:
 @torch.inference_mode()
 def _block_states(model, windows: torch.Tensor, batch_size: int):
     """Per batch of windows: [input of block 0, output of block 0, ..., output of the last block]."""
-    block_list = list(blocks.get_blocks(model))
     device = input_device(model)
     for start in tqdm(range(0, len(windows), batch_size), desc="block similarities", leave=False):
-        inputs = forward.capture(model, windows[start : start + batch_size].to(device))
-        states = [inputs.hidden]
-        for index in range(len(block_list)):
-            states.append(forward.run_blocks(block_list, [index], states[-1], inputs))
-        yield states
+        inputs = forward.capture(model, windows[start : start + batch_size].to(device), keep_outputs=True)
+        yield [inputs.hidden] + inputs.outputs
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,10 @@
 """The stages every pipeline shares: fetch evaluation data, load, measure perplexity and zero-shot
-accuracy, save a checkpoint, and start a results record.
+accuracy, and start a results record (saving a checkpoint is sleb/checkpoint.py).
 
 A pipeline (run_search, run_eval, latency, heal) is a short list of these calls in one order:
 checks -> data -> load -> work -> record -> write -> table.
 """
 
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -79,32 +76,6 @@ def zeroshot_accuracy(model, tokenizer, eval_data: EvalData, settings):
                                         settings.log_samples)
     print(zeroshot.zeroshot_table(result))
     return result
-
-
-def save_checkpoint(model, tokenizer, directory: str, card=None) -> None:
-    """save_pretrained into a temporary sibling, then rename: a killed save leaves no complete-looking dir.
-
-    `card` (a huggingface_hub ModelCard) is written as the checkpoint's README.md."""
-    directory = os.path.abspath(directory)
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.partial-")
-    try:
-        os.chmod(tmp, 0o777 & ~results.umask())  # mkdtemp makes it owner-only; a checkpoint is for sharing
-        use_cache = model.config.use_cache
-        model.config.use_cache = True
-        model.save_pretrained(tmp)
-        model.config.use_cache = use_cache
-        tokenizer.save_pretrained(tmp)
-        if card is not None:
-            card.save(os.path.join(tmp, "README.md"))
-        if os.path.isdir(directory):
-            os.rmdir(directory)  # empty (checked before the run)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    print(f"model saved to {directory}")
 
 
 def record(command: str, settings, model, num_blocks: int, **fields) -> dict:

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from clitools import run, start
-from sleb import blocks, heal, stages
+from sleb import blocks, checkpoint, heal, stages
 from sleb.model_card import read_card
 from sleb.models import load_model
 
@@ -62,7 +62,7 @@ def test_merged_checkpoint_reloads_to_the_peft_models_logits(model_dirs, text_fi
         adapted = peft_model(input_ids=ids).logits
         merged = heal._merge(peft_model, settings, [1], tokenizer)
         torch.testing.assert_close(merged(input_ids=ids).logits, adapted, rtol=1e-5, atol=1e-5)
-        stages.save_checkpoint(merged, tokenizer, str(tmp_path / "out"))
+        checkpoint.save(merged, tokenizer, str(tmp_path / "out"))
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
         torch.testing.assert_close(reloaded(input_ids=ids).logits, adapted, rtol=1e-5, atol=1e-5)
         # The LoRA moved the weights: the merged model is not the pruned one.

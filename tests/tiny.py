@@ -63,7 +63,83 @@ def make_config(arch: str, layers: int = 6):
                              max_position_embeddings=256, **common)
     if arch == "gpt2":
         return GPT2Config(n_embd=32, n_layer=layers, n_head=4, n_positions=256, **common)
+    if arch in FAMILIES:
+        return _family_config(arch, layers)
     raise ValueError(arch)
+
+
+# The architectures people prune in 2026 whose configs tie structure to block index (issue 19), each
+# with the field that does it set so that it matters in 6 blocks.
+FAMILIES = ("qwen3_moe", "qwen2_moe", "deepseek_v3", "llama4", "gpt_oss", "nemotron_h", "jamba", "lfm2",
+            "qwen3_next", "gemma3_vl", "qwen2_5_vl")
+VISION_FAMILIES = ("gemma3_vl", "qwen2_5_vl")
+
+
+def _family_config(arch: str, layers: int):
+    import transformers as t
+
+    common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    attention = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                     num_hidden_layers=layers)
+    moe = dict(moe_intermediate_size=16, num_experts_per_tok=2)
+    default_rope = {"rope_type": "default", "rope_theta": 10000.0}
+    if arch == "qwen3_moe":  # blocks 0 and 3 dense by index list
+        return t.Qwen3MoeConfig(intermediate_size=64, num_experts=4, mlp_only_layers=[0, 3], head_dim=8,
+                                **moe, **attention, **common)
+    if arch == "qwen2_moe":  # every second block sparse by rule
+        return t.Qwen2MoeConfig(intermediate_size=64, shared_expert_intermediate_size=32, num_experts=4,
+                                decoder_sparse_step=2, **moe, **attention, **common)
+    if arch == "deepseek_v3":  # first two blocks dense by rule; MLA attention
+        return t.DeepseekV3Config(intermediate_size=64, n_routed_experts=4, n_shared_experts=1, n_group=1,
+                                  topk_group=1, first_k_dense_replace=2, kv_lora_rank=16, q_lora_rank=16,
+                                  qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, rope_parameters=default_rope,
+                                  **moe, **{**attention, "num_key_value_heads": 4}, **common)
+    if arch == "llama4":  # text model, MoE in every second block (interleave_moe_layer_step -> moe_layers)
+        return t.Llama4TextConfig(intermediate_size=64, intermediate_size_mlp=64, num_local_experts=4,
+                                  num_experts_per_tok=1, interleave_moe_layer_step=2, head_dim=8,
+                                  attention_chunk_size=16, **attention, **common)
+    if arch == "gpt_oss":  # sliding and full attention by layer_types, attention sinks
+        return t.GptOssConfig(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, head_dim=8,
+                              sliding_window=8, **attention, **common)
+    if arch == "nemotron_h":  # Mamba, MLP, attention and MoE blocks by layers_block_type
+        attention.pop("num_hidden_layers")
+        kinds = ["mamba", "mlp", "attention", "mamba", "moe", "attention"]
+        return t.NemotronHConfig(layers_block_type=[kinds[i % len(kinds)] for i in range(layers)],
+                                 intermediate_size=64, mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8,
+                                 n_groups=1, conv_kernel=4, n_routed_experts=4, moe_shared_expert_intermediate_size=16,
+                                 n_group=1, topk_group=1, head_dim=8, **moe, **attention, **common)
+    if arch == "jamba":  # one attention block by period/offset (the rest Mamba), MoE in all
+        return t.JambaConfig(intermediate_size=64, num_experts=4, num_experts_per_tok=2, attn_layer_period=8,
+                             attn_layer_offset=2, expert_layer_period=1, expert_layer_offset=0, mamba_d_state=8,
+                             mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4, **attention, **common)
+    if arch == "lfm2":  # attention at blocks 1 and 3, short convolutions elsewhere
+        return t.Lfm2Config(intermediate_size=64, full_attn_idxs=[1, 3], conv_L_cache=3, **attention, **common)
+    if arch == "qwen3_next":  # gated delta-net and full attention by layer_types; block 1 dense
+        return t.Qwen3NextConfig(intermediate_size=64, shared_expert_intermediate_size=16, num_experts=4,
+                                 decoder_sparse_step=1, mlp_only_layers=[1], head_dim=8, linear_num_value_heads=4,
+                                 linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
+                                 linear_conv_kernel_dim=4, full_attention_interval=3, **moe, **attention, **common)
+    if arch == "gemma3_vl":  # Gemma3ForConditionalGeneration: SigLIP tower + projector + text model
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=8, max_position_embeddings=256, sliding_window=8, **common)
+        return t.Gemma3Config(text_config=text, vision_config=dict(hidden_size=16, intermediate_size=32,
+                              num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14),
+                              mm_tokens_per_image=4, image_token_index=120, boi_token_index=121,
+                              eoi_token_index=122)
+    if arch == "qwen2_5_vl":  # no causal-LM class: loaded through the image-text-to-text auto class
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=256,
+                    rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, **common)
+        return t.Qwen2_5_VLConfig(text_config=text, vision_config=dict(depth=2, hidden_size=16, intermediate_size=32,
+                                  num_heads=2, out_hidden_size=32, fullatt_block_indexes=[1], window_size=28,
+                                  patch_size=14), image_token_id=120, video_token_id=121, vision_start_token_id=122)
+    raise ValueError(arch)
+
+
+def auto_class(arch: str):
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if arch == "qwen2_5_vl" else AutoModelForCausalLM
 
 
 def make_model_dir(path, arch: str = "llama", layers: int = 6, seed: int = 0, init_std: float = 0.2) -> str:
@@ -74,10 +150,11 @@ def make_model_dir(path, arch: str = "llama", layers: int = 6, seed: int = 0, in
     from transformers import AutoModelForCausalLM
 
     config = make_config(arch, layers)
-    if hasattr(config, "initializer_range"):
-        config.initializer_range = init_std
+    for sub in (config, config.get_text_config()):
+        if hasattr(sub, "initializer_range"):
+            sub.initializer_range = init_std
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    model = auto_class(arch).from_config(config)
     model.save_pretrained(path)
     make_tokenizer().save_pretrained(path)
     return str(path)

@@ -1,0 +1,181 @@
+"""MoE, hybrid and vision-language decoders: search, removal and a checkpoint that reloads as the same model.
+
+One tiny random model per family, built from its config with the field that ties structure to block
+index set (tests/tiny.py), saved and loaded through the real `from_pretrained`.
+"""
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import tiny
+from clitools import OFFLINE, ROOT, run
+from sleb import blocks, checkpoint, forward, models
+from sleb.engines import ReferenceEngine
+from sleb.errors import UsageError
+from sleb.fast_search import FastEngine
+from sleb.search import SearchJob, SearchState, sleb_iterative
+
+REMOVAL = [1, 4]  # touches every family's layout: a dense/MoE, attention/Mamba or index-listed block
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return {arch: tiny.make_model_dir(root / arch, arch) for arch in tiny.FAMILIES}
+
+
+def _windows(tokenizer):
+    return tokenizer(tiny.sample_text(60, seed=1), return_tensors="pt").input_ids[:, :256].view(4, 64)
+
+
+def _search(model, windows, build) -> list:
+    job = SearchJob(model, windows, 2, 1, 1, build_engine=build, log=lambda *a: None)
+    with models.use_cache(model, False):
+        return sleb_iterative(job, SearchState(blocks.num_blocks(model))).removal_list
+
+
+@pytest.mark.parametrize("arch", tiny.FAMILIES)
+def test_search_prune_save_reload(arch, family_dirs, tmp_path):
+    model, tokenizer = models.load_model(family_dirs[arch], device="cpu")
+    windows = _windows(tokenizer)
+    assert forward.cannot_follow(model) is None  # the fast engine follows every family
+    reference = _search(model, windows, lambda: ReferenceEngine(model, windows))
+    assert _search(model, windows, lambda: FastEngine(model, windows, batch_size=2)) == reference
+
+    ids = windows[:1, :24]
+    blocks.remove_blocks(model, REMOVAL)
+    with torch.inference_mode():
+        pruned_logits = model(input_ids=ids, use_cache=False).logits
+    checkpoint.save(model, tokenizer, str(tmp_path / "pruned"))
+
+    # Stock transformers, the same auto class a user would pick: nothing new, nothing unused, same logits.
+    reloaded, info = tiny.auto_class(arch).from_pretrained(tmp_path / "pruned", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert type(reloaded) is type(model)
+    reloaded.eval()
+    assert blocks.num_blocks(reloaded) == 4
+    with torch.inference_mode():
+        torch.testing.assert_close(reloaded(input_ids=ids, use_cache=False).logits, pruned_logits)
+        prompt = ids[:, :8]
+        cached = reloaded.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+        uncached = reloaded.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(cached, uncached)
+
+
+def test_layout_fields_rewritten(family_dirs):
+    """The explicit forms written for the rules, checked by value (the reload test checks the effect)."""
+    expected = {
+        "qwen3_moe": {"mlp_only_layers": [0, 2]},  # [0, 3] of [0, 2, 3, 5]
+        "qwen2_moe": {"decoder_sparse_step": 1, "mlp_only_layers": [0, 1]},  # sparse 1, 3, 5 -> 3, 5
+        "deepseek_v3": {"first_k_dense_replace": 1},
+        "llama4": {"moe_layers": [2, 3]},  # moe at 1, 3, 5 -> 3, 5
+        "lfm2": {"full_attn_idxs": [2]},  # [1, 3] -> 3
+    }
+    for arch, fields in expected.items():
+        model, _ = models.load_model(family_dirs[arch], device="cpu")
+        blocks.remove_blocks(model, REMOVAL)
+        for name, value in fields.items():
+            assert getattr(model.config, name) == value, (arch, name)
+    model, _ = models.load_model(family_dirs["nemotron_h"], device="cpu")
+    kinds = list(model.config.layers_block_type)
+    with blocks.skipping(model, REMOVAL):
+        assert model.config.layers_block_type == [kinds[i] for i in (0, 2, 3, 5)]
+        assert model.config.num_hidden_layers == 4
+    assert model.config.layers_block_type == kinds  # whole again
+
+
+def _inexpressible_jamba(path) -> str:
+    """Jamba with MoE in every second block (expert_layer_period 2): removing block 1 leaves MoE blocks at
+    positions 2 and 4 of 5, which no period and offset describe."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny.make_config("jamba")
+    config.expert_layer_period, config.expert_layer_offset = 2, 1
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tiny.make_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def test_guard_refuses_an_inexpressible_layout(tmp_path):
+    model, tokenizer = models.load_model(_inexpressible_jamba(tmp_path / "jamba"), device="cpu")
+    blocks.remove_blocks(model, [1])
+    with pytest.raises(UsageError, match="expert_layer_period") as raised:
+        checkpoint.save(model, tokenizer, str(tmp_path / "out"))
+    assert "\n" not in str(raised.value) and "JambaForCausalLM" in str(raised.value)
+    assert sorted(os.listdir(tmp_path)) == ["jamba"]  # no checkpoint, no partial directory
+
+
+def test_eval_cli_keeps_results_when_the_guard_refuses(tmp_path, text_file):
+    model_dir = _inexpressible_jamba(tmp_path / "jamba")
+    out = run("eval", "--model_name", model_dir, "--removal_list", "[1]", "--ppl_datasets", f"file:{text_file}",
+              "--seqlen", "64", "--save_model", str(tmp_path / "out"), "--result_folder", str(tmp_path / "results"))
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr  # the perplexity bar comes first, then the one error line
+    assert out.stderr.strip().splitlines()[-1].startswith("error: not saved") and "expert_layer_period" in out.stderr
+    assert not (tmp_path / "out").exists()
+    (result,) = (tmp_path / "results").iterdir()
+    assert json.loads(result.read_text())["removal_list"] == [1]
+
+
+def test_sleb_cli_fast_engine_on_nemotron_h(family_dirs, tmp_path, text_file):
+    """Nemotron-H's forward reads `block_type` from every block: the hooks see the real ones."""
+    out = run("sleb", "--model_name", family_dirs["nemotron_h"], "--dataset", f"file:{text_file}",
+              "--nsamples", "64", "--seqlen", "64", "--num_remove_blocks", "2", "--eval_ppl", "False",
+              "--result_folder", str(tmp_path), "--save_model", str(tmp_path / "pruned"))
+    assert out.returncode == 0, out.stderr
+    assert "using the reference engine" not in out.stderr
+    (result,) = tmp_path.glob("*.json")
+    record = json.loads(result.read_text())
+    assert record["search"]["engine"] == "fast" and len(record["removal_list"]) == 2
+    check = run("eval", "--model_name", str(tmp_path / "pruned"), "--removal_list", "[]", "--eval_ppl", "False",
+                "--result_folder", str(tmp_path / "again"))
+    assert check.returncode == 0, check.stderr
+
+
+def test_finder_refuses_two_candidate_lists(model_dirs, monkeypatch):
+    model, _ = models.load_model(model_dirs["llama"], device="cpu")
+    model.model.twin = torch.nn.ModuleList(torch.nn.Identity() for _ in range(6))
+    monkeypatch.setattr(blocks, "BLOCK_PATHS", {})
+    with pytest.raises(UsageError, match="cannot tell which ModuleList") as raised:
+        blocks.get_blocks(model)
+    assert "model.layers" in str(raised.value) and "model.twin" in str(raised.value)
+
+
+def test_finder_takes_mixed_classes(family_dirs):
+    model, _ = models.load_model(family_dirs["jamba"], device="cpu")
+    found = blocks.get_blocks(model)
+    assert len({type(block).__name__ for block in found}) == 2 and len(found) == 6
+
+
+def test_save_under_a_file_is_one_line(model_dirs, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    out = run("eval", "--model_name", model_dirs["llama"], "--removal_list", "[1]", "--eval_ppl", "False",
+              "--save_model", str(tmp_path / "afile" / "pruned"), "--result_folder", str(tmp_path / "results"))
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "is a file" in out.stderr and not (tmp_path / "results").exists()
+
+
+def test_write_error_during_save_is_one_line(model_dirs, tmp_path):
+    """A write that fails mid-save (here the file-size limit, standing in for a full disk) is one line
+    with nothing half-written; the results file, written first, stays."""
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write(), as on a full disk, not a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+
+    out = subprocess.run([sys.executable, "-m", "eval", "--model_name", model_dirs["llama"], "--removal_list", "[1]",
+                          "--eval_ppl", "False", "--save_model", str(tmp_path / "pruned"),
+                          "--result_folder", str(tmp_path / "results")],
+                         cwd=ROOT, env=OFFLINE, capture_output=True, text=True, timeout=300,
+                         preexec_fn=limit_file_size)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot write the checkpoint" in lines[0] and "nothing was written" in lines[0], out.stderr
+    assert sorted(os.listdir(tmp_path)) == ["results"]
