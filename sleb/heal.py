@@ -110,22 +110,55 @@ def _pruned_card(model_name: str) -> dict:
     return read_card(path) if os.path.isdir(path) else {}
 
 
-def lora_targets(model) -> list:
-    """Full names of every linear projection inside the decoder blocks (attention and MLP), whatever the
-    architecture calls them; the embeddings and the LM head are left alone."""
+@dataclass
+class LoraTargets:
+    """What LoRA adapts: full names of linear projections, and of fused expert weights (3-D, one slice
+    per expert) that peft wraps through `target_parameters`."""
+
+    modules: list
+    expert_parameters: list
+
+    def record(self) -> dict:
+        """Short names for the results file and model card."""
+        return {"lora_targets": sorted({name.rsplit(".", 1)[-1] for name in self.modules}),
+                "lora_expert_parameters": sorted({".".join(name.split(".")[-2:]) for name in self.expert_parameters})}
+
+
+def _routes(name: str, module) -> bool:
+    """A router or a gate that weighs experts: training it would change which experts run, not what they do."""
+    last = name.rsplit(".", 1)[-1]
+    return "Router" in type(module).__name__ or last in ("gate", "router") or last.endswith("_gate")
+
+
+def _peft_wraps_parameters() -> bool:
+    from peft import LoraConfig
+
+    return "target_parameters" in LoraConfig.__dataclass_fields__
+
+
+def lora_targets(model) -> LoraTargets:
+    """Every linear projection inside the decoder blocks (attention, dense MLP, shared experts, Mamba
+    and convolution projections), whatever the architecture calls them, and the fused expert weights
+    of MoE blocks where peft can wrap parameters; routers, the embeddings, the LM head and a vision
+    tower are left alone."""
     import torch.nn as nn
     from transformers.pytorch_utils import Conv1D
 
     prefix = blocks.block_path(model)
-    names = []
+    modules, experts = [], []
     for index, block in enumerate(blocks.get_blocks(model)):
         for name, module in block.named_modules():
+            full = f"{prefix}.{index}.{name}"
+            if _routes(name, module):
+                continue
             if isinstance(module, (nn.Linear, Conv1D)) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
-                names.append(f"{prefix}.{index}.{name}")
-    if not names:
+                modules.append(full)
+            elif not isinstance(module, nn.Conv1d):
+                experts += [f"{full}.{p}" for p, param in module.named_parameters(recurse=False) if param.dim() == 3]
+    if not modules:
         raise UsageError(f"no linear projections found in the blocks of {type(model).__name__}; LoRA has nothing "
                          "to adapt in this architecture")
-    return names
+    return LoraTargets(modules, experts if _peft_wraps_parameters() else [])
 
 
 def _training_windows(settings, tokenizer):
@@ -149,9 +182,9 @@ def _progress_callback():
     return LossInBar
 
 
-def _train(model, train_data, settings, work_dir: str, checkpoint=None):
-    """LoRA on `model` with transformers' Trainer, from `checkpoint` if given; returns (peft model,
-    loss curve, seconds)."""
+def _train(model, train_data, settings, work_dir: str, resume_from=None):
+    """LoRA on `model` with transformers' Trainer, from the Trainer checkpoint `resume_from` if given; returns (peft model,
+    loss curve, seconds, the LoraTargets adapted)."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
@@ -159,10 +192,15 @@ def _train(model, train_data, settings, work_dir: str, checkpoint=None):
 
     set_seed(settings.seed)
     targets = lora_targets(model)
+    if targets.expert_parameters and settings.lora_dropout > 0:
+        print("note: peft wraps fused expert weights only without dropout; the experts stay as they are "
+              "(pass --lora_dropout 0 to adapt them too)", flush=True)
+        targets.expert_parameters = []
     if settings.load_in_4bit:
         model = prepare_model_for_kbit_training(model)
+    experts = {"target_parameters": targets.expert_parameters} if targets.expert_parameters else {}
     config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                        target_modules=targets, bias="none", task_type="CAUSAL_LM")
+                        target_modules=targets.modules, bias="none", task_type="CAUSAL_LM", **experts)
     model.config.get_text_config().use_cache = False  # training; the saved checkpoint gets it back
     peft_model = get_peft_model(model, config)
     cuda = models.input_device(model).type == "cuda"
@@ -180,13 +218,13 @@ def _train(model, train_data, settings, work_dir: str, checkpoint=None):
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(_progress_callback())
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - started
     curve = [{"step": entry["step"], "loss": entry["loss"]} for entry in trainer.state.log_history if "loss" in entry]
     for point in curve:
         check_finite(point["loss"], f"the training loss at step {point['step']}", model)
     peft_model.eval()
-    return peft_model, curve, seconds
+    return peft_model, curve, seconds, targets
 
 
 def _merge(peft_model, settings, removal_list, tokenizer):
@@ -239,8 +277,8 @@ def run_heal(settings) -> dict:
     result_file = settings.result_file or default_result_file(settings)
     work_dir = os.path.join(settings.result_folder, os.path.splitext(result_file)[0] + "_trainer")
     with results.claim(settings.result_folder, result_file, settings.overwrite or settings.resume) as path:
-        checkpoint = last_complete_checkpoint(work_dir) if settings.resume else None
-        if settings.resume and checkpoint is None:
+        resume_from = last_complete_checkpoint(work_dir) if settings.resume else None
+        if settings.resume and resume_from is None:
             raise UsageError(f"--resume True but {work_dir!r} holds no complete Trainer checkpoint; run without --resume")
         if not settings.resume and os.path.isdir(work_dir):
             shutil.rmtree(work_dir)  # a finished or abandoned earlier run's checkpoints
@@ -264,13 +302,13 @@ def run_heal(settings) -> dict:
         if eval_data.tasks:
             record["zeroshot_pruned"] = stages.zeroshot_accuracy(model, tokenizer, eval_data, settings)
         # train and merge
-        peft_model, curve, train_seconds = _train(model, train_data, settings, work_dir, checkpoint)
+        peft_model, curve, train_seconds, targets = _train(model, train_data, settings, work_dir, resume_from)
         if settings.save_adapter:
             peft_model.save_pretrained(settings.save_adapter)
         model = _merge(peft_model, settings, removal_list, tokenizer)
         checkpoint.check_reloads(model)  # before the healed perplexity: a model that cannot be saved stops here
         record.update(train_seconds=round(train_seconds, 3), train_windows=len(train_data), loss_curve=curve,
-                      lora_targets=sorted({name.rsplit(".", 1)[-1] for name in lora_targets(model)}))
+                      **targets.record())
         record["ppl_healed"] = stages.perplexity(model, eval_windows, settings.batch_size)
         record["ppl"] = record["ppl_healed"]  # what other tools read as "the model's perplexity"
         if eval_data.tasks:

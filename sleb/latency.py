@@ -56,7 +56,8 @@ def measure(model, input_ids, new_tokens: int, warmup: int, repeats: int, static
             model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
         else:
             out = model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                 pad_token_id=model.config.eos_token_id or 0, **_generation_kwargs(static_cache, compile))
+                                 pad_token_id=model.config.get_text_config().eos_token_id or 0,
+                                 **_generation_kwargs(static_cache, compile))
             generated["tokens"] = out.shape[1] - input_ids.shape[1]
 
     times = _timed_runs(run, device, warmup, repeats)

@@ -88,7 +88,9 @@ def healed_card(record: dict):
     settings = _settings(record)
     metric = record["source_metric"]
     recipe = [f"- LoRA (peft) r={settings['lora_r']}, alpha={settings['lora_alpha']}, dropout "
-              f"{settings['lora_dropout']}, on {', '.join(record['lora_targets'])}; merged into the weights",
+              f"{settings['lora_dropout']}, on {', '.join(record['lora_targets'])}"
+              + (f" and the fused expert weights {', '.join(record['lora_expert_parameters'])}"
+                 if record.get("lora_expert_parameters") else "") + "; merged into the weights",
               f"- AdamW, lr {settings['lr']}, {settings['warmup_steps']} warm-up steps then linear decay, "
               f"batch {settings['train_batch_size']} x {settings['grad_accum']} accumulation, "
               + (f"{settings['max_steps']} steps" if settings["max_steps"] > 0 else f"{settings['epochs']} epochs"),

@@ -179,3 +179,61 @@ def test_write_error_during_save_is_one_line(model_dirs, tmp_path):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot write the checkpoint" in lines[0] and "nothing was written" in lines[0], out.stderr
     assert sorted(os.listdir(tmp_path)) == ["results"]
+
+
+def _heal(model_dir, text_file, tmp_path, *extra):
+    return run("sleb.heal", *extra, "--model_name", model_dir, "--removal_list", "[1, 4]", "--dataset", f"file:{text_file}",
+               "--nsamples", "300", "--seqlen", "32", "--ppl_datasets", f"file:{text_file}", "--eval_seqlen", "32",
+               "--lr", "1e-2", "--warmup_steps", "2", "--train_batch_size", "4", "--grad_accum", "1",
+               "--max_steps", "12", "--logging_steps", "4", "--output_dir", str(tmp_path / "healed"),
+               "--result_folder", str(tmp_path), "--result_file", "h.json")
+
+
+def test_heal_on_moe_adapts_experts_not_routers(family_dirs, text_file, tmp_path):
+    out = _heal(family_dirs["qwen2_moe"], text_file, tmp_path, "--lora_dropout", "0")
+    assert out.returncode == 0, out.stderr[-3000:]
+    record = json.loads((tmp_path / "h.json").read_text())
+    assert record["lora_expert_parameters"] == ["experts.down_proj", "experts.gate_up_proj"]
+    assert {"q_proj", "down_proj", "gate_proj", "up_proj"} <= set(record["lora_targets"])
+    assert "gate" not in record["lora_targets"] and "shared_expert_gate" not in record["lora_targets"]
+    name = f"file:{text_file}"
+    assert record["ppl_healed"][name]["ppl"] < record["ppl_pruned"][name]["ppl"]
+    assert "fused expert weights experts.down_proj" in (tmp_path / "healed" / "README.md").read_text()
+    healed, info = tiny.auto_class("qwen2_moe").from_pretrained(tmp_path / "healed", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    original, _ = models.load_model(family_dirs["qwen2_moe"], device="cpu")
+    # The experts moved (LoRA on the fused weights was merged); the routers did not.
+    assert not torch.equal(healed.model.layers[2].mlp.experts.gate_up_proj, original.model.layers[3].mlp.experts.gate_up_proj)
+    assert torch.equal(healed.model.layers[2].mlp.gate.weight, original.model.layers[3].mlp.gate.weight)
+
+
+def test_heal_on_a_vision_language_model_leaves_the_vision_tower(family_dirs, text_file, tmp_path):
+    out = _heal(family_dirs["gemma3_vl"], text_file, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    healed, info = tiny.auto_class("gemma3_vl").from_pretrained(tmp_path / "healed", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    original, _ = models.load_model(family_dirs["gemma3_vl"], device="cpu")
+    for (name, theirs), (_, ours) in zip(original.model.vision_tower.named_parameters(),
+                                         healed.model.vision_tower.named_parameters()):
+        assert torch.equal(theirs, ours), name
+    assert torch.equal(original.model.multi_modal_projector.mm_input_projection_weight,
+                       healed.model.multi_modal_projector.mm_input_projection_weight)
+    assert not torch.equal(original.model.language_model.layers[0].self_attn.q_proj.weight,
+                           healed.model.language_model.layers[0].self_attn.q_proj.weight)
+
+
+@pytest.mark.parametrize("arch", tiny.VISION_FAMILIES)
+def test_latency_and_zeroshot_on_text_for_vision_language_models(arch, family_dirs, tmp_path):
+    out = run("latency", "--model_name", family_dirs[arch], "--generation", "True", "--batch_size", "2",
+              "--prompt_len", "8", "--new_tokens", "4", "--warmup", "0", "--repeats", "1",
+              "--result_folder", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    (result,) = tmp_path.glob("latency_*.json")
+    record = json.loads(result.read_text())
+    assert record["pruned"]["new_tokens_generated"] == 4 and record["removal_list"] == [1, 2]
+    out = run("eval", "--model_name", family_dirs[arch], "--removal_list", "[1]", "--eval_ppl", "False",
+              "--eval_zeroshot", "True", "--tasks", "demo_cloze", "--limit", "8", "--result_folder", str(tmp_path / "zs"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    (result,) = (tmp_path / "zs").glob("*.json")
+    accuracy = json.loads(result.read_text())["zeroshot"]["tasks"]["demo_cloze"]["acc"]
+    assert 0 <= accuracy <= 1

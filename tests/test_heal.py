@@ -56,7 +56,7 @@ def test_merged_checkpoint_reloads_to_the_peft_models_logits(model_dirs, text_fi
     model, tokenizer = load_model(model_dirs["llama"], device="cpu")
     blocks.remove_blocks(model, [1])
     train_data = heal._training_windows(settings, tokenizer)
-    peft_model, curve, _ = heal._train(model, train_data, settings, str(tmp_path / "work"))
+    peft_model, curve, _, _ = heal._train(model, train_data, settings, str(tmp_path / "work"))
     ids = torch.tensor(train_data[0]["input_ids"])[None]
     with torch.no_grad():
         adapted = peft_model(input_ids=ids).logits
@@ -147,7 +147,7 @@ def test_bad_input_is_one_line_and_writes_nothing(override, message, model_dirs,
                                                           "dense_4h_to_h"})])
 def test_lora_targets_are_found_per_architecture(arch, expected, model_dirs):
     model, _ = load_model(model_dirs[arch], device="cpu")
-    names = heal.lora_targets(model)
+    names = heal.lora_targets(model).modules
     assert {name.rsplit(".", 1)[-1] for name in names} == expected
     assert len(names) == 6 * 4  # four projections in every block, nothing outside them (no LM head)
 
