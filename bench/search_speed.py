@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sleb import data, memory, models, search  # noqa: E402
+from sleb import data, memory, models, metrics as search  # noqa: E402
 from sleb.engines import ReferenceEngine  # noqa: E402
 from sleb.fast_search import FastEngine  # noqa: E402
 from sleb.results import environment  # noqa: E402
@@ -69,7 +69,10 @@ def main(model_name: str = "", dataset: str = "demo", layers: int = 16, hidden: 
 
     with torch.inference_mode():  # warm-up, so neither engine pays for first-call allocations
         model(input_ids=calibration[:1].to(device_), use_cache=False)
+    memory.reset_peak(device_)
     reference, reference_s = _timed(ReferenceEngine(model, calibration), model, calibration, phases, device_)
+    reference_peak = memory.peak_mb(device_)
+    memory.reset_peak(device_)
     fast_engine_started = time.perf_counter()
     engine = FastEngine(model, calibration, batch_size)
     setup_s = time.perf_counter() - fast_engine_started
@@ -85,10 +88,10 @@ def main(model_name: str = "", dataset: str = "demo", layers: int = 16, hidden: 
         "max_rel_loss_diff": mismatch, "block_forwards_fast": engine.block_forwards,
         "rescored_candidates": fast.rescored, "max_rescore_gap": fast.max_rescore_gap,
         "abandoned_candidates": sum(bound is not None for row in fast.lower_bounds for bound in row),
-        "peak_mem_mb": memory.peak_mb(device_), "phases": phases,
+        "peak_mem_mb_reference": reference_peak, "peak_mem_mb_fast": memory.peak_mb(device_), "phases": phases,
         "windows": len(calibration), "seqlen": calibration.shape[1], "batch_size": engine.batch_size,
         "dtype": str(model.dtype),
-        "device": environment(device_)["device"], **shape,
+        "device": environment(device_)["device"], "versions": environment(device_)["versions"], **shape,
     }))
 
 

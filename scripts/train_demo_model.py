@@ -150,7 +150,7 @@ def write_card(out, config, train_tokens, history, minutes, flags):
     """Measure the saved model's test perplexity the way `python -m eval` does and describe it."""
     from sleb.data import load_eval_windows
     from sleb.models import load_model
-    from sleb.perplexity import perplexity
+    from sleb.ppl import perplexity
 
     model, tokenizer = load_model(out, dtype="float32", device="cpu")
     windows = load_eval_windows("demo", tokenizer, seqlen=config.max_position_embeddings)

@@ -3,8 +3,9 @@
 import math
 
 
-class UsageError(Exception):
-    """Bad input: the message names the problem and the fix. The CLI prints it alone and exits 2."""
+class UsageError(ValueError):
+    """Bad input: the message names the problem and the fix. The CLI prints it alone and exits 2; from
+    Python (`sleb.UsageError`) it is raised like any ValueError."""
 
 
 def check_at_least(name: str, value, minimum) -> None:

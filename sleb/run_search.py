@@ -6,10 +6,10 @@ import os
 import sys
 import time
 
-from sleb import blocks, checkpoint, data, distributed, models, results, stages
-from sleb.engines import ReferenceEngine
+from sleb import api, blocks, checkpoint, data, distributed, models, results, stages
+from sleb.api import SearchResult
 from sleb.errors import UsageError
-from sleb.search import ITERATIVE, METRICS, SearchJob, SearchState
+from sleb.metrics import ITERATIVE
 
 # Settings that define a search's answer: a resumed run must match them.
 _RESUME_KEYS = ("model_name", "num_blocks", "num_remove_blocks", "early_barrier", "latter_barrier", "dataset",
@@ -22,16 +22,14 @@ def default_result_file(settings) -> str:
             f"{settings.num_blocks}_{dataset}_n{settings.nsamples}_seed{settings.seed}.json")
 
 
-def _resumed_state(path: str, settings) -> SearchState:
-    """The state saved in `path`: a finished search of any metric, or the finished phases of sleb."""
+def _resumed(path: str, settings) -> SearchResult:
+    """The search saved in `path`: a finished search of any metric, or the finished phases of sleb."""
     if not os.path.exists(path):
         raise UsageError(f"--resume True but {path!r} does not exist; run without --resume to start the search")
     try:
         saved = results.read_json(path)
         saved_settings, search = saved["settings"], saved["search"]
-        state = SearchState(settings.num_blocks, list(search["removal_list"]), list(search["losses"]),
-                            list(search.get("lower_bounds", [])), list(search["phase_seconds"]),
-                            search.get("rescored", 0), search.get("max_rescore_gap"))
+        resumed = SearchResult.from_dict(search)
     except (ValueError, KeyError, TypeError, OSError):
         raise UsageError(f"{path!r} is not a sleb search result; remove it or pass another --result_file") from None
     current = dataclasses.asdict(settings)
@@ -42,33 +40,13 @@ def _resumed_state(path: str, settings) -> SearchState:
     if search.get("status") != "done" and settings.metric not in ITERATIVE:
         raise UsageError(f"--resume True: --metric {settings.metric} scores every block in one pass, so "
                          f"{path!r} holds nothing to continue; rerun with --overwrite True instead")
-    return state
-
-
-def _build_engine(settings, model, windows, rank: int, world: int):
-    from sleb.fast_search import FastEngine
-
-    reason = FastEngine.cannot_follow(model) if settings.engine == "fast" else None
-    if settings.engine == "fast" and reason is None:
-        engine = FastEngine(model, windows, settings.search_batch_size, settings.cache_gb)
-    else:
-        if reason is not None:
-            print(f"note: {reason}; using the reference engine", file=sys.stderr)
-        engine = ReferenceEngine(model, windows)
-    return distributed.CandidateParallel(engine, rank, world) if world > 1 else engine
-
-
-def _search_record(state: SearchState, engine, seconds: float, status: str) -> dict:
-    return {"status": status, "engine": engine.name if engine else None, "removal_list": state.removal_list,
-            "losses": state.scores, "lower_bounds": state.lower_bounds, "phase_seconds": state.phase_seconds,
-            "total_seconds": round(seconds, 3), "rescored": state.rescored,
-            "max_rescore_gap": state.max_rescore_gap, **(engine.stats() if engine and status == "done" else {})}
+    return resumed
 
 
 def run_search(settings) -> dict:
-    rank, world = 0, 1
-    if distributed.launched():  # under torchrun: each rank scores a slice of the candidates
-        rank, world, settings.device = distributed.setup()
+    rank = 0
+    if distributed.launched():  # under torchrun: each rank scores a slice of the candidates (sleb.search sees the group)
+        rank, _, settings.device = distributed.setup()
     main_rank = rank == 0
     log = print if main_rank else (lambda *args, **kwargs: None)
 
@@ -80,7 +58,7 @@ def run_search(settings) -> dict:
     claim = (results.claim(settings.result_folder, result_file, settings.overwrite or settings.resume)
              if main_rank else contextlib.nullcontext(os.path.join(settings.result_folder, result_file)))
     with claim as path:
-        state = _resumed_state(path, settings) if settings.resume else SearchState(settings.num_blocks)
+        resumed = _resumed(path, settings) if settings.resume else None
         started = time.perf_counter()
         # data
         calibration = data.calibration_text(settings.dataset, settings.nsamples, settings.seed)
@@ -94,38 +72,37 @@ def run_search(settings) -> dict:
             f"tokens; {settings.metric} removes {k} of {depth} blocks")
         base = stages.record("sleb", settings, model, depth, calibration_windows=len(windows), seqlen=seqlen)
 
-        # search
-        def save_partial(current: SearchState):
-            if main_rank:
-                results.write_json(path, {**base, "search": _search_record(
-                    current, job.engine, time.perf_counter() - started, "searching")})
+        # search (saved after every phase, so an interrupted run can resume)
+        saved = [resumed]
 
-        job = SearchJob(model, windows, k, settings.early_barrier, settings.latter_barrier, settings.seed,
-                        settings.search_batch_size, on_phase=save_partial, log=log,
-                        build_engine=lambda: _build_engine(settings, model, windows, rank, world))
-        search_started = time.perf_counter()
+        def save_partial(partial: SearchResult):
+            saved[0] = partial
+            if main_rank:
+                results.write_json(path, {**base, "search": partial.to_dict()})
+
         try:
-            if len(state.removal_list) < k:  # a finished search resumed is only evaluated again
-                with models.use_cache(model, False):
-                    state = METRICS[settings.metric](job, state)
+            found = api.search(model, windows, k, settings.metric, settings.engine,
+                               early_barrier=settings.early_barrier, latter_barrier=settings.latter_barrier,
+                               batch_size=settings.search_batch_size, cache_gb=settings.cache_gb, seed=settings.seed,
+                               progress=main_rank, resume=resumed, on_phase=save_partial, log=log)
         except KeyboardInterrupt:
-            if state.removal_list and main_rank:
-                print(f"interrupted after phase {len(state.removal_list)}; partial result in {path}; "
+            if saved[0] is not None and saved[0].removal_list and main_rank:
+                print(f"interrupted after phase {len(saved[0].removal_list)}; partial result in {path}; "
                       "rerun the same command with --resume True to continue", file=sys.stderr)
             raise
-        search_seconds = time.perf_counter() - search_started
+        search_seconds = found.total_seconds
         if not main_rank:
             return None  # rank 0 evaluates and writes
-        print(f"removal list: {state.removal_list} (search took {search_seconds:.1f} s)")
+        print(f"removal list: {found.removal_list} (search took {search_seconds:.1f} s)")
 
         # prune and evaluate
-        record = {**base, "search": _search_record(state, job.engine, search_seconds, "done")}
+        record = {**base, "search": found.to_dict()}
         eval_windows = stages.tokenize_eval_texts(model, tokenizer, eval_data, settings.seqlen)
         dense = stages.perplexity(model, eval_windows, settings.batch_size)
         if dense:
             record["ppl_dense"] = dense
-        blocks.remove_blocks(model, state.removal_list)
-        record["removal_list"] = state.removal_list
+        blocks.remove_blocks(model, found.removal_list)
+        record["removal_list"] = found.removal_list
         if eval_windows:
             record["ppl"] = stages.perplexity(model, eval_windows, settings.batch_size)
         zeroshot = stages.zeroshot_accuracy(model, tokenizer, eval_data, settings)

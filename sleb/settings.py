@@ -15,7 +15,7 @@ from typing import Optional
 from sleb import blocks, data, models
 from sleb.cli import flag
 from sleb.errors import UsageError, check_at_least
-from sleb.search import METRICS
+from sleb.metrics import METRICS, check_shape
 
 PAPER_PPL_DATASETS = "wikitext2,c4"
 PAPER_TASKS = "piqa,winogrande,hellaswag,arc_challenge,arc_easy"
@@ -197,15 +197,7 @@ class SearchSettings(OutputFlags, SaveFlags, EvalFlags, ModelFlags):
         self.num_blocks = depth
         if self.num_remove_blocks is None:
             self.num_remove_blocks = blocks.default_remove_count(depth)
-        k = self.num_remove_blocks
-        available = depth - self.early_barrier - self.latter_barrier
-        if available < 1:
-            raise UsageError(f"barriers {self.early_barrier} + {self.latter_barrier} leave no candidate among "
-                             f"{depth} blocks; lower --early_barrier or --latter_barrier")
-        # The iterative search loses one candidate per phase; the last phase still needs one.
-        if k >= available:
-            raise UsageError(f"--num_remove_blocks {k} must be below the {available} blocks between the "
-                             f"barriers of a {depth}-block model; remove fewer blocks")
+        check_shape(depth, self.num_remove_blocks, self.early_barrier, self.latter_barrier)
 
 
 # Latency sizes: the paper's settings on a GPU, and what finishes in about a minute on a small CPU.

@@ -8,7 +8,7 @@ checks -> data -> load -> work -> record -> write -> table.
 import time
 from dataclasses import dataclass
 
-from sleb import data, models, results, zeroshot
+from sleb import data, models, results, accuracy as zeroshot
 
 
 @dataclass
@@ -56,7 +56,7 @@ def tokenize_eval_texts(model, tokenizer, eval_data: EvalData, seqlen: int) -> d
 
 def perplexity(model, eval_windows: dict, batch_size: int) -> dict:
     """{data set: {"ppl": ..., "windows": ..., "seqlen": ..., "seconds": ...}}."""
-    from sleb.perplexity import perplexity as measure
+    from sleb.ppl import perplexity as measure
 
     out = {}
     for name, windows in eval_windows.items():

@@ -9,7 +9,7 @@ import pytest
 from clitools import run
 from sleb import data, demo_corpus
 from sleb.models import DEMO_MODEL_DIR, load_model
-from sleb.perplexity import perplexity
+from sleb.ppl import perplexity
 
 
 def test_demo_splits_are_disjoint_and_stable():

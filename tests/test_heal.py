@@ -1,6 +1,7 @@
 """Healing with LoRA: training lowers the loss, the merged checkpoint reloads to the peft model's logits,
 kill -9 then resume finishes, bad input is one line, and saved checkpoints carry a model card."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -11,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from clitools import run, start
-from sleb import blocks, checkpoint, heal, stages
+from sleb import blocks, checkpoint, healing as heal, stages
 from sleb.model_card import read_card
 from sleb.models import load_model
 
@@ -179,7 +180,9 @@ def test_a_checkpoint_pruned_from_the_demo_model_defaults_to_demo_data(tmp_path)
     assert (settings.dataset, settings.ppl_datasets, settings.tasks) == ("demo", "demo", "demo_cloze,demo_order")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="QLoRA needs CUDA (bitsandbytes)")
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None,
+                    reason="QLoRA needs CUDA and bitsandbytes")
 def test_qlora_on_gpu(model_dirs, text_file, tmp_path):
     out = run("sleb.heal", *_heal_args(model_dirs["llama"], text_file, tmp_path, "--max_steps", "10",
                                        "--load_in_4bit", "True"))

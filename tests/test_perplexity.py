@@ -7,7 +7,7 @@ import torch
 
 from sleb import data
 from sleb.models import load_model
-from sleb.perplexity import perplexity
+from sleb.ppl import perplexity
 
 
 def naive_perplexity(model, windows):

@@ -10,7 +10,7 @@ import pytest
 
 from clitools import ROOT, run
 from sleb.cli import parse_settings
-from sleb.heal import HealSettings
+from sleb.healing import HealSettings
 from sleb.settings import EvalSettings, LatencySettings, SearchSettings
 
 SETTINGS = {"sleb": SearchSettings, "eval": EvalSettings, "latency": LatencySettings, "sleb.heal": HealSettings}

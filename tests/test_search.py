@@ -4,12 +4,12 @@
 import pytest
 import torch
 
-from sleb import blocks, data, search
+from sleb import blocks, data, metrics as search
 from sleb.engines import ReferenceEngine
 from sleb.errors import UsageError
 from sleb.fast_search import FastEngine
 from sleb.models import load_model
-from sleb.search import SearchJob, SearchState, candidate_positions
+from sleb.metrics import SearchJob, SearchState, candidate_positions
 from sleb.settings import SearchSettings
 
 

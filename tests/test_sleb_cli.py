@@ -6,7 +6,7 @@ import json
 import pytest
 
 from sleb import run_search as run_search_module
-from sleb import search
+from sleb import metrics as search
 from sleb.settings import SearchSettings
 from clitools import run
 

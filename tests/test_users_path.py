@@ -16,12 +16,12 @@ import torch
 
 import tiny
 from clitools import ROOT, run, start
-from sleb import blocks, data, search
+from sleb import blocks, data, metrics as search
 from sleb.engines import ReferenceEngine
 from sleb.errors import UsageError
 from sleb.fast_search import FastEngine
 from sleb.models import load_model
-from sleb.search import SearchJob, SearchState
+from sleb.metrics import SearchJob, SearchState
 
 
 def _one_line(out, *fragments):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from clitools import run
-from sleb import blocks, zeroshot
+from sleb import blocks, accuracy as zeroshot
 from sleb.models import load_model
 
 

@@ -38,14 +38,15 @@ def check_tasks(names: list, manager) -> None:
 
 
 def evaluate_zeroshot(model, tokenizer, names: list, manager, num_fewshot: int = 0, limit=None,
-                      batch_size: int = 8, log_samples: bool = False) -> dict:
-    """{"tasks": {task: {acc, acc_stderr, acc_norm, acc_norm_stderr}}, "mean": {...}, "samples": ...}."""
+                      batch_size: int = 8, log_samples: bool = False, logits_cache: bool = True) -> dict:
+    """{"tasks": {task: {acc, acc_stderr, acc_norm, acc_norm_stderr}}, "mean": {...}, "samples": ...}.
+
+    `logits_cache` is lm-eval's own default (and how the paper's fork ran): choices sharing a context
+    reuse one forward. bench/logits_cache.py measures it against one forward per choice."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    # logits_cache off: lm-eval's reuse of one request's logits for another changed a choice's
-    # log-likelihood (by 0.2 nats, seen on a tiny model), so every choice gets its own forward.
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, logits_cache=False)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, logits_cache=logits_cache)
     output = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
                                      log_samples=log_samples, task_manager=manager, verbosity="ERROR")
     per_task = {}

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from sleb import blocks, forward
 from sleb.engines import Engine, PhaseResult, alive_blocks
-from sleb.errors import check_finite
+from sleb.errors import UsageError, check_finite
 from sleb.models import input_device
 
 
@@ -57,12 +57,27 @@ class SearchJob:
     build_engine: Optional[Callable[[], Engine]] = None
     on_phase: Callable = lambda state: None  # called after every phase of an iterative metric
     log: Callable = print
+    progress: bool = True  # tqdm bars
     engine: Optional[Engine] = None  # built on first use
 
     def get_engine(self) -> Engine:
         if self.engine is None:
             self.engine = self.build_engine()
         return self.engine
+
+
+def check_shape(depth: int, k: int, early_barrier: int, latter_barrier: int) -> None:
+    """A search of k removals between the barriers of a depth-block model must have candidates in every phase."""
+    if early_barrier < 0 or latter_barrier < 0:
+        raise UsageError(f"barriers must be >= 0, got --early_barrier {early_barrier} --latter_barrier {latter_barrier}")
+    available = depth - early_barrier - latter_barrier
+    if available < 1:
+        raise UsageError(f"barriers {early_barrier} + {latter_barrier} leave no candidate among "
+                         f"{depth} blocks; lower --early_barrier or --latter_barrier")
+    # The iterative search loses one candidate per phase; the last phase still needs one.
+    if k >= available:
+        raise UsageError(f"--num_remove_blocks {k} must be below the {available} blocks between the "
+                         f"barriers of a {depth}-block model; remove fewer blocks")
 
 
 def candidate_positions(alive_count: int, early_barrier: int, latter_barrier: int) -> range:
@@ -135,7 +150,7 @@ def sleb_iterative(job: SearchJob, state: SearchState) -> SearchState:
         alive = state.alive
         positions = list(candidate_positions(len(alive), job.early_barrier, job.latter_barrier))
         started = time.perf_counter()
-        bar = tqdm(total=len(positions), desc=f"phase {phase + 1}/{k}", leave=False)
+        bar = tqdm(total=len(positions), desc=f"phase {phase + 1}/{k}", leave=False, disable=not job.progress)
         best = [math.inf, None]
 
         def progress(position, loss):
@@ -167,7 +182,7 @@ def sleb_oneshot(job: SearchJob, state: SearchState) -> SearchState:
     every = list(range(state.num_blocks))
     positions = list(candidate_positions(state.num_blocks, job.early_barrier, job.latter_barrier))
     started = time.perf_counter()
-    bar = tqdm(total=len(positions), desc="single-removal losses", leave=False)
+    bar = tqdm(total=len(positions), desc="single-removal losses", leave=False, disable=not job.progress)
     result = engine.phase([], positions, complete=True, progress=lambda p, v: bar.update(1))
     bar.close()
     _check_phase(result, every, [], job.model)
@@ -181,10 +196,11 @@ def sleb_oneshot(job: SearchJob, state: SearchState) -> SearchState:
 
 
 @torch.inference_mode()
-def _block_states(model, windows: torch.Tensor, batch_size: int):
+def _block_states(model, windows: torch.Tensor, batch_size: int, progress: bool = True):
     """Per batch of windows: [input of block 0, output of block 0, ..., output of the last block]."""
     device = input_device(model)
-    for start in tqdm(range(0, len(windows), batch_size), desc="block similarities", leave=False):
+    for start in tqdm(range(0, len(windows), batch_size), desc="block similarities", leave=False,
+                      disable=not progress):
         inputs = forward.capture(model, windows[start : start + batch_size].to(device), keep_outputs=True)
         yield [inputs.hidden] + inputs.outputs
 
@@ -193,22 +209,22 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return nn.functional.cosine_similarity(a.float(), b.float().to(a.device), dim=-1).double().cpu()
 
 
-def block_influence(model, windows: torch.Tensor, batch_size: int = 1) -> list:
+def block_influence(model, windows: torch.Tensor, batch_size: int = 1, progress: bool = True) -> list:
     """ShortGPT's Block Influence per block l: mean over all tokens of 1 - cos(input of l, output of l)."""
     depth = blocks.num_blocks(model)
     sums, tokens = torch.zeros(depth, dtype=torch.float64), 0
-    for states in _block_states(model, windows, batch_size):
+    for states in _block_states(model, windows, batch_size, progress):
         for first in range(depth):
             sums[first] += (1 - _cosine(states[first], states[first + 1])).sum()
         tokens += states[0].shape[0] * states[0].shape[1]
     return (sums / tokens).tolist()
 
 
-def angular_distances(model, windows: torch.Tensor, span: int, batch_size: int = 1) -> list:
+def angular_distances(model, windows: torch.Tensor, span: int, batch_size: int = 1, progress: bool = True) -> list:
     """Gromov et al. per start l: mean over sequences of arccos(cos(h_l, h_{l+span})) / pi at the last token."""
     depth = blocks.num_blocks(model)
     sums = torch.zeros(depth - span + 1, dtype=torch.float64)
-    for states in _block_states(model, windows, batch_size):
+    for states in _block_states(model, windows, batch_size, progress):
         for first in range(depth - span + 1):
             cos = _cosine(states[first][:, -1], states[first + span][:, -1]).clamp(-1.0, 1.0)
             sums[first] += (torch.arccos(cos) / math.pi).sum()
@@ -217,7 +233,7 @@ def angular_distances(model, windows: torch.Tensor, span: int, batch_size: int =
 
 def cosine(job: SearchJob, state: SearchState) -> SearchState:
     """Paper's metric 1 / ShortGPT's Block Influence: remove the k blocks with the lowest influence."""
-    influence_by_block = block_influence(job.model, job.windows, job.batch_size)
+    influence_by_block = block_influence(job.model, job.windows, job.batch_size, job.progress)
     every = list(range(state.num_blocks))
     influence = {l: influence_by_block[l] for l in candidate_positions(state.num_blocks, job.early_barrier,
                                                                          job.latter_barrier)}
@@ -233,7 +249,7 @@ def cosine(job: SearchJob, state: SearchState) -> SearchState:
 def angular(job: SearchJob, state: SearchState) -> SearchState:
     """Gromov et al.: remove the contiguous run of k blocks whose input and output are closest in angle."""
     k = job.num_remove_blocks
-    by_start = angular_distances(job.model, job.windows, k, job.batch_size)
+    by_start = angular_distances(job.model, job.windows, k, job.batch_size, job.progress)
     starts = range(job.early_barrier, state.num_blocks - job.latter_barrier - k + 1)
     distance = {l: by_start[l] for l in starts}
     for start, value in distance.items():

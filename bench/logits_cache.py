@@ -1,0 +1,43 @@
+"""lm-eval's logits_cache on vs off: per-choice log-likelihoods of the pruned demo model on the demo tasks.
+
+    python bench/logits_cache.py [--removal_list 7,3,5] [--limit 200]
+
+Prints one JSON line: items and choices compared per task, the largest absolute difference of a
+choice's log-likelihood, and whether any item's prediction changed.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from sleb import blocks, accuracy as zeroshot  # noqa: E402
+from sleb.models import load_model  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--removal_list", default="7,3,5")
+    parser.add_argument("--limit", type=int, default=200)
+    args = parser.parse_args()
+    model, tokenizer = load_model("demo", device="cpu")
+    blocks.remove_blocks(model, [int(i) for i in args.removal_list.split(",")])
+    names = ["demo_cloze", "demo_order"]
+    manager = zeroshot.task_manager(names)
+    runs = {cache: zeroshot.evaluate_zeroshot(model, tokenizer, names, manager, limit=args.limit, log_samples=True,
+                                              logits_cache=cache)["samples"] for cache in (True, False)}
+    report = {"removal_list": args.removal_list, "limit": args.limit, "tasks": {}}
+    for name in names:
+        on, off = runs[True][name], runs[False][name]
+        pairs = [(a[0][0], b[0][0]) for x, y in zip(on, off) for a, b in zip(x["resps"], y["resps"])]
+        changed = sum(x["acc"] != y["acc"] for x, y in zip(on, off))
+        report["tasks"][name] = {"items": len(on), "choices": len(pairs),
+                                 "max_abs_loglik_diff": max(abs(a - b) for a, b in pairs),
+                                 "predictions_changed": changed}
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Save a random Llama of a given shape (weights from a config, nothing downloaded) with a small tokenizer,
+so `python -m latency` can load it like any checkpoint. Skips the work when DIR already holds one.
+
+    python bench/random_model.py DIR [--layers 32 --hidden 4096 --intermediate 11008 --heads 32 --vocab 32000]
+"""
+
+import os
+import sys
+
+import fire
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+
+import tiny  # noqa: E402  (the tests' word-level tokenizer: latency feeds random token ids anyway)
+
+
+def main(directory: str, layers: int = 32, hidden: int = 4096, intermediate: int = 11008, heads: int = 32,
+         vocab: int = 32000, dtype: str = "float16", seed: int = 0) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if os.path.isfile(os.path.join(directory, "config.json")):
+        print(f"{directory} holds a model already; kept")
+        return
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0, dtype=dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_default_dtype(getattr(torch, dtype))  # initialise in the saved dtype: no float32 copy of 7B weights
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(directory)
+    tiny.make_tokenizer().save_pretrained(directory)
+    print(f"random {layers}-block Llama ({sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters) "
+          f"saved to {directory}")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
