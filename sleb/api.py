@@ -22,11 +22,12 @@ Data = Union[str, Sequence[str]]  # a data set name (wikitext2, c4, ptb, demo, f
 
 
 def load(model_name: str, dtype: str = "auto", device: str = "auto", device_map=None, max_memory=None,
-         trust_remote_code: bool = False):
+         trust_remote_code: bool = False, quantization_config=None):
     """`(model, tokenizer)` loaded as the commands load them: a hub id, a local directory or "demo"; on
     a GPU the checkpoint's dtype spread by accelerate, on CPU float32; a broken checkpoint is one
-    UsageError naming the file."""
-    return models.load_model(model_name, dtype, device, device_map, trust_remote_code, max_memory)
+    UsageError naming the file. `quantization_config` (e.g. bitsandbytes' 4-bit) goes to from_pretrained."""
+    return models.load_model(model_name, dtype, device, device_map, trust_remote_code, max_memory,
+                             quantization_config)
 
 
 def _texts(source: Data, split: str, nsamples: Optional[int] = None, seed: int = 0) -> str:
@@ -175,7 +176,6 @@ def perplexity(model, tokenizer, dataset: Data = "wikitext2", seqlen: int = 2048
     """exp(mean next-token NLL) on a data set's evaluation split (or given texts, joined), in windows of
     `seqlen` tokens (capped at the model's maximum positions), the loss in float32."""
     from sleb.ppl import perplexity as measure
-    from sleb.stages import effective_seqlen
 
     check_at_least("batch_size", batch_size, 1)
     if isinstance(dataset, str):
@@ -185,7 +185,7 @@ def perplexity(model, tokenizer, dataset: Data = "wikitext2", seqlen: int = 2048
         text = text.text
     else:
         text, limit = _texts(dataset, "test"), 0
-    windows = data.token_windows(tokenizer, text, effective_seqlen(model, seqlen), limit)
+    windows = data.token_windows(tokenizer, text, models.effective_seqlen(model, seqlen), limit)
     with _evaluating(model):
         return measure(model, windows, batch_size, progress=progress)
 
@@ -221,6 +221,7 @@ def heal(model, tokenizer, dataset: Data = "c4", *, nsamples: int = 20000, seqle
                             max_steps=max_steps, train_batch_size=train_batch_size, grad_accum=grad_accum,
                             weight_decay=weight_decay, seed=seed, logging_steps=logging_steps)
     settings.check_training()
+    use_cache = model.config.get_text_config().use_cache  # training turns it off; the merged model gets it back
     text = _texts(dataset, "train", nsamples, seed)
     train_data = training_dataset(data.token_windows(tokenizer, text, seqlen))
     folder = work_dir or tempfile.mkdtemp(prefix="sleb-heal-")
@@ -230,7 +231,7 @@ def heal(model, tokenizer, dataset: Data = "c4", *, nsamples: int = 20000, seqle
     finally:
         if work_dir is None:
             shutil.rmtree(folder, ignore_errors=True)
-    merged.config.get_text_config().use_cache = True
+    merged.config.get_text_config().use_cache = use_cache
     return merged
 
 

@@ -3,8 +3,9 @@
 The model's own forward computes masks, position embeddings and everything else a block is given;
 `capture` records those arguments for every block once, with hooks on the real blocks (they depend
 on shapes and positions, not on hidden states), so a block can later be called on any hidden state
-exactly as the model would call it, including after other blocks were skipped. Callers hand over the block modules they run, so an
-engine keeps running its own blocks even if the model's list is changed elsewhere. The head (final
+exactly as the model would call it, including after other blocks were skipped. Callers hand over
+the block modules they run, so an engine keeps running its own blocks even if the model's list is
+changed elsewhere. The head (final
 norm, LM head, Gemma's soft-capping) is applied in chunks of positions with the loss in float32, so
 full float32 logits for a large vocabulary (150k x batch x 2048) never exist at once.
 """
@@ -116,11 +117,14 @@ class BlockInputs:
     tail: Optional[nn.Module] = None  # the first module the last block's output goes into (None: not seen)
 
 
+def _hidden_key(kwargs) -> str:
+    """The keyword carrying the hidden state of a call made without positional arguments."""
+    return "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+
+
 def _hidden_of(args, kwargs):
-    """A module call's hidden state: its first positional argument, else `hidden_states=` (or the first keyword)."""
-    if args:
-        return args[0]
-    return kwargs["hidden_states"] if "hidden_states" in kwargs else next(iter(kwargs.values()))
+    """A module call's hidden state: its first positional argument, else the hidden-state keyword."""
+    return args[0] if args else kwargs[_hidden_key(kwargs)]
 
 
 def _output_of(out):
@@ -136,19 +140,23 @@ def capture(model, input_ids: torch.Tensor, keep_outputs: bool = False) -> Block
     hidden state. `keep_outputs` keeps every block's output (the first phase's prefix states)."""
     block_list = blocks.get_blocks(model)
     inside = {id(module) for block in block_list for module in block.modules()} | {id(block_list)}
-    calls, outputs, tail = [], [], []
+    calls, outputs, last, tail = [], [], [], []
 
     def on_block(module, args, kwargs):
         rest = dict(kwargs)
         if not args:
-            rest.pop("hidden_states" if "hidden_states" in rest else next(iter(rest)))
+            rest.pop(_hidden_key(rest))
         calls.append((_hidden_of(args, kwargs), tuple(args[1:]), rest))
 
     def after_block(module, args, kwargs, out):
-        outputs.append(_output_of(out))
+        last.append(_output_of(out))
+        if keep_outputs:
+            outputs.append(last[-1])
+        elif len(last) > 1:
+            last[-2] = None  # hold only the newest output unless all are asked for
 
     def outside(module, args, kwargs):
-        if len(outputs) == len(block_list) and not tail and (args or kwargs):
+        if len(last) == len(block_list) and not tail and (args or kwargs):
             tail.append((module, _hidden_of(args, kwargs)))
 
     handles = [block.register_forward_pre_hook(on_block, with_kwargs=True) for block in block_list]
@@ -163,7 +171,7 @@ def capture(model, input_ids: torch.Tensor, keep_outputs: bool = False) -> Block
     if len(calls) != len(block_list):
         raise RuntimeError(f"expected {len(block_list)} block calls, saw {len(calls)}")
     # Where anything happens between the last block and the next module, the tail cannot be followed.
-    entry = tail[0][0] if tail and torch.equal(tail[0][1], outputs[-1]) else None
+    entry = tail[0][0] if tail and torch.equal(tail[0][1], last[-1]) else None
     return BlockInputs(calls[0][0], [a for _, a, _ in calls], [k for _, _, k in calls],
                        outputs if keep_outputs else None, entry)
 
@@ -181,8 +189,7 @@ def _after_blocks(model, tail: nn.Module, hidden: torch.Tensor, input_ids: torch
     def inject(module, args, kwargs):
         if args:
             return (hidden, *args[1:]), kwargs
-        first = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
-        return args, {**kwargs, first: hidden}
+        return args, {**kwargs, _hidden_key(kwargs): hidden}
 
     parent, attribute = blocks.block_owner(model)
     original = getattr(parent, attribute)

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from sleb import blocks, checkpoint, data, models, results, stages
+from sleb import api, blocks, checkpoint, data, models, results, stages
 from sleb.cli import flag, run_cli
 from sleb.errors import UsageError, check_at_least, check_finite
 from sleb.settings import EvalFlags, ModelFlags, OutputFlags, check_new_directory, follows_model
@@ -249,7 +249,7 @@ def _merge(peft_model, settings, removal_list, tokenizer):
     try:
         peft_model.save_pretrained(adapter)
         base, _ = stages.load(settings)
-        blocks.remove_blocks(base, removal_list)
+        api.remove_blocks(base, removal_list)
         return PeftModel.from_pretrained(base, adapter).merge_and_unload()
     finally:
         shutil.rmtree(adapter, ignore_errors=True)
@@ -297,7 +297,7 @@ def run_heal(settings) -> dict:
         # load and prune
         model, tokenizer = stages.load(settings, quantize_4bit=settings.load_in_4bit)
         train_data = _training_windows(settings, tokenizer)
-        blocks.remove_blocks(model, removal_list)
+        api.remove_blocks(model, removal_list)
         original_depth = depth if removal_list else depth + len(card_removal)
         removed = removal_list or card_removal
         print(f"healing {settings.model_name}: {blocks.num_blocks(model)} of {original_depth} blocks "
@@ -326,7 +326,7 @@ def run_heal(settings) -> dict:
         from sleb.model_card import healed_card
 
         record["output_dir"] = os.path.abspath(settings.output_dir)
-        checkpoint.save(model, tokenizer, settings.output_dir, healed_card(record))
+        api.save_pretrained(model, tokenizer, settings.output_dir, healed_card(record))
         record["times"] = {"train_s": round(train_seconds, 3), "total_s": round(time.perf_counter() - started, 3)}
         record["loss_plot"] = _plot_curve(curve, os.path.splitext(path)[0] + "_loss.png") if curve else None
         results.write_json(path, record)

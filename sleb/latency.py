@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from sleb import blocks, memory, models, results, stages
+from sleb import api, memory, models, results, stages
 from sleb.errors import UsageError
 
 
@@ -108,7 +108,7 @@ def run_latency(settings) -> dict:
               + f"; removing {removal_list} ({len(removal_list)} of {depth} blocks; only the count matters for latency)")
         how = (settings.new_tokens, settings.warmup, settings.repeats, settings.static_cache, settings.compile)
         dense = measure(model, input_ids, *how)
-        blocks.remove_blocks(model, removal_list)
+        api.remove_blocks(model, removal_list)
         if compile_forward:
             torch._dynamo.reset()  # the block list changed: compile the pruned graph afresh
         pruned = measure(model, input_ids, *how)

@@ -267,8 +267,9 @@ def load_model(model_name: str, dtype: str = "auto", device: str = "auto", devic
                              f"download?); {_refetch_hint(model_name)}") from None
         raise UsageError(f"cannot load the weights of {model_name!r}: {first_line(error)}") from None
     if info.get("missing_keys"):
-        # e.g. an encoder checkpoint mapped onto an LM-head class: the head would be random.
         missing = sorted(info["missing_keys"])
+        _check_block_weights(model_name, model, missing)
+        # e.g. an encoder checkpoint mapped onto an LM-head class: the head would be random.
         raise UsageError(f"{model_name!r} is not a causal language model checkpoint ({len(missing)} weights "
                          f"missing, e.g. {missing[0]}); pass a decoder such as Llama, OPT or Qwen2")
     if placement.device_map is None and quantization_config is None:
@@ -277,6 +278,24 @@ def load_model(model_name: str, dtype: str = "auto", device: str = "auto", devic
         print(f"placed by accelerate: {describe_placement(model)}", flush=True)
     model.eval()
     return model, tokenizer
+
+
+def _check_block_weights(model_name: str, model, missing: list) -> None:
+    """Weights missing inside the blocks mean a config that describes other blocks than the weights hold,
+    as a pruned checkpoint whose config was not carried through the deletion has: say so in one line."""
+    from sleb import blocks, layout
+
+    try:
+        prefix = blocks.block_path(model) + "."
+    except UsageError:
+        return
+    inside = [name for name in missing if name.startswith(prefix)]
+    if inside:
+        config = layout.depth_config(model.config)
+        raise UsageError(f"{model_name!r}: its config describes blocks its weights do not hold ({len(inside)} block "
+                         f"weights missing, e.g. {inside[0]}); was it pruned without carrying "
+                         f"{layout.describe(config)} into the new numbering? Save it again from the model it was "
+                         "pruned from (python -m eval --removal_list ... --save_model checks this)")
 
 
 def placement_record(model) -> dict:
@@ -305,6 +324,11 @@ def input_device(model) -> torch.device:
     if getattr(hook, "execution_device", None) is not None:
         return torch.device(hook.execution_device)
     return embedding.weight.device
+
+
+def effective_seqlen(model, seqlen: int) -> int:
+    """`seqlen` capped at the model's maximum positions."""
+    return min(seqlen, max_positions(model.config))
 
 
 def max_positions(config) -> int:

@@ -2,7 +2,7 @@
 
 import time
 
-from sleb import blocks, checkpoint, models, results, stages
+from sleb import api, blocks, models, results, stages
 
 
 def default_result_file(settings) -> str:
@@ -24,7 +24,7 @@ def run_eval(settings) -> dict:
         model, tokenizer = stages.load(settings)
         load_seconds = time.perf_counter() - started
         # prune and evaluate
-        blocks.remove_blocks(model, settings.removal_list)
+        api.remove_blocks(model, settings.removal_list)
         print(f"model {settings.model_name}: {depth} blocks, removed {settings.removal_list or 'none'} -> "
               f"{blocks.num_blocks(model)} blocks")
         eval_windows = stages.tokenize_eval_texts(model, tokenizer, eval_data, settings.seqlen)
@@ -37,7 +37,7 @@ def run_eval(settings) -> dict:
         if settings.save_model:
             from sleb.model_card import pruned_card
 
-            checkpoint.save(model, tokenizer, settings.save_model, pruned_card(record))
+            api.save_pretrained(model, tokenizer, settings.save_model, pruned_card(record))
     if record["ppl"]:
         print(stages.ppl_table(record["ppl"]))
     print(f"results written to {path}")

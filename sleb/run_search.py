@@ -6,7 +6,7 @@ import os
 import sys
 import time
 
-from sleb import api, blocks, checkpoint, data, distributed, models, results, stages
+from sleb import api, data, distributed, models, results, stages
 from sleb.api import SearchResult
 from sleb.errors import UsageError
 from sleb.metrics import ITERATIVE
@@ -101,7 +101,7 @@ def run_search(settings) -> dict:
         dense = stages.perplexity(model, eval_windows, settings.batch_size)
         if dense:
             record["ppl_dense"] = dense
-        blocks.remove_blocks(model, found.removal_list)
+        api.remove_blocks(model, found.removal_list)
         record["removal_list"] = found.removal_list
         if eval_windows:
             record["ppl"] = stages.perplexity(model, eval_windows, settings.batch_size)
@@ -115,7 +115,7 @@ def run_search(settings) -> dict:
         if settings.save_model:
             from sleb.model_card import pruned_card
 
-            checkpoint.save(model, tokenizer, settings.save_model, pruned_card(record))
+            api.save_pretrained(model, tokenizer, settings.save_model, pruned_card(record))
     if dense:
         rows = [[name, f"{dense[name]['ppl']:.3f}", f"{record['ppl'][name]['ppl']:.3f}", record["ppl"][name]["windows"]]
                 for name in dense]

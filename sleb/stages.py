@@ -8,7 +8,7 @@ checks -> data -> load -> work -> record -> write -> table.
 import time
 from dataclasses import dataclass
 
-from sleb import data, models, results, accuracy as zeroshot
+from sleb import accuracy as zeroshot, api, data, models, results
 
 
 @dataclass
@@ -39,12 +39,12 @@ def load(settings, quantize_4bit: bool = False):
 
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                           bnb_4bit_compute_dtype=torch.bfloat16)
-    return models.load_model(settings.model_name, settings.dtype, settings.device, settings.device_map,
-                             settings.trust_remote_code, settings.max_memory, quantization)
+    return api.load(settings.model_name, settings.dtype, settings.device, settings.device_map, settings.max_memory,
+                    settings.trust_remote_code, quantization)
 
 
 def effective_seqlen(model, seqlen: int) -> int:
-    return min(seqlen, models.max_positions(model.config))
+    return models.effective_seqlen(model, seqlen)
 
 
 def tokenize_eval_texts(model, tokenizer, eval_data: EvalData, seqlen: int) -> dict:

@@ -11,8 +11,8 @@ import torch
 
 import sleb
 import tiny
+from sleb.blocks import get_blocks as sleb_blocks
 from clitools import OFFLINE, ROOT, run
-from sleb import models
 
 
 def _readme_python_block() -> str:
@@ -54,10 +54,13 @@ def test_search_on_a_model_split_by_a_device_map_gives_the_commands_list(model_d
     assert "disk" in set(map(str, model.hf_device_map.values()))
     tokenizer = AutoTokenizer.from_pretrained(model_dirs["llama"])
     windows = sleb.calibration_windows(tokenizer, f"file:{text_file}", nsamples=64, seqlen=64)
-    model.train()  # left as found
+    model.train()  # left as found, accelerate's hooks included
+    hooks = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
     found = sleb.search(model, windows, num_remove_blocks=2, progress=False)
     assert found.removal_list == expected and found.engine == "fast"
     assert model.training and model.config.use_cache
+    assert [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()] == hooks
+    assert all(hasattr(m, "_hf_hook") for m in sleb_blocks(model)[1:5])  # the offloaded blocks keep theirs
 
 
 def test_skipping_leaves_the_logits_identical(model_dirs):

@@ -69,6 +69,16 @@ def test_search_prune_save_reload(arch, family_dirs, tmp_path):
     assert torch.equal(cached, uncached)
 
 
+@pytest.mark.parametrize("arch", ["qwen3_moe", "nemotron_h", "gemma3_vl"])
+def test_fast_equals_reference_in_bfloat16(arch, family_dirs):
+    """Users load bf16 checkpoints: the near-tie settling keeps the lists equal there too."""
+    model, tokenizer = models.load_model(family_dirs[arch], dtype="bfloat16", device="cpu")
+    assert model.dtype == torch.bfloat16
+    windows = _windows(tokenizer)
+    reference = _search(model, windows, lambda: ReferenceEngine(model, windows))
+    assert _search(model, windows, lambda: FastEngine(model, windows, batch_size=2)) == reference
+
+
 def test_layout_fields_rewritten(family_dirs):
     """The explicit forms written for the rules, checked by value (the reload test checks the effect)."""
     expected = {
@@ -181,8 +191,8 @@ def test_write_error_during_save_is_one_line(model_dirs, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["results"]
 
 
-def _heal(model_dir, text_file, tmp_path, *extra):
-    return run("sleb.heal", *extra, "--model_name", model_dir, "--removal_list", "[1, 4]", "--dataset", f"file:{text_file}",
+def _heal(model_dir, text_file, tmp_path, *extra, removal="[1, 4]"):
+    return run("sleb.heal", *extra, "--model_name", model_dir, "--removal_list", removal, "--dataset", f"file:{text_file}",
                "--nsamples", "300", "--seqlen", "32", "--ppl_datasets", f"file:{text_file}", "--eval_seqlen", "32",
                "--lr", "1e-2", "--warmup_steps", "2", "--train_batch_size", "4", "--grad_accum", "1",
                "--max_steps", "12", "--logging_steps", "4", "--output_dir", str(tmp_path / "healed"),
@@ -237,3 +247,28 @@ def test_latency_and_zeroshot_on_text_for_vision_language_models(arch, family_di
     (result,) = (tmp_path / "zs").glob("*.json")
     accuracy = json.loads(result.read_text())["zeroshot"]["tasks"]["demo_cloze"]["acc"]
     assert 0 <= accuracy <= 1
+
+
+def test_a_checkpoint_whose_config_missed_the_deletion_is_named_as_such(family_dirs, tmp_path):
+    """What the old --save_model wrote for DeepSeek-V3: weights of 5 blocks, a config still saying the first
+    two are dense. Loading it names the config, not "not a causal language model"."""
+    model, tokenizer = models.load_model(family_dirs["deepseek_v3"], device="cpu")
+    blocks.remove_blocks(model, [1])
+    checkpoint.save(model, tokenizer, str(tmp_path / "pruned"))
+    config_file = tmp_path / "pruned" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["first_k_dense_replace"] = 2
+    config_file.write_text(json.dumps(config))
+    out = run("eval", "--model_name", str(tmp_path / "pruned"), "--removal_list", "[]", "--eval_ppl", "False",
+              "--result_folder", str(tmp_path / "results"))
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "its config describes blocks its weights do not hold" in lines[0], out.stderr
+    assert "first_k_dense_replace" in lines[0] and "not a causal" not in lines[0]
+
+
+def test_heal_refuses_to_save_an_inexpressible_layout(tmp_path, text_file):
+    out = _heal(_inexpressible_jamba(tmp_path / "jamba"), text_file, tmp_path, removal="[1]")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1].startswith("error: not saved") and "expert_layer_period" in out.stderr
+    assert not (tmp_path / "healed").exists()

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from clitools import run, start
-from sleb import blocks, checkpoint, healing as heal, stages
+from sleb import blocks, checkpoint, healing as heal
 from sleb.model_card import read_card
 from sleb.models import load_model
 

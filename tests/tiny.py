@@ -147,8 +147,6 @@ def make_model_dir(path, arch: str = "llama", layers: int = 6, seed: int = 0, in
 
     A larger init_std than transformers' default makes blocks matter, so candidate losses differ.
     """
-    from transformers import AutoModelForCausalLM
-
     config = make_config(arch, layers)
     for sub in (config, config.get_text_config()):
         if hasattr(sub, "initializer_range"):
