@@ -171,8 +171,9 @@ def test_broken_checkpoint_is_one_line_naming_the_file(kind, module, model_dirs,
 # --- one results file, one run; resume for every metric ---------------------------------------------
 
 def test_second_run_on_the_same_results_file_stops_at_once(model_dirs, text_file, tmp_path):
-    args = ["--model_name", model_dirs["llama"], "--dataset", f"file:{text_file}", "--nsamples", "200",
-            "--seqlen", "64", "--num_remove_blocks", "3", "--engine", "reference", "--eval_ppl", "False",
+    # Many short windows on the reference engine: the first run must outlast the second one's start-up.
+    args = ["--model_name", model_dirs["llama"], "--dataset", f"file:{text_file}", "--nsamples", "300",
+            "--seqlen", "8", "--num_remove_blocks", "3", "--engine", "reference", "--eval_ppl", "False",
             "--result_folder", str(tmp_path), "--result_file", "same.json"]
     first = start("sleb", *args)
     try:
@@ -184,6 +185,7 @@ def test_second_run_on_the_same_results_file_stops_at_once(model_dirs, text_file
         second = run("sleb", *args)
         assert time.time() - started < 60
         _one_line(second, "being written by another run", f"pid {first.pid}")
+        assert first.poll() is None, "the first run ended before it could be killed"
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
