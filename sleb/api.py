@@ -94,7 +94,7 @@ def _evaluating(model):
         model.train(training)
 
 
-def _build_engine(model, windows, name: str, batch_size: int, cache_gb: float, log):
+def _build_engine(model, windows, name: str, batch_size: int, cache_gb: float):
     """The fast engine where it can follow the model, else the reference engine (with a note); spread over
     the ranks of an initialised torch.distributed group."""
     import sys
@@ -125,12 +125,9 @@ def search(model, windows: torch.Tensor, num_remove_blocks: Optional[int] = None
     random; `engine` fast (exact, same list as reference) or reference. `num_remove_blocks` defaults to
     20% of the blocks, rounded up. `resume` continues an unfinished sleb search; `on_phase(result)` is
     called after each finished phase (the commands save it)."""
-    from sleb.metrics import METRICS, SearchJob, SearchState, check_shape
+    from sleb.metrics import METRICS, SearchJob, SearchState, check_choices, check_shape
 
-    if metric not in METRICS:
-        raise UsageError(f"unknown --metric {metric!r}; use one of {', '.join(METRICS)}")
-    if engine not in ("fast", "reference"):
-        raise UsageError(f"unknown --engine {engine!r}; use fast or reference")
+    check_choices(metric, engine, early_barrier, latter_barrier)
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype != torch.long:
         raise UsageError("windows must be a (windows, seqlen) tensor of token ids, as calibration_windows returns")
     depth = blocks.num_blocks(model)
@@ -153,7 +150,7 @@ def search(model, windows: torch.Tensor, num_remove_blocks: Optional[int] = None
 
     job = SearchJob(model, windows, k, early_barrier, latter_barrier, seed, batch_size, log=log, progress=progress,
                     on_phase=lambda current: on_phase(result(current, "searching")) if on_phase else None,
-                    build_engine=lambda: _build_engine(model, windows, engine, batch_size, cache_gb, log))
+                    build_engine=lambda: _build_engine(model, windows, engine, batch_size, cache_gb))
     with _evaluating(model):
         if len(state.removal_list) < k:  # a finished search handed back in is returned as it is
             state = METRICS[metric](job, state)

@@ -66,10 +66,21 @@ class SearchJob:
         return self.engine
 
 
-def check_shape(depth: int, k: int, early_barrier: int, latter_barrier: int) -> None:
-    """A search of k removals between the barriers of a depth-block model must have candidates in every phase."""
+ENGINES = ("fast", "reference")
+
+
+def check_choices(metric: str, engine: str, early_barrier: int, latter_barrier: int) -> None:
+    """The checks of a search's settings that need no model."""
+    if engine not in ENGINES:
+        raise UsageError(f"unknown --engine {engine!r}; use fast or reference")
+    if metric not in METRICS:
+        raise UsageError(f"unknown --metric {metric!r}; use one of {', '.join(METRICS)}")
     if early_barrier < 0 or latter_barrier < 0:
         raise UsageError(f"barriers must be >= 0, got --early_barrier {early_barrier} --latter_barrier {latter_barrier}")
+
+
+def check_shape(depth: int, k: int, early_barrier: int, latter_barrier: int) -> None:
+    """A search of k removals between the barriers of a depth-block model must have candidates in every phase."""
     available = depth - early_barrier - latter_barrier
     if available < 1:
         raise UsageError(f"barriers {early_barrier} + {latter_barrier} leave no candidate among "

@@ -15,12 +15,11 @@ from typing import Optional
 from sleb import blocks, data, models
 from sleb.cli import flag
 from sleb.errors import UsageError, check_at_least
-from sleb.metrics import METRICS, check_shape
+from sleb.metrics import check_choices, check_shape
 
 PAPER_PPL_DATASETS = "wikitext2,c4"
 PAPER_TASKS = "piqa,winogrande,hellaswag,arc_challenge,arc_easy"
 DEMO_TASKS = "demo_cloze,demo_order"
-ENGINES = ("fast", "reference")
 
 
 def comma_list(value: str, flag_name: str, example: str) -> list:
@@ -170,13 +169,7 @@ class SearchSettings(OutputFlags, SaveFlags, EvalFlags, ModelFlags):
     def check(self) -> None:
         if self.resume and self.overwrite:
             raise UsageError("--resume True continues the results file and --overwrite True replaces it; pass one")
-        if self.engine not in ENGINES:
-            raise UsageError(f"unknown --engine {self.engine!r}; use fast or reference")
-        if self.metric not in METRICS:
-            raise UsageError(f"unknown --metric {self.metric!r}; use one of {', '.join(METRICS)}")
-        if self.early_barrier < 0 or self.latter_barrier < 0:
-            raise UsageError(f"barriers must be >= 0, got --early_barrier {self.early_barrier} "
-                             f"--latter_barrier {self.latter_barrier}")
+        check_choices(self.metric, self.engine, self.early_barrier, self.latter_barrier)
         for name, minimum in (("nsamples", 1), ("search_batch_size", 1), ("cache_gb", 0)):
             check_at_least(name, getattr(self, name), minimum)
         if self.num_remove_blocks is not None:
