@@ -85,6 +85,7 @@ def test_layout_fields_rewritten(family_dirs):
         "qwen3_moe": {"mlp_only_layers": [0, 2]},  # [0, 3] of [0, 2, 3, 5]
         "qwen2_moe": {"decoder_sparse_step": 1, "mlp_only_layers": [0, 1]},  # sparse 1, 3, 5 -> 3, 5
         "deepseek_v3": {"first_k_dense_replace": 1},
+        "glm4_moe": {"first_k_dense_replace": 1},  # block 0 stays the one dense block
         "llama4": {"moe_layers": [2, 3]},  # moe at 1, 3, 5 -> 3, 5
         "lfm2": {"full_attn_idxs": [2]},  # [1, 3] -> 3
     }
@@ -99,6 +100,11 @@ def test_layout_fields_rewritten(family_dirs):
         assert model.config.layers_block_type == [kinds[i] for i in (0, 2, 3, 5)]
         assert model.config.num_hidden_layers == 4
     assert model.config.layers_block_type == kinds  # whole again
+    model, _ = models.load_model(family_dirs["smollm3"], device="cpu")
+    no_rope = list(model.config.no_rope_layers)
+    assert 0 in no_rope  # the rule left a block without RoPE in 6
+    blocks.remove_blocks(model, REMOVAL)
+    assert model.config.no_rope_layers == [no_rope[i] for i in (0, 2, 3, 5)]
 
 
 def _inexpressible_jamba(path) -> str:

@@ -70,8 +70,8 @@ def make_config(arch: str, layers: int = 6):
 
 # The architectures people prune in 2026 whose configs tie structure to block index (issue 19), each
 # with the field that does it set so that it matters in 6 blocks.
-FAMILIES = ("qwen3_moe", "qwen2_moe", "deepseek_v3", "llama4", "gpt_oss", "nemotron_h", "jamba", "lfm2",
-            "qwen3_next", "gemma3_vl", "qwen2_5_vl")
+FAMILIES = ("qwen3_moe", "qwen2_moe", "deepseek_v3", "glm4_moe", "llama4", "gpt_oss", "nemotron_h", "jamba",
+            "lfm2", "qwen3_next", "smollm3", "gemma3_vl", "qwen2_5_vl")
 VISION_FAMILIES = ("gemma3_vl", "qwen2_5_vl")
 
 
@@ -94,6 +94,11 @@ def _family_config(arch: str, layers: int):
                                   topk_group=1, first_k_dense_replace=2, kv_lora_rank=16, q_lora_rank=16,
                                   qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, rope_parameters=default_rope,
                                   **moe, **{**attention, "num_key_value_heads": 4}, **common)
+    if arch == "glm4_moe":  # GLM-4.5: first block dense by rule
+        return t.Glm4MoeConfig(intermediate_size=64, n_routed_experts=4, n_shared_experts=1, n_group=1, topk_group=1,
+                               first_k_dense_replace=1, head_dim=8, **moe, **attention, **common)
+    if arch == "smollm3":  # no RoPE in every fourth block by no_rope_layers
+        return t.SmolLM3Config(intermediate_size=64, no_rope_layer_interval=4, **attention, **common)
     if arch == "llama4":  # text model, MoE in every second block (interleave_moe_layer_step -> moe_layers)
         return t.Llama4TextConfig(intermediate_size=64, intermediate_size_mlp=64, num_local_experts=4,
                                   num_experts_per_tok=1, interleave_moe_layer_step=2, head_dim=8,
