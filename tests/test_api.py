@@ -29,10 +29,14 @@ def test_readme_example_runs_as_written_and_matches_the_command(tmp_path):
     found = re.search(r"removal list (\[.*?\]); demo perplexity ([\d.]+) -> ([\d.]+) \(skipped ([\d.]+)\)", out.stdout)
     assert found, out.stdout
     assert (tmp_path / "demo-pruned" / "config.json").exists()
-    cli = run("sleb", "--seqlen", "512", "--result_folder", str(tmp_path / "results"), timeout=600)
+    # The quickstart: no model or data flags, the demo model and its data sets are the defaults.
+    cli = run("sleb", "--nsamples", "64", "--result_folder", str(tmp_path / "results"), timeout=600)
     assert cli.returncode == 0, cli.stderr[-3000:]
+    assert cli.stdout.splitlines()[0] == "loading demo: float32 on cpu"  # dtype and placement first
     (result,) = (tmp_path / "results").glob("*.json")
     record = json.loads(result.read_text())
+    assert record["settings"]["dataset"] == "demo" and record["settings"]["ppl_datasets"] == "demo"
+    assert record["placement"] == {"dtype": "float32", "input_device": "cpu"} and record["seqlen"] == 512
     assert json.loads(found.group(1)) == record["removal_list"]
     assert float(found.group(2)) == pytest.approx(record["ppl_dense"]["demo"]["ppl"], abs=5e-4)
     assert float(found.group(3)) == pytest.approx(record["ppl"]["demo"]["ppl"], abs=5e-4)

@@ -1,12 +1,10 @@
 """The built-in demo corpus and the shipped demo model: offline, stable, as documented."""
 
-import json
 import os
 import re
 
 import pytest
 
-from clitools import run
 from sleb import data, demo_corpus
 from sleb.models import DEMO_MODEL_DIR, load_model
 from sleb.ppl import perplexity
@@ -33,19 +31,6 @@ def test_demo_model_loads_by_alias_and_path_with_its_card_perplexity():
     assert AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR).config.num_hidden_layers == model.config.num_hidden_layers
     windows = data.load_eval_windows("demo", tokenizer, seqlen=model.config.max_position_embeddings)
     assert perplexity(model, windows, batch_size=4) == pytest.approx(stated, rel=0.01)
-
-
-def test_quickstart_runs_offline(tmp_path):
-    # No model or data flags: the demo model is the default, and its data sets follow it.
-    out = run("sleb", "--nsamples", "16", "--seqlen", "128", "--num_remove_blocks", "1",
-              "--result_folder", str(tmp_path), "--result_file", "q.json")
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines()[0] == "loading demo: float32 on cpu"  # dtype and placement first
-    result = json.loads((tmp_path / "q.json").read_text())
-    assert result["settings"]["dataset"] == "demo" and result["settings"]["ppl_datasets"] == "demo"
-    assert result["placement"] == {"dtype": "float32", "input_device": "cpu"}
-    assert len(result["search"]["removal_list"]) == 1
-    assert result["ppl"]["demo"]["ppl"] > result["ppl_dense"]["demo"]["ppl"] > 1
 
 
 def test_demo_tasks_are_stable_and_well_formed():
