@@ -30,19 +30,11 @@ def load(model_name: str, dtype: str = "auto", device: str = "auto", device_map=
                              quantization_config)
 
 
-def _texts(source: Data, split: str, nsamples: Optional[int] = None, seed: int = 0) -> str:
-    """A data set's split (train: shuffled, first `nsamples` rows) or given texts, joined as the search joins them."""
-    if isinstance(source, str):
-        return data.calibration_text(source, nsamples, seed) if split == "train" else data.eval_text(source).text
-    texts = list(source)
+def _given_texts(texts: Sequence[str]) -> list:
+    texts = list(texts)
     if not texts or not all(isinstance(text, str) for text in texts):
         raise UsageError("give a data set name (wikitext2, c4, ptb, demo, file:PATH) or a non-empty list of texts")
-    if split != "train":
-        return "\n\n".join(texts)
-    from datasets import Dataset
-
-    rows = Dataset.from_dict({"text": texts}).shuffle(seed=seed)  # as a file:PATH data set is shuffled
-    return "\n\n".join(rows[:nsamples]["text"])
+    return texts
 
 
 def calibration_windows(tokenizer, dataset: Data = "wikitext2", nsamples: int = 128, seqlen: int = 2048,
@@ -53,7 +45,11 @@ def calibration_windows(tokenizer, dataset: Data = "wikitext2", nsamples: int = 
     check_at_least("seqlen", seqlen, 2)
     if isinstance(dataset, str):
         data.check_dataset_name(dataset)
-    return data.token_windows(tokenizer, _texts(dataset, "train", nsamples, seed), seqlen)
+        return data.load_calibration_windows(dataset, tokenizer, nsamples, seed, seqlen)
+    from datasets import Dataset
+
+    rows = Dataset.from_dict({"text": _given_texts(dataset)}).shuffle(seed=seed)  # shuffled as file:PATH rows are
+    return data.token_windows(tokenizer, "\n\n".join(rows[:nsamples]["text"]), seqlen)
 
 
 @dataclass
@@ -175,14 +171,12 @@ def perplexity(model, tokenizer, dataset: Data = "wikitext2", seqlen: int = 2048
     from sleb.ppl import perplexity as measure
 
     check_at_least("batch_size", batch_size, 1)
+    seqlen = models.effective_seqlen(model, seqlen)
     if isinstance(dataset, str):
         data.check_dataset_name(dataset)
-        text = data.eval_text(dataset)
-        limit = text.max_windows
-        text = text.text
+        windows = data.load_eval_windows(dataset, tokenizer, seqlen)
     else:
-        text, limit = _texts(dataset, "test"), 0
-    windows = data.token_windows(tokenizer, text, models.effective_seqlen(model, seqlen), limit)
+        windows = data.token_windows(tokenizer, "\n\n".join(_given_texts(dataset)), seqlen)
     with _evaluating(model):
         return measure(model, windows, batch_size, progress=progress)
 
@@ -219,8 +213,7 @@ def heal(model, tokenizer, dataset: Data = "c4", *, nsamples: int = 20000, seqle
                             weight_decay=weight_decay, seed=seed, logging_steps=logging_steps)
     settings.check_training()
     use_cache = model.config.get_text_config().use_cache  # training turns it off; the merged model gets it back
-    text = _texts(dataset, "train", nsamples, seed)
-    train_data = training_dataset(data.token_windows(tokenizer, text, seqlen))
+    train_data = training_dataset(calibration_windows(tokenizer, dataset, nsamples, seqlen, seed))
     folder = work_dir or tempfile.mkdtemp(prefix="sleb-heal-")
     try:
         peft_model, _, _, _ = _train(model, train_data, settings, folder)

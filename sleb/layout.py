@@ -13,7 +13,7 @@ save a checkpoint whose config would rebuild another model, naming the fields li
 """
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 # Per-block lists known by name. Any other list field named "*layer*" as long as the depth is
 # treated the same way, for architectures not met yet.
@@ -34,7 +34,6 @@ class Entry:
     fields: tuple  # the config fields it reads and writes
     read: Callable  # (config, depth) -> one value per block
     write: Callable  # (config, values) -> None, or raise Inexpressible
-    applies: Callable = None  # (config) -> bool; default: every field is set
 
 
 def _per_block_list(name):
@@ -165,8 +164,7 @@ def keep_blocks(config, keep: list) -> Snapshot:
     return snapshot
 
 
-def describe(config, depth: Optional[int] = None) -> str:
+def describe(config) -> str:
     """'jamba (attn_layer_period, attn_layer_offset, ...)' for messages."""
-    depth = depth if depth is not None else config.num_hidden_layers
-    fields = structure_fields(config, depth)
+    fields = structure_fields(config, config.num_hidden_layers)
     return f"{config.model_type} ({', '.join(fields) if fields else 'no field sleb knows ties blocks to their index'})"

@@ -65,7 +65,7 @@ def run_search(settings) -> dict:
         eval_data = stages.fetch_eval_data(settings)
         # load
         model, tokenizer = stages.load(settings)
-        seqlen = stages.effective_seqlen(model, settings.seqlen)
+        seqlen = models.effective_seqlen(model, settings.seqlen)
         windows = data.token_windows(tokenizer, calibration, seqlen)
         depth, k = settings.num_blocks, settings.num_remove_blocks
         log(f"calibration: {settings.dataset}, {settings.nsamples} rows -> {len(windows)} windows of {seqlen} "

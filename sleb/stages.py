@@ -43,13 +43,9 @@ def load(settings, quantize_4bit: bool = False):
                     settings.trust_remote_code, quantization)
 
 
-def effective_seqlen(model, seqlen: int) -> int:
-    return models.effective_seqlen(model, seqlen)
-
-
 def tokenize_eval_texts(model, tokenizer, eval_data: EvalData, seqlen: int) -> dict:
     """{data set: (windows, seqlen) token ids}, tokenized once per run."""
-    seqlen = effective_seqlen(model, seqlen)
+    seqlen = models.effective_seqlen(model, seqlen)
     return {name: data.token_windows(tokenizer, text.text, seqlen, text.max_windows)
             for name, text in eval_data.texts.items()}
 

@@ -99,3 +99,18 @@ def test_import_sleb_loads_no_heavy_library():
     assert sorted(sleb.__all__) == sorted(["load", "calibration_windows", "search", "SearchResult", "remove_blocks",
                                            "skipping", "perplexity", "zeroshot", "heal", "save_pretrained",
                                            "UsageError", "__version__"])
+
+
+def test_heal_returns_a_merged_model_that_fits_its_texts_better(model_dirs, text_file):
+    model, tokenizer = sleb.load(model_dirs["llama"], device="cpu")
+    sleb.remove_blocks(model, [2, 4])
+    texts = open(text_file).read().splitlines()
+    before = sleb.perplexity(model, tokenizer, texts, seqlen=32, progress=False)
+    healed = sleb.heal(model, tokenizer, texts, nsamples=300, seqlen=32, lr=1e-2, warmup_steps=2, max_steps=20,
+                       train_batch_size=4, grad_accum=1, logging_steps=5)
+    assert type(healed).__name__ == "LlamaForCausalLM" and len(sleb_blocks(healed)) == 4  # merged, no peft
+    assert healed.config.use_cache  # put back as it was found
+    assert sleb.perplexity(healed, tokenizer, texts, seqlen=32, progress=False) < before
+    # The same texts as a file:PATH data set give the same calibration windows.
+    assert torch.equal(sleb.calibration_windows(tokenizer, texts, nsamples=50, seqlen=16),
+                       sleb.calibration_windows(tokenizer, f"file:{text_file}", nsamples=50, seqlen=16))
