@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sleb import blocks, accuracy as zeroshot  # noqa: E402
+from sleb import accuracy, blocks  # noqa: E402
 from sleb.models import load_model  # noqa: E402
 
 
@@ -25,8 +25,8 @@ def main() -> None:
     model, tokenizer = load_model("demo", device="cpu")
     blocks.remove_blocks(model, [int(i) for i in args.removal_list.split(",")])
     names = ["demo_cloze", "demo_order"]
-    manager = zeroshot.task_manager(names)
-    runs = {cache: zeroshot.evaluate_zeroshot(model, tokenizer, names, manager, limit=args.limit, log_samples=True,
+    tasks = accuracy.find_tasks(names)
+    runs = {cache: accuracy.evaluate_zeroshot(model, tokenizer, tasks, limit=args.limit, log_samples=True,
                                               logits_cache=cache)["samples"] for cache in (True, False)}
     report = {"removal_list": args.removal_list, "limit": args.limit, "tasks": {}}
     for name in names:

@@ -5,9 +5,10 @@ from sleb.run_eval import run_eval
 from sleb.settings import EvalSettings
 
 
-def cli() -> None:
+def cli(argv=None) -> None:
     run_cli(run_eval, EvalSettings, "python -m eval",
-            "Load a causal LM, delete --removal_list blocks, measure perplexity, write a results JSON.")
+            "Load a causal LM, delete --removal_list blocks, measure perplexity, write a results JSON.",
+            argv)
 
 
 if __name__ == "__main__":

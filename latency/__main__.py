@@ -5,9 +5,10 @@ from sleb.latency import run_latency
 from sleb.settings import LatencySettings
 
 
-def cli() -> None:
+def cli(argv=None) -> None:
     run_cli(run_latency, LatencySettings, "python -m latency",
-            "Measure dense and pruned latency in one process; report the speedup and the ideal N/(N-k).")
+            "Measure dense and pruned latency in one process; report the speedup and the ideal N/(N-k).",
+            argv)
 
 
 if __name__ == "__main__":

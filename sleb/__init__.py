@@ -4,18 +4,20 @@ From Python, on a model you already hold:
 
     import sleb
     model, tokenizer = sleb.load("demo")
-    windows = sleb.calibration_windows(tokenizer, "demo", nsamples=128, seqlen=512)
+    windows = sleb.calibration_windows(tokenizer, "demo", nsamples=128, seqlen=512, model=model)
     result = sleb.search(model, windows, num_remove_blocks=3)
     sleb.remove_blocks(model, result.removal_list)
 
 Importing sleb loads torch, not lm-eval, peft or datasets: each function imports what it needs.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
-from sleb.api import (SearchResult, calibration_windows, heal, load, perplexity, remove_blocks,  # noqa: E402
-                      save_pretrained, search, skipping, zeroshot)
+from sleb.api import (HealResult, SearchResult, calibration_windows, evaluation_windows, heal, load,  # noqa: E402
+                      perplexity, remove_blocks, save_pretrained, search, skipping, zeroshot, zeroshot_tasks)
 from sleb.errors import UsageError  # noqa: E402
+from sleb.recovery.lora import LoraRecipe  # noqa: E402
 
-__all__ = ["load", "calibration_windows", "search", "SearchResult", "remove_blocks", "skipping", "perplexity",
-           "zeroshot", "heal", "save_pretrained", "UsageError", "__version__"]
+__all__ = ["load", "calibration_windows", "evaluation_windows", "search", "SearchResult", "remove_blocks",
+           "skipping", "perplexity", "zeroshot_tasks", "zeroshot", "heal", "LoraRecipe", "HealResult",
+           "save_pretrained", "UsageError", "__version__"]

@@ -1,9 +1,19 @@
 """Zero-shot accuracy with the released lm-eval: the pruned model instance goes to HFLM as it is."""
 
 import logging
+from dataclasses import dataclass
 
 from sleb import hub, results
 from sleb.errors import UsageError, first_line
+
+
+@dataclass(frozen=True)
+class Tasks:
+    """lm-eval tasks looked up once: their names and the task index that knows them."""
+
+    names: tuple
+    manager: object
+
 
 def task_manager(names: list):
     """lm-eval's task registry plus the offline demo tasks (alone when only those are asked for:
@@ -37,7 +47,14 @@ def check_tasks(names: list, manager) -> None:
                          f"{','.join(OFFLINE)}") from None
 
 
-def evaluate_zeroshot(model, tokenizer, names: list, manager, num_fewshot: int = 0, limit=None,
+def find_tasks(names: list) -> Tasks:
+    """The tasks looked up and their data loaded (a UsageError for an unknown name or unreachable data)."""
+    manager = task_manager(names)
+    check_tasks(names, manager)
+    return Tasks(tuple(names), manager)
+
+
+def evaluate_zeroshot(model, tokenizer, tasks: Tasks, num_fewshot: int = 0, limit=None,
                       batch_size: int = 8, log_samples: bool = False, logits_cache: bool = True) -> dict:
     """{"tasks": {task: {acc, acc_stderr, acc_norm, acc_norm_stderr}}, "mean": {...}, "samples": ...}.
 
@@ -47,10 +64,10 @@ def evaluate_zeroshot(model, tokenizer, names: list, manager, num_fewshot: int =
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, logits_cache=logits_cache)
-    output = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
-                                     log_samples=log_samples, task_manager=manager, verbosity="ERROR")
+    output = lm_eval.simple_evaluate(model=lm, tasks=list(tasks.names), num_fewshot=num_fewshot, limit=limit,
+                                     log_samples=log_samples, task_manager=tasks.manager, verbosity="ERROR")
     per_task = {}
-    for name in names:
+    for name in tasks.names:
         metrics = output["results"][name]
         per_task[name] = {key: metrics.get(f"{key},none") for key in ("acc", "acc_stderr", "acc_norm",
                                                                       "acc_norm_stderr")}

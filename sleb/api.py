@@ -1,10 +1,11 @@
 """The public Python API: the whole pipeline on a model the user already holds.
 
-load -> calibration_windows -> search -> remove_blocks (or skipping) -> perplexity / zeroshot -> heal ->
-save_pretrained. Every function takes plain values (a model, a tokenizer, token windows, a removal
-list), raises `UsageError` (a ValueError) with the message the commands print, and leaves the model
-as it found it (training mode, `use_cache`, hooks) unless changing it is its purpose
-(`remove_blocks`, `heal`). The commands call the same functions.
+load -> calibration_windows -> search -> remove_blocks (or skipping) -> evaluation_windows / perplexity /
+zeroshot -> heal -> save_pretrained. Every function takes plain values (a model, a tokenizer, token
+windows, a removal list), raises `UsageError` (a ValueError) with the message the commands print, and
+leaves the model as it found it (training mode, `use_cache`, hooks) unless changing it is its purpose
+(`remove_blocks`, `heal`). The commands (`python -m sleb`, `eval`, `latency`, `sleb.heal`) run each of
+these stages through these functions and no other path; they add flags, results files and tables.
 """
 
 import contextlib
@@ -16,7 +17,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from sleb import blocks, checkpoint, data, models
-from sleb.errors import UsageError, check_at_least
+from sleb.errors import UsageError, check_at_least, comma_list
 
 Data = Union[str, Sequence[str]]  # a data set name (wikitext2, c4, ptb, demo, file:PATH) or texts
 
@@ -37,12 +38,23 @@ def _given_texts(texts: Sequence[str]) -> list:
     return texts
 
 
+def _capped(seqlen: int, model, tokenizer) -> int:
+    """`seqlen` capped at the model's maximum positions (the tokenizer's, where it knows them and no
+    model is given), as the commands cap it."""
+    if model is not None:
+        return models.effective_seqlen(model, seqlen)
+    known = getattr(tokenizer, "model_max_length", None)
+    return min(seqlen, known) if isinstance(known, int) and 1 < known < 10**9 else seqlen
+
+
 def calibration_windows(tokenizer, dataset: Data = "wikitext2", nsamples: int = 128, seqlen: int = 2048,
-                        seed: int = 0) -> torch.Tensor:
+                        seed: int = 0, *, model=None) -> torch.Tensor:
     """(windows, seqlen) token ids built exactly as `python -m sleb` builds them: the train split shuffled
-    with `Dataset.shuffle(seed)`, the first `nsamples` rows joined, tokenized once, cut into windows."""
+    with `Dataset.shuffle(seed)`, the first `nsamples` rows joined, tokenized once, cut into windows of
+    `seqlen` tokens capped at `model`'s maximum positions."""
     check_at_least("nsamples", nsamples, 1)
     check_at_least("seqlen", seqlen, 2)
+    seqlen = _capped(seqlen, model, tokenizer)
     if isinstance(dataset, str):
         data.check_dataset_name(dataset)
         return data.load_calibration_windows(dataset, tokenizer, nsamples, seed, seqlen)
@@ -50,6 +62,18 @@ def calibration_windows(tokenizer, dataset: Data = "wikitext2", nsamples: int = 
 
     rows = Dataset.from_dict({"text": _given_texts(dataset)}).shuffle(seed=seed)  # shuffled as file:PATH rows are
     return data.token_windows(tokenizer, "\n\n".join(rows[:nsamples]["text"]), seqlen)
+
+
+def evaluation_windows(tokenizer, dataset: Data = "wikitext2", seqlen: int = 2048, *, model=None) -> torch.Tensor:
+    """(windows, seqlen) token ids of a data set's evaluation split (or given texts, joined), as the
+    commands measure perplexity on: tokenized once, non-overlapping windows of `seqlen` capped at
+    `model`'s maximum positions, the remainder dropped (C4: its first 256 windows)."""
+    check_at_least("seqlen", seqlen, 2)
+    seqlen = _capped(seqlen, model, tokenizer)
+    if isinstance(dataset, str):
+        data.check_dataset_name(dataset)
+        return data.load_eval_windows(dataset, tokenizer, seqlen)
+    return data.token_windows(tokenizer, "\n\n".join(_given_texts(dataset)), seqlen)
 
 
 @dataclass
@@ -164,72 +188,105 @@ def skipping(model, skipped: Sequence[int]):
     return blocks.skipping(model, skipped)
 
 
-def perplexity(model, tokenizer, dataset: Data = "wikitext2", seqlen: int = 2048, batch_size: int = 1,
-               progress: bool = True) -> float:
-    """exp(mean next-token NLL) on a data set's evaluation split (or given texts, joined), in windows of
-    `seqlen` tokens (capped at the model's maximum positions), the loss in float32."""
+def perplexity(model, tokenizer=None, dataset: Data = "wikitext2", seqlen: int = 2048, batch_size: int = 1,
+               progress: bool = True, *, windows: Optional[torch.Tensor] = None, label: str = "perplexity") -> float:
+    """exp(mean next-token NLL) on `evaluation_windows(tokenizer, dataset, seqlen, model=model)`, or on
+    `windows` already tokenized, the loss in float32. `label` names the run in the progress bar and
+    in the error a non-finite value gives."""
     from sleb.ppl import perplexity as measure
 
     check_at_least("batch_size", batch_size, 1)
-    seqlen = models.effective_seqlen(model, seqlen)
-    if isinstance(dataset, str):
-        data.check_dataset_name(dataset)
-        windows = data.load_eval_windows(dataset, tokenizer, seqlen)
-    else:
-        windows = data.token_windows(tokenizer, "\n\n".join(_given_texts(dataset)), seqlen)
+    if windows is None:
+        if tokenizer is None:
+            raise UsageError("perplexity needs a tokenizer and a data set, or windows=token ids")
+        windows = evaluation_windows(tokenizer, dataset, seqlen, model=model)
     with _evaluating(model):
-        return measure(model, windows, batch_size, progress=progress)
+        return measure(model, windows, batch_size, desc=label, progress=progress)
 
 
-def zeroshot(model, tokenizer, tasks: Union[str, Sequence[str]], num_fewshot: int = 0, limit=None,
-             batch_size: int = 8) -> dict:
-    """lm-eval's accuracy (`HFLM(pretrained=model)` + `simple_evaluate`) on `tasks` (names, or one
-    comma-separated string; the offline demo_cloze and demo_order included)."""
-    from sleb import accuracy as lm_eval_tasks
-    from sleb.settings import comma_list
+def zeroshot_tasks(tasks: Union[str, Sequence[str]]):
+    """The lm-eval tasks, looked up and their data loaded once (unknown names and unreachable data are
+    a UsageError here, before any model runs); hand the result to `zeroshot` as `tasks`."""
+    from sleb import accuracy
 
+    if isinstance(tasks, accuracy.Tasks):
+        return tasks
     names = comma_list(tasks, "tasks", "piqa,arc_easy or demo_cloze") if isinstance(tasks, str) else list(tasks)
-    manager = lm_eval_tasks.task_manager(names)
-    lm_eval_tasks.check_tasks(names, manager)
+    return accuracy.find_tasks(names)
+
+
+def zeroshot(model, tokenizer, tasks, num_fewshot: int = 0, limit=None, batch_size: int = 8,
+             log_samples: bool = False) -> dict:
+    """lm-eval's accuracy (`HFLM(pretrained=model)` + `simple_evaluate`) on `tasks`: names, one
+    comma-separated string (the offline demo_cloze and demo_order included), or `zeroshot_tasks(...)`.
+    `log_samples` keeps lm-eval's per-item records under "samples"."""
+    from sleb import accuracy
+
+    found = zeroshot_tasks(tasks)
     with _evaluating(model):
-        return lm_eval_tasks.evaluate_zeroshot(model, tokenizer, names, manager, num_fewshot, limit, batch_size)
+        return accuracy.evaluate_zeroshot(model, tokenizer, found, num_fewshot, limit, batch_size, log_samples)
 
 
-def heal(model, tokenizer, dataset: Data = "c4", *, nsamples: int = 20000, seqlen: int = 256, lora_r: int = 8,
-         lora_alpha: int = 16, lora_dropout: float = 0.05, lr: float = 1e-4, warmup_steps: int = 100,
-         epochs: float = 2.0, max_steps: int = -1, train_batch_size: int = 4, grad_accum: int = 16,
-         weight_decay: float = 0.0, seed: int = 0, logging_steps: int = 10, work_dir: Optional[str] = None):
-    """LoRA-heal a (pruned) model with transformers' Trainer and return the merged model; the defaults are
-    Shortened LLaMA's recipe (`python -m sleb.heal` documents each). The Trainer's checkpoints go to
-    `work_dir` (a temporary folder, removed after, by default)."""
+@dataclass
+class HealResult:
+    """What `heal` returns: the merged model and how training went."""
+
+    model: object  # the LoRA merged into the weights: an ordinary transformers model, no peft wrapper
+    loss_curve: list  # [{"step", "loss"}] as the Trainer logged it
+    train_seconds: float
+    train_windows: int
+    targets: dict  # lora_targets (projection names), lora_expert_parameters (fused expert weights)
+
+
+def heal(model, tokenizer=None, dataset: Data = "c4", *, windows: Optional[torch.Tensor] = None,
+         nsamples: int = 20000, seqlen: int = 256, recipe=None, work_dir: Optional[str] = None,
+         resume_from: Optional[str] = None, adapter_dir: Optional[str] = None, full_precision_base=None,
+         **recipe_fields) -> HealResult:
+    """LoRA-heal a (pruned) model with transformers' Trainer and merge it into the weights.
+
+    Training data: `windows` (token ids), else `calibration_windows(tokenizer, dataset, nsamples,
+    seqlen, recipe seed, model=model)`. The recipe is `recipe` (a `sleb.LoraRecipe`) or its fields
+    as keywords (lora_r=8, lora_alpha=16, lora_dropout=0.05, lr=1e-4, warmup_steps=100, epochs=2,
+    max_steps=-1, train_batch_size=4, grad_accum=16, weight_decay=0, seed=0, logging_steps=10,
+    save_steps=100: Shortened LLaMA's). The Trainer's checkpoints go to `work_dir` (a temporary
+    folder, removed after, by default); `resume_from` continues from one of them. `adapter_dir` also
+    keeps the adapter alone (peft format). A 4-bit model (QLoRA) is merged into
+    `full_precision_base()`, the same pruned model unquantized."""
     import shutil
     import tempfile
 
-    from sleb.healing import HealSettings, _train, training_dataset
+    from sleb.recovery import lora
 
-    settings = HealSettings(nsamples=nsamples, seqlen=seqlen, lora_r=lora_r, lora_alpha=lora_alpha,
-                            lora_dropout=lora_dropout, lr=lr, warmup_steps=warmup_steps, epochs=epochs,
-                            max_steps=max_steps, train_batch_size=train_batch_size, grad_accum=grad_accum,
-                            weight_decay=weight_decay, seed=seed, logging_steps=logging_steps)
-    settings.check_training()
+    if recipe is None:
+        unknown = sorted(set(recipe_fields) - {f.name for f in dataclasses.fields(lora.LoraRecipe)})
+        if unknown:
+            raise UsageError(f"heal got an unknown setting {unknown[0]!r}; the recipe's fields are those of "
+                             "sleb.LoraRecipe")
+        recipe = lora.LoraRecipe(**recipe_fields)
+    elif recipe_fields:
+        raise UsageError("pass the recipe as recipe= or as keywords, not both")
+    recipe.check()
+    if windows is None:
+        if tokenizer is None:
+            raise UsageError("heal needs a tokenizer and a data set, or windows=token ids")
+        windows = calibration_windows(tokenizer, dataset, nsamples, seqlen, recipe.seed, model=model)
     use_cache = model.config.get_text_config().use_cache  # training turns it off; the merged model gets it back
-    train_data = training_dataset(calibration_windows(tokenizer, dataset, nsamples, seqlen, seed))
     folder = work_dir or tempfile.mkdtemp(prefix="sleb-heal-")
     try:
-        peft_model, _, _, _ = _train(model, train_data, settings, folder)
-        merged = peft_model.merge_and_unload()
+        trained = lora.train(model, windows, recipe, folder, resume_from)
+        if adapter_dir:
+            trained.peft_model.save_pretrained(adapter_dir)
+        merged = lora.merge(trained.peft_model, full_precision_base)
     finally:
         if work_dir is None:
             shutil.rmtree(folder, ignore_errors=True)
     merged.config.get_text_config().use_cache = use_cache
-    return merged
+    return HealResult(merged, trained.loss_curve, round(trained.seconds, 3), len(windows), trained.targets.record())
 
 
 def save_pretrained(model, tokenizer, directory: str, card=None) -> None:
     """Write the model, tokenizer (and a vision-language model's processor) with `save_pretrained`,
     atomically, after checking that the saved config rebuilds exactly this model; `card` (a
     huggingface_hub ModelCard) becomes README.md."""
-    from sleb.settings import check_new_directory
-
-    check_new_directory("save_model", directory)
+    checkpoint.check_new_directory("save_model", directory)
     checkpoint.save(model, tokenizer, directory, card)

@@ -16,6 +16,19 @@ from sleb import layout, models, results
 from sleb.errors import UsageError, first_line
 
 
+def check_new_directory(flag_name: str, path) -> None:
+    """A directory a run will write a checkpoint to must not exist yet, or be empty."""
+    if not path:
+        return
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise UsageError(f"--{flag_name} directory {path!r} is not empty; choose a new directory")
+    ancestor = os.path.dirname(os.path.abspath(os.path.expanduser(path)))
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise UsageError(f"--{flag_name} {path!r} lies under {ancestor!r}, which is a file; choose a directory path")
+
+
 def _config_as_saved(model):
     """The config exactly as from_pretrained will read it back from config.json."""
     from transformers import AutoConfig

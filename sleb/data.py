@@ -9,6 +9,7 @@ Data set names: wikitext2, c4, ptb, demo (built in, offline) and file:PATH (.txt
 records with a "text" field).
 """
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -146,17 +147,40 @@ class EvalText:
     max_windows: int  # 0: all
 
 
-def eval_text(name: str) -> EvalText:
-    """The data set's evaluation split, joined (fetched before the model loads, so a missing set fails fast)."""
+def _stamp(name: str):
+    """A file data set's size and modification time: a cached read never outlives a changed file."""
+    if not name.startswith("file:"):
+        return None
+    try:
+        status = os.stat(os.path.expanduser(name[len("file:"):]))
+    except OSError:
+        return None
+    return status.st_size, status.st_mtime_ns
+
+
+# The commands fetch every data set before the model loads (a missing one fails before minutes of
+# loading), then build windows through the public API, which reads it again: from this cache.
+@functools.lru_cache(maxsize=8)
+def _eval_text(name: str, stamp) -> EvalText:
     source = _source(name)
     return EvalText(source.separator.join(source.eval_rows()["text"]), source.max_eval_windows)
 
 
-def calibration_text(name: str, nsamples: int, seed: int) -> str:
-    """The first `nsamples` rows of the train split shuffled with `Dataset.shuffle(seed=seed)`, joined."""
+@functools.lru_cache(maxsize=8)
+def _calibration_text(name: str, nsamples: int, seed: int, stamp) -> str:
     source = _source(name)
     rows = source.train_rows().shuffle(seed=seed)
     return source.separator.join(rows[:nsamples]["text"])
+
+
+def eval_text(name: str) -> EvalText:
+    """The data set's evaluation split, joined."""
+    return _eval_text(name, _stamp(name))
+
+
+def calibration_text(name: str, nsamples: int, seed: int) -> str:
+    """The first `nsamples` rows of the train split shuffled with `Dataset.shuffle(seed=seed)`, joined."""
+    return _calibration_text(name, nsamples, seed, _stamp(name))
 
 
 def load_eval_windows(name: str, tokenizer, seqlen: int) -> torch.Tensor:

@@ -14,6 +14,14 @@ def check_at_least(name: str, value, minimum) -> None:
         raise UsageError(f"--{name} must be at least {minimum}, got {value!r}")
 
 
+def comma_list(value: str, flag_name: str, example: str) -> list:
+    """'a, b,c' -> ['a', 'b', 'c']; an empty list is an error."""
+    names = [name.strip() for name in str(value).split(",") if name.strip()]
+    if not names:
+        raise UsageError(f"--{flag_name} is empty; name at least one, e.g. {example}")
+    return names
+
+
 def first_line(error: BaseException, limit: int = 240) -> str:
     """A library's error reduced to its first line, for quoting inside a one-line message."""
     lines = str(error).strip().splitlines()

@@ -1,4 +1,4 @@
-"""PNG plots of a search: candidate-loss heatmap and calibration loss vs blocks removed."""
+"""PNG plots: a search's candidate-loss heatmap and calibration loss vs blocks removed; a healing loss curve."""
 
 import math
 
@@ -45,3 +45,20 @@ def plot_search(record: dict, prefix: str) -> list:
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
     return written
+
+
+def plot_loss_curve(curve: list, path: str) -> str:
+    """Training loss against optimizer step (healing)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    ax.plot([p["step"] for p in curve], [p["loss"] for p in curve], marker=".")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (mean CE)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

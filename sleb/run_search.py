@@ -61,12 +61,13 @@ def run_search(settings) -> dict:
         resumed = _resumed(path, settings) if settings.resume else None
         started = time.perf_counter()
         # data
-        calibration = data.calibration_text(settings.dataset, settings.nsamples, settings.seed)
+        data.calibration_text(settings.dataset, settings.nsamples, settings.seed)  # fails before the load, cached
         eval_data = stages.fetch_eval_data(settings)
         # load
         model, tokenizer = stages.load(settings)
-        seqlen = models.effective_seqlen(model, settings.seqlen)
-        windows = data.token_windows(tokenizer, calibration, seqlen)
+        windows = api.calibration_windows(tokenizer, settings.dataset, settings.nsamples, settings.seqlen,
+                                          settings.seed, model=model)
+        seqlen = windows.shape[1]
         depth, k = settings.num_blocks, settings.num_remove_blocks
         log(f"calibration: {settings.dataset}, {settings.nsamples} rows -> {len(windows)} windows of {seqlen} "
             f"tokens; {settings.metric} removes {k} of {depth} blocks")

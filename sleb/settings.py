@@ -8,39 +8,20 @@ weights load. After these two, no stage re-checks a flag. The same object is sto
 results file.
 """
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Optional
 
 from sleb import blocks, data, models
+from sleb.checkpoint import check_new_directory
 from sleb.cli import flag
-from sleb.errors import UsageError, check_at_least
+from sleb.errors import UsageError, check_at_least, comma_list
 from sleb.metrics import check_choices, check_shape
 
 PAPER_PPL_DATASETS = "wikitext2,c4"
 PAPER_TASKS = "piqa,winogrande,hellaswag,arc_challenge,arc_easy"
 DEMO_TASKS = "demo_cloze,demo_order"
-
-
-def comma_list(value: str, flag_name: str, example: str) -> list:
-    """'a, b,c' -> ['a', 'b', 'c']; an empty list is an error."""
-    names = [name.strip() for name in str(value).split(",") if name.strip()]
-    if not names:
-        raise UsageError(f"--{flag_name} is empty; name at least one, e.g. {example}")
-    return names
-
-
-def check_new_directory(flag_name: str, path) -> None:
-    """A directory a run will write a checkpoint to must not exist yet, or be empty."""
-    if not path:
-        return
-    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
-        raise UsageError(f"--{flag_name} directory {path!r} is not empty; choose a new directory")
-    ancestor = os.path.dirname(os.path.abspath(os.path.expanduser(path)))
-    while not os.path.exists(ancestor):
-        ancestor = os.path.dirname(ancestor)
-    if not os.path.isdir(ancestor):
-        raise UsageError(f"--{flag_name} {path!r} lies under {ancestor!r}, which is a file; choose a directory path")
 
 
 def is_demo(model_name: str) -> bool:
@@ -191,6 +172,82 @@ class SearchSettings(OutputFlags, SaveFlags, EvalFlags, ModelFlags):
         if self.num_remove_blocks is None:
             self.num_remove_blocks = blocks.default_remove_count(depth)
         check_shape(depth, self.num_remove_blocks, self.early_barrier, self.latter_barrier)
+
+
+@dataclass
+class HealSettings(OutputFlags, EvalFlags, ModelFlags):
+    """`python -m sleb.heal`: LoRA-heal a pruned model and save the merged checkpoint."""
+
+    output_dir: Optional[str] = flag(None, "where the healed (merged) checkpoint is written; must be new or empty")
+    removal_list: Optional[list] = flag(None, "blocks to remove first, e.g. '[7, 3, 5]'; leave out for a pruned "
+                                              "checkpoint written by --save_model (its model card names them)")
+    dataset: Optional[str] = flag(None, "training text: c4, wikitext2, ptb, demo or file:PATH (.txt/.jsonl); "
+                                        "default c4 (demo for the demo model)")
+    nsamples: int = flag(20000, "training rows taken from the shuffled train split, then cut into --seqlen windows")
+    seqlen: int = flag(256, "tokens per training window (Shortened LLaMA: 256)")
+    eval_seqlen: int = flag(2048, "tokens per perplexity window (capped at the model's maximum positions)")
+    lora_r: int = flag(8, "LoRA rank")
+    lora_alpha: int = flag(16, "LoRA alpha (scale alpha / r)")
+    lora_dropout: float = flag(0.05, "dropout on the LoRA input")
+    lr: float = flag(1e-4, "peak learning rate of AdamW")
+    warmup_steps: int = flag(100, "linear warm-up steps, then linear decay")
+    epochs: float = flag(2.0, "passes over the training windows (ignored when --max_steps is set)")
+    max_steps: int = flag(-1, "optimizer steps in all (-1: --epochs decide)")
+    train_batch_size: int = flag(4, "training windows per device per forward")
+    grad_accum: int = flag(16, "forwards per optimizer step (effective batch: train_batch_size x grad_accum x devices)")
+    weight_decay: float = flag(0.0, "AdamW weight decay")
+    seed: int = flag(0, "seed of the data shuffle, LoRA initialisation and dropout")
+    logging_steps: int = flag(10, "log the training loss every this many steps")
+    save_steps: int = flag(100, "write a Trainer checkpoint (for --resume) every this many steps")
+    save_adapter: Optional[str] = flag(None, "also write the LoRA adapter alone (peft format) to this directory")
+    load_in_4bit: bool = flag(False, "QLoRA: train on a 4-bit (NF4) base through bitsandbytes; CUDA only")
+    resume: bool = flag(False, "continue from the last Trainer checkpoint of an interrupted run with these settings")
+
+    def check(self) -> None:
+        if self.output_dir is None:
+            raise UsageError("--output_dir is required: the directory the healed checkpoint goes to")
+        check_new_directory("output_dir", self.output_dir)
+        check_new_directory("save_adapter", self.save_adapter)
+        if self.resume and self.overwrite:
+            raise UsageError("--resume True continues the training and --overwrite True starts it again; pass one")
+        self.recipe().check()
+        for name, minimum in (("nsamples", 1), ("seqlen", 2), ("eval_seqlen", 2)):
+            check_at_least(name, getattr(self, name), minimum)
+        if self.removal_list is not None:
+            self.removal_list = blocks.check_removal_list(self.removal_list)
+        if self.load_in_4bit:
+            import importlib.util
+
+            import torch
+
+            if not torch.cuda.is_available():
+                raise UsageError("--load_in_4bit True needs a CUDA GPU (bitsandbytes); train in full precision on CPU")
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise UsageError("--load_in_4bit True needs bitsandbytes: pip install bitsandbytes")
+        if self.dataset is None:
+            self.dataset = follows_model(self.model_name, "demo", "c4")
+        data.check_dataset_name(self.dataset)
+        self.check_eval()
+        self.check_model()
+        self.check_output()
+
+    def recipe(self):
+        """The LoRA recipe these flags describe."""
+        from sleb.recovery.lora import LoraRecipe
+
+        return LoraRecipe(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LoraRecipe)})
+
+    def check_depth(self, depth: int, card_removal: Optional[list]) -> list:
+        """The removal list to apply on load: the given one (checked against the depth), or none for a
+        checkpoint whose card says it is already pruned."""
+        if self.removal_list is None:
+            if card_removal is None:
+                raise UsageError(f"{self.model_name!r} is not a pruned checkpoint (no sleb model card names its "
+                                 "removed blocks); pass --removal_list '[..]' or a directory written by --save_model")
+            return []
+        if not self.removal_list:
+            raise UsageError("--removal_list is empty: there is nothing to heal; name the removed blocks")
+        return blocks.check_removal_list(self.removal_list, depth)
 
 
 # Latency sizes: the paper's settings on a GPU, and what finishes in about a minute on a small CPU.

@@ -8,26 +8,24 @@ checks -> data -> load -> work -> record -> write -> table.
 import time
 from dataclasses import dataclass
 
-from sleb import accuracy as zeroshot, api, data, models, results
+from sleb import api, data, models, results
+from sleb.accuracy import zeroshot_table
 
 
 @dataclass
 class EvalData:
-    """What evaluation needs, fetched before the model loads so a missing data set fails fast."""
+    """What evaluation needs, fetched before the model loads so a missing data set or task fails fast."""
 
-    texts: dict  # data set name -> data.EvalText
-    tasks: list  # lm-eval task names ([] when zero-shot is off)
-    task_manager: object = None
+    datasets: list  # perplexity data set names (their text is in data's cache)
+    tasks: object = None  # the zero-shot tasks (api.zeroshot_tasks), None when zero-shot is off
 
 
 def fetch_eval_data(settings) -> EvalData:
-    texts = {name: data.eval_text(name) for name in settings.ppl_dataset_names()}
+    names = settings.ppl_dataset_names()
+    for name in names:
+        data.eval_text(name)  # read now so a missing set fails before the load; the windows come from its cache
     tasks = settings.task_names()
-    manager = None
-    if tasks:
-        manager = zeroshot.task_manager(tasks)
-        zeroshot.check_tasks(tasks, manager)
-    return EvalData(texts, tasks, manager)
+    return EvalData(names, api.zeroshot_tasks(tasks) if tasks else None)
 
 
 def load(settings, quantize_4bit: bool = False):
@@ -44,20 +42,16 @@ def load(settings, quantize_4bit: bool = False):
 
 
 def tokenize_eval_texts(model, tokenizer, eval_data: EvalData, seqlen: int) -> dict:
-    """{data set: (windows, seqlen) token ids}, tokenized once per run."""
-    seqlen = models.effective_seqlen(model, seqlen)
-    return {name: data.token_windows(tokenizer, text.text, seqlen, text.max_windows)
-            for name, text in eval_data.texts.items()}
+    """{data set: (windows, seqlen) token ids}, tokenized once per run (dense and pruned share them)."""
+    return {name: api.evaluation_windows(tokenizer, name, seqlen, model=model) for name in eval_data.datasets}
 
 
 def perplexity(model, eval_windows: dict, batch_size: int) -> dict:
     """{data set: {"ppl": ..., "windows": ..., "seqlen": ..., "seconds": ...}}."""
-    from sleb.ppl import perplexity as measure
-
     out = {}
     for name, windows in eval_windows.items():
         started = time.perf_counter()
-        value = measure(model, windows, batch_size, desc=f"ppl {name}")
+        value = api.perplexity(model, windows=windows, batch_size=batch_size, label=f"ppl {name}")
         out[name] = {"ppl": value, "windows": len(windows), "seqlen": windows.shape[1],
                      "seconds": round(time.perf_counter() - started, 3)}
     return out
@@ -65,12 +59,11 @@ def perplexity(model, eval_windows: dict, batch_size: int) -> dict:
 
 def zeroshot_accuracy(model, tokenizer, eval_data: EvalData, settings):
     """lm-eval's accuracy on the settings' tasks (printed as a table), or None when zero-shot is off."""
-    if not eval_data.tasks:
+    if eval_data.tasks is None:
         return None
-    result = zeroshot.evaluate_zeroshot(model, tokenizer, eval_data.tasks, eval_data.task_manager,
-                                        settings.num_fewshot, settings.limit, settings.zeroshot_batch_size,
-                                        settings.log_samples)
-    print(zeroshot.zeroshot_table(result))
+    result = api.zeroshot(model, tokenizer, eval_data.tasks, settings.num_fewshot, settings.limit,
+                          settings.zeroshot_batch_size, settings.log_samples)
+    print(zeroshot_table(result))
     return result
 
 

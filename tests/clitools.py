@@ -1,18 +1,52 @@
-"""Running the entry modules in a subprocess, as a user would."""
+"""Running the entry modules: in a subprocess, as a user would (where exit codes, one-line stderr,
+signals or locks are what a test is about), or in this process through the same `cli(argv)`."""
 
+import contextlib
+import importlib
+import io
 import os
 import subprocess
 import sys
+import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 OFFLINE = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
 
+# `python -m MODULE` -> the module holding its cli(argv)
+ENTRY = {"sleb": "sleb.__main__", "eval": "eval.__main__", "latency": "latency.__main__",
+         "sleb.heal": "sleb.run_heal"}
+
 
 def run(module, *args, timeout=300):
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=OFFLINE)
+
+
+def invoke(module, *args, timeout=None) -> subprocess.CompletedProcess:
+    """`python -m module args` run in this process: the same flag parsing and pipeline, without
+    starting Python, torch and transformers again. Returns what `run` returns; an unexpected
+    exception is returncode 1 with its traceback as stderr, as in a subprocess."""
+    cli = importlib.import_module(ENTRY[module]).cli
+    stdout, stderr = io.StringIO(), io.StringIO()
+    argv, cwd = sys.argv, os.getcwd()
+    code = 0
+    sys.argv = [module, *args]  # model cards record the command line
+    os.chdir(ROOT)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                cli(list(args))
+            except SystemExit as exit:
+                code = exit.code if isinstance(exit.code, int) else 1
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.argv = argv
+        os.chdir(cwd)
+    return subprocess.CompletedProcess([module, *args], code, stdout.getvalue(), stderr.getvalue())
 
 
 def start(module, *args, stderr=subprocess.DEVNULL) -> subprocess.Popen:

@@ -12,7 +12,7 @@ import torch
 import sleb
 import tiny
 from sleb.blocks import get_blocks as sleb_blocks
-from clitools import OFFLINE, ROOT, run
+from clitools import OFFLINE, ROOT, invoke, run
 
 
 def _readme_python_block() -> str:
@@ -30,7 +30,7 @@ def test_readme_example_runs_as_written_and_matches_the_command(tmp_path):
     assert found, out.stdout
     assert (tmp_path / "demo-pruned" / "config.json").exists()
     # The quickstart: no model or data flags, the demo model and its data sets are the defaults.
-    cli = run("sleb", "--nsamples", "64", "--result_folder", str(tmp_path / "results"), timeout=600)
+    cli = invoke("sleb", "--nsamples", "64", "--result_folder", str(tmp_path / "results"), timeout=600)
     assert cli.returncode == 0, cli.stderr[-3000:]
     assert cli.stdout.splitlines()[0] == "loading demo: float32 on cpu"  # dtype and placement first
     (result,) = (tmp_path / "results").glob("*.json")
@@ -45,7 +45,7 @@ def test_readme_example_runs_as_written_and_matches_the_command(tmp_path):
 
 
 def test_search_on_a_model_split_by_a_device_map_gives_the_commands_list(model_dirs, text_file, tmp_path):
-    cli = run("sleb", "--model_name", model_dirs["llama"], "--dataset", f"file:{text_file}", "--nsamples", "64",
+    cli = invoke("sleb", "--model_name", model_dirs["llama"], "--dataset", f"file:{text_file}", "--nsamples", "64",
               "--seqlen", "64", "--num_remove_blocks", "2", "--eval_ppl", "False", "--result_folder", str(tmp_path))
     assert cli.returncode == 0, cli.stderr
     (result,) = tmp_path.glob("*.json")
@@ -96,8 +96,9 @@ def test_import_sleb_loads_no_heavy_library():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=OFFLINE, timeout=120)
     seconds, loaded = out.stdout.split(" ", 1)
     assert loaded.strip() == "[]", out.stdout
-    assert sorted(sleb.__all__) == sorted(["load", "calibration_windows", "search", "SearchResult", "remove_blocks",
-                                           "skipping", "perplexity", "zeroshot", "heal", "save_pretrained",
+    assert sorted(sleb.__all__) == sorted(["load", "calibration_windows", "evaluation_windows", "search",
+                                           "SearchResult", "remove_blocks", "skipping", "perplexity", "zeroshot_tasks",
+                                           "zeroshot", "heal", "LoraRecipe", "HealResult", "save_pretrained",
                                            "UsageError", "__version__"])
 
 
@@ -106,11 +107,32 @@ def test_heal_returns_a_merged_model_that_fits_its_texts_better(model_dirs, text
     sleb.remove_blocks(model, [2, 4])
     texts = open(text_file).read().splitlines()
     before = sleb.perplexity(model, tokenizer, texts, seqlen=32, progress=False)
-    healed = sleb.heal(model, tokenizer, texts, nsamples=300, seqlen=32, lr=1e-2, warmup_steps=2, max_steps=20,
+    result = sleb.heal(model, tokenizer, texts, nsamples=300, seqlen=32, lr=1e-2, warmup_steps=2, max_steps=20,
                        train_batch_size=4, grad_accum=1, logging_steps=5)
+    healed = result.model
+    assert result.train_windows > 0 and result.train_seconds > 0 and len(result.loss_curve) == 4
+    assert "down_proj" in result.targets["lora_targets"]
     assert type(healed).__name__ == "LlamaForCausalLM" and len(sleb_blocks(healed)) == 4  # merged, no peft
     assert healed.config.use_cache  # put back as it was found
     assert sleb.perplexity(healed, tokenizer, texts, seqlen=32, progress=False) < before
     # The same texts as a file:PATH data set give the same calibration windows.
     assert torch.equal(sleb.calibration_windows(tokenizer, texts, nsamples=50, seqlen=16),
                        sleb.calibration_windows(tokenizer, f"file:{text_file}", nsamples=50, seqlen=16))
+
+
+def test_calibration_windows_are_capped_at_the_models_positions_as_the_command_caps_them(model_dirs, text_file,
+                                                                                        tmp_path):
+    cli = invoke("sleb", "--model_name", model_dirs["llama"], "--dataset", f"file:{text_file}", "--nsamples", "300",
+                 "--seqlen", "4096", "--num_remove_blocks", "1", "--eval_ppl", "False", "--result_folder", str(tmp_path))
+    assert cli.returncode == 0, cli.stderr
+    (result,) = tmp_path.glob("*.json")
+    record = json.loads(result.read_text())
+    assert record["seqlen"] == 256  # the tiny model's max_position_embeddings
+    model, tokenizer = sleb.load(model_dirs["llama"], device="cpu")
+    windows = sleb.calibration_windows(tokenizer, f"file:{text_file}", nsamples=300, seqlen=4096, model=model)
+    assert tuple(windows.shape) == (record["calibration_windows"], 256)
+    assert torch.equal(windows, sleb.calibration_windows(tokenizer, f"file:{text_file}", nsamples=300, seqlen=256))
+    evaluation = sleb.evaluation_windows(tokenizer, f"file:{text_file}", seqlen=4096, model=model)
+    assert evaluation.shape[1] == 256
+    assert sleb.perplexity(model, windows=evaluation, progress=False) == pytest.approx(
+        sleb.perplexity(model, tokenizer, f"file:{text_file}", seqlen=4096, progress=False), rel=1e-12)

@@ -6,14 +6,14 @@ import signal
 import subprocess
 import time
 
-from clitools import run, start
+from clitools import invoke, start
 
 
 def test_sigkill_then_resume_gives_the_same_list_and_losses(model_dirs, text_file, tmp_path):
     args = ["--model_name", model_dirs["llama"], "--dataset", f"file:{text_file}", "--nsamples", "200",
             "--seqlen", "64", "--num_remove_blocks", "3", "--engine", "reference", "--eval_ppl", "False",
             "--result_folder", str(tmp_path)]
-    whole = run("sleb", *args, "--result_file", "whole.json")
+    whole = invoke("sleb", *args, "--result_file", "whole.json")
     assert whole.returncode == 0, whole.stderr
     expected = json.loads((tmp_path / "whole.json").read_text())["search"]
 
@@ -30,7 +30,7 @@ def test_sigkill_then_resume_gives_the_same_list_and_losses(model_dirs, text_fil
     saved = json.loads(partial.read_text())["search"]
     assert saved["status"] == "searching" and 1 <= len(saved["removal_list"]) < 3
 
-    resumed = run("sleb", *args, "--result_file", "killed.json", "--resume", "True")
+    resumed = invoke("sleb", *args, "--result_file", "killed.json", "--resume", "True")
     assert resumed.returncode == 0, resumed.stderr
     final = json.loads(partial.read_text())["search"]
     assert final["removal_list"] == expected["removal_list"]

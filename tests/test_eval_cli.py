@@ -1,16 +1,16 @@
-"""`python -m eval` end to end in a subprocess, and its bad inputs."""
+"""`python -m eval` end to end, and its bad inputs (those in a subprocess: exit code and stderr)."""
 
 import json
 import os
 
 from transformers import AutoModelForCausalLM
 
-from clitools import run
+from clitools import invoke, run
 
 
 def test_eval_end_to_end(model_dirs, text_file, tmp_path):
     saved = tmp_path / "pruned"
-    out = run("eval", "--model_name", model_dirs["opt"], "--removal_list", "[4, 1]",
+    out = invoke("eval", "--model_name", model_dirs["opt"], "--removal_list", "[4, 1]",
               "--ppl_datasets", f"file:{text_file}", "--seqlen", "64", "--result_folder", str(tmp_path),
               "--result_file", "r.json", "--save_model", str(saved))
     assert out.returncode == 0, out.stderr
@@ -24,13 +24,13 @@ def test_eval_end_to_end(model_dirs, text_file, tmp_path):
     assert model.config.num_hidden_layers == 4
     assert [f for f in os.listdir(tmp_path) if f.startswith(".")] == []  # no temporary files left
     umask = os.umask(0o022)
-    os.umask(umask)  # the subprocess inherited this one
+    os.umask(umask)  # the run had this one
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o666 & ~umask  # not the temp file's owner-only mode
     assert saved.stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 def test_eval_accepts_json_string_and_empty_list(model_dirs, text_file, tmp_path):
-    out = run("eval", "--model_name", model_dirs["llama"], "--removal_list", '"[]"',
+    out = invoke("eval", "--model_name", model_dirs["llama"], "--removal_list", '"[]"',
               "--ppl_datasets", f"file:{text_file}", "--seqlen", "64", "--result_folder", str(tmp_path))
     assert out.returncode == 0, out.stderr
     (path,) = tmp_path.glob("*.json")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import tiny
-from clitools import OFFLINE, ROOT, run
+from clitools import OFFLINE, ROOT, invoke, run
 from sleb import blocks, checkpoint, forward, models
 from sleb.engines import ReferenceEngine
 from sleb.errors import UsageError
@@ -143,7 +143,7 @@ def test_eval_cli_keeps_results_when_the_guard_refuses(tmp_path, text_file):
 
 def test_sleb_cli_fast_engine_on_nemotron_h(family_dirs, tmp_path, text_file):
     """Nemotron-H's forward reads `block_type` from every block: the hooks see the real ones."""
-    out = run("sleb", "--model_name", family_dirs["nemotron_h"], "--dataset", f"file:{text_file}",
+    out = invoke("sleb", "--model_name", family_dirs["nemotron_h"], "--dataset", f"file:{text_file}",
               "--nsamples", "64", "--seqlen", "64", "--num_remove_blocks", "2", "--eval_ppl", "False",
               "--result_folder", str(tmp_path), "--save_model", str(tmp_path / "pruned"))
     assert out.returncode == 0, out.stderr
@@ -151,8 +151,8 @@ def test_sleb_cli_fast_engine_on_nemotron_h(family_dirs, tmp_path, text_file):
     (result,) = tmp_path.glob("*.json")
     record = json.loads(result.read_text())
     assert record["search"]["engine"] == "fast" and len(record["removal_list"]) == 2
-    check = run("eval", "--model_name", str(tmp_path / "pruned"), "--removal_list", "[]", "--eval_ppl", "False",
-                "--result_folder", str(tmp_path / "again"))
+    check = invoke("eval", "--model_name", str(tmp_path / "pruned"), "--removal_list", "[]", "--eval_ppl", "False",
+                   "--result_folder", str(tmp_path / "again"))
     assert check.returncode == 0, check.stderr
 
 
@@ -197,8 +197,8 @@ def test_write_error_during_save_is_one_line(model_dirs, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["results"]
 
 
-def _heal(model_dir, text_file, tmp_path, *extra, removal="[1, 4]"):
-    return run("sleb.heal", *extra, "--model_name", model_dir, "--removal_list", removal, "--dataset", f"file:{text_file}",
+def _heal(model_dir, text_file, tmp_path, *extra, removal="[1, 4]", runner=invoke):
+    return runner("sleb.heal", *extra, "--model_name", model_dir, "--removal_list", removal, "--dataset", f"file:{text_file}",
                "--nsamples", "300", "--seqlen", "32", "--ppl_datasets", f"file:{text_file}", "--eval_seqlen", "32",
                "--lr", "1e-2", "--warmup_steps", "2", "--train_batch_size", "4", "--grad_accum", "1",
                "--max_steps", "12", "--logging_steps", "4", "--output_dir", str(tmp_path / "healed"),
@@ -240,15 +240,16 @@ def test_heal_on_a_vision_language_model_leaves_the_vision_tower(family_dirs, te
 
 @pytest.mark.parametrize("arch", tiny.VISION_FAMILIES)
 def test_latency_and_zeroshot_on_text_for_vision_language_models(arch, family_dirs, tmp_path):
-    out = run("latency", "--model_name", family_dirs[arch], "--generation", "True", "--batch_size", "2",
+    out = invoke("latency", "--model_name", family_dirs[arch], "--generation", "True", "--batch_size", "2",
               "--prompt_len", "8", "--new_tokens", "4", "--warmup", "0", "--repeats", "1",
               "--result_folder", str(tmp_path))
     assert out.returncode == 0, out.stderr[-3000:]
     (result,) = tmp_path.glob("latency_*.json")
     record = json.loads(result.read_text())
     assert record["pruned"]["new_tokens_generated"] == 4 and record["removal_list"] == [1, 2]
-    out = run("eval", "--model_name", family_dirs[arch], "--removal_list", "[1]", "--eval_ppl", "False",
-              "--eval_zeroshot", "True", "--tasks", "demo_cloze", "--limit", "8", "--result_folder", str(tmp_path / "zs"))
+    out = invoke("eval", "--model_name", family_dirs[arch], "--removal_list", "[1]", "--eval_ppl", "False",
+                 "--eval_zeroshot", "True", "--tasks", "demo_cloze", "--limit", "8",
+                 "--result_folder", str(tmp_path / "zs"))
     assert out.returncode == 0, out.stderr[-3000:]
     (result,) = (tmp_path / "zs").glob("*.json")
     accuracy = json.loads(result.read_text())["zeroshot"]["tasks"]["demo_cloze"]["acc"]
@@ -274,7 +275,7 @@ def test_a_checkpoint_whose_config_missed_the_deletion_is_named_as_such(family_d
 
 
 def test_heal_refuses_to_save_an_inexpressible_layout(tmp_path, text_file):
-    out = _heal(_inexpressible_jamba(tmp_path / "jamba"), text_file, tmp_path, removal="[1]")
+    out = _heal(_inexpressible_jamba(tmp_path / "jamba"), text_file, tmp_path, removal="[1]", runner=run)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert out.stderr.strip().splitlines()[-1].startswith("error: not saved") and "expert_layer_period" in out.stderr
     assert not (tmp_path / "healed").exists()

@@ -11,8 +11,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from clitools import run, start
-from sleb import blocks, checkpoint, healing as heal
+from clitools import invoke, run, start
+import sleb
+from sleb import blocks, checkpoint
+from sleb.recovery import lora
+from sleb.settings import HealSettings
 from sleb.model_card import read_card
 from sleb.models import load_model
 
@@ -27,7 +30,7 @@ def _heal_args(model_dir, text_file, tmp_path, *extra):
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 def test_heal_lowers_the_loss_and_saves_a_checkpoint_stock_transformers_loads(arch, model_dirs, text_file, tmp_path):
-    out = run("sleb.heal", *_heal_args(model_dirs[arch], text_file, tmp_path, "--max_steps", "30"))
+    out = invoke("sleb.heal", *_heal_args(model_dirs[arch], text_file, tmp_path, "--max_steps", "30"))
     assert out.returncode == 0, out.stderr[-3000:]
     record = json.loads((tmp_path / "h.json").read_text())
     curve = [point["loss"] for point in record["loss_curve"]]
@@ -50,18 +53,18 @@ def test_heal_lowers_the_loss_and_saves_a_checkpoint_stock_transformers_loads(ar
 
 def test_merged_checkpoint_reloads_to_the_peft_models_logits(model_dirs, text_file, tmp_path):
 
-    settings = heal.HealSettings(model_name=model_dirs["llama"], removal_list=[1], dataset=f"file:{text_file}",
+    settings = HealSettings(model_name=model_dirs["llama"], removal_list=[1], dataset=f"file:{text_file}",
                                  nsamples=200, seqlen=32, lr=1e-2, max_steps=8, warmup_steps=0, train_batch_size=4,
                                  grad_accum=1, logging_steps=4, output_dir=str(tmp_path / "out"))
     settings.check()
     model, tokenizer = load_model(model_dirs["llama"], device="cpu")
     blocks.remove_blocks(model, [1])
-    train_data = heal._training_windows(settings, tokenizer)
-    peft_model, curve, _, _ = heal._train(model, train_data, settings, str(tmp_path / "work"))
-    ids = torch.tensor(train_data[0]["input_ids"])[None]
+    windows = sleb.calibration_windows(tokenizer, settings.dataset, settings.nsamples, settings.seqlen, model=model)
+    peft_model = lora.train(model, windows, settings.recipe(), str(tmp_path / "work")).peft_model
+    ids = windows[:1]
     with torch.no_grad():
         adapted = peft_model(input_ids=ids).logits
-        merged = heal._merge(peft_model, settings, [1], tokenizer)
+        merged = lora.merge(peft_model)
         torch.testing.assert_close(merged(input_ids=ids).logits, adapted, rtol=1e-5, atol=1e-5)
         checkpoint.save(merged, tokenizer, str(tmp_path / "out"))
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
@@ -87,7 +90,7 @@ def test_kill_then_resume_finishes_with_a_merged_checkpoint(model_dirs, text_fil
     process.wait()
     assert not (tmp_path / "healed").exists() and not (tmp_path / "h.json").exists()
 
-    resumed = run("sleb.heal", *args, "--resume", "True")
+    resumed = invoke("sleb.heal", *args, "--resume", "True")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     record = json.loads((tmp_path / "h.json").read_text())
     steps = [point["step"] for point in record["loss_curve"]]
@@ -101,8 +104,8 @@ def test_resume_steps_over_a_checkpoint_killed_while_written(tmp_path):
     (tmp_path / "checkpoint-5" / "trainer_state.json").write_text("{}")
     (tmp_path / "checkpoint-10" / "trainer_state.json").write_text("{}")
     (tmp_path / "checkpoint-15" / "trainer_state.json").write_text('{"log_hist')  # cut off mid-write
-    assert heal.last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
-    assert heal.last_complete_checkpoint(str(tmp_path / "none")) is None
+    assert lora.last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    assert lora.last_complete_checkpoint(str(tmp_path / "none")) is None
 
 
 BAD = [
@@ -148,20 +151,20 @@ def test_bad_input_is_one_line_and_writes_nothing(override, message, model_dirs,
                                                           "dense_4h_to_h"})])
 def test_lora_targets_are_found_per_architecture(arch, expected, model_dirs):
     model, _ = load_model(model_dirs[arch], device="cpu")
-    names = heal.lora_targets(model).modules
+    names = lora.lora_targets(model).modules
     assert {name.rsplit(".", 1)[-1] for name in names} == expected
     assert len(names) == 6 * 4  # four projections in every block, nothing outside them (no LM head)
 
 
 def test_pruned_checkpoint_carries_a_card_and_heals_without_a_list(model_dirs, text_file, tmp_path):
     saved = tmp_path / "pruned"
-    out = run("eval", "--model_name", model_dirs["llama"], "--removal_list", "[4, 1]", "--ppl_datasets",
+    out = invoke("eval", "--model_name", model_dirs["llama"], "--removal_list", "[4, 1]", "--ppl_datasets",
               f"file:{text_file}", "--seqlen", "32", "--save_model", str(saved), "--result_folder", str(tmp_path))
     assert out.returncode == 0, out.stderr
     text = (saved / "README.md").read_text()
     assert text.startswith("---\n") and "depth-pruning" in text and "`[4, 1]`" in text and "python -m eval" in text
     assert read_card(str(saved))["sleb_removal_list"] == [4, 1]
-    healed = run("sleb.heal", "--model_name", str(saved), "--dataset", f"file:{text_file}", "--nsamples", "100",
+    healed = invoke("sleb.heal", "--model_name", str(saved), "--dataset", f"file:{text_file}", "--nsamples", "100",
                  "--seqlen", "32", "--eval_ppl", "False", "--max_steps", "2", "--warmup_steps", "0",
                  "--output_dir", str(tmp_path / "healed"), "--result_folder", str(tmp_path), "--result_file", "h.json")
     assert healed.returncode == 0, healed.stderr[-2000:]
@@ -171,11 +174,11 @@ def test_pruned_checkpoint_carries_a_card_and_heals_without_a_list(model_dirs, t
 
 def test_a_checkpoint_pruned_from_the_demo_model_defaults_to_demo_data(tmp_path):
     saved = tmp_path / "pruned-demo"
-    out = run("eval", "--model_name", "demo", "--removal_list", "[7]", "--eval_ppl", "False",
+    out = invoke("eval", "--model_name", "demo", "--removal_list", "[7]", "--eval_ppl", "False",
               "--save_model", str(saved), "--result_folder", str(tmp_path))
     assert out.returncode == 0, out.stderr
     assert read_card(str(saved))["sleb_base_model"] == "demo"
-    settings = heal.HealSettings(model_name=str(saved), output_dir=str(tmp_path / "healed"))
+    settings = HealSettings(model_name=str(saved), output_dir=str(tmp_path / "healed"))
     settings.check()
     assert (settings.dataset, settings.ppl_datasets, settings.tasks) == ("demo", "demo", "demo_cloze,demo_order")
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from clitools import run
+from clitools import invoke
 from sleb.errors import UsageError
 
 
@@ -14,7 +14,7 @@ def test_latency_reports_dense_pruned_and_speedup(mode, model_dirs, tmp_path):
             "--repeats", "3", "--result_folder", str(tmp_path), "--result_file", "l.json"]
     if mode == "generation":
         args += ["--generation", "True", "--new_tokens", "5"]
-    out = run("latency", *args)
+    out = invoke("latency", *args)
     assert out.returncode == 0, out.stderr
     result = json.loads((tmp_path / "l.json").read_text())
     assert result["mode"] == mode and result["removal_list"] == [1, 2]  # ceil(0.2 x 6) from block 1

@@ -8,10 +8,9 @@ import sys
 
 import pytest
 
-from clitools import ROOT, run
+from clitools import ROOT, invoke, run
 from sleb.cli import parse_settings
-from sleb.healing import HealSettings
-from sleb.settings import EvalSettings, LatencySettings, SearchSettings
+from sleb.settings import EvalSettings, HealSettings, LatencySettings, SearchSettings
 
 SETTINGS = {"sleb": SearchSettings, "eval": EvalSettings, "latency": LatencySettings, "sleb.heal": HealSettings}
 SCRIPTS = ["ppl.sh", "zeroshot.sh", "latency.sh", "metrics.sh", "demo_table.sh", "heal.sh"]
@@ -64,8 +63,8 @@ def test_report_tables_plots_and_skipped_files(model_dirs, text_file, tmp_path):
                  ["sleb", "--dataset", f"file:{text_file}", "--nsamples", "20", "--num_remove_blocks", "1"],
                  ["sleb", "--dataset", f"file:{text_file}", "--nsamples", "40", "--num_remove_blocks", "2",
                   "--metric", "cosine"]):
-        assert run(args[0], *args[1:], *common).returncode == 0
-    latency = run("latency", "--model_name", model_dirs["llama"], "--prompt_len", "16", "--repeats", "1",
+        assert invoke(args[0], *args[1:], *common).returncode == 0
+    latency = invoke("latency", "--model_name", model_dirs["llama"], "--prompt_len", "16", "--repeats", "1",
                   "--warmup", "0", "--result_folder", str(results))
     assert latency.returncode == 0, latency.stderr
     (results / "foreign.json").write_text(json.dumps({"accuracy": 1}))

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from clitools import ROOT, run
+from clitools import ROOT, invoke, run
 
 
 def _search_args(model_dir, text_file, folder, name):
@@ -17,7 +17,7 @@ def _search_args(model_dir, text_file, folder, name):
 
 
 def test_torchrun_two_ranks_equals_single_process(model_dirs, text_file, tmp_path):
-    single = run("sleb", *_search_args(model_dirs["llama"], text_file, tmp_path, "single.json"))
+    single = invoke("sleb", *_search_args(model_dirs["llama"], text_file, tmp_path, "single.json"))
     assert single.returncode == 0, single.stderr
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
     launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -39,8 +39,8 @@ def test_model_spread_by_accelerate_gives_the_same_list_perplexity_and_accuracy(
     """A CPU budget too small for the model makes accelerate offload blocks to disk and attach its hooks
     (weights stay on the meta device until a block runs): the path of a model larger than its GPUs."""
     zeroshot = ["--eval_zeroshot", "True", "--tasks", "demo_order", "--limit", "12"]
-    plain = run("sleb", *_search_args(model_dirs["llama"], text_file, tmp_path, "plain.json"), *zeroshot)
-    spread = run("sleb", *_search_args(model_dirs["llama"], text_file, tmp_path, "spread.json"),
+    plain = invoke("sleb", *_search_args(model_dirs["llama"], text_file, tmp_path, "plain.json"), *zeroshot)
+    spread = invoke("sleb", *_search_args(model_dirs["llama"], text_file, tmp_path, "spread.json"),
                  "--device_map", "auto", "--max_memory", '{"cpu": "150KB"}', *zeroshot)
     assert plain.returncode == 0 and spread.returncode == 0, spread.stderr
     a = json.loads((tmp_path / "plain.json").read_text())

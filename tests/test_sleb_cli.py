@@ -8,11 +8,11 @@ import pytest
 from sleb import run_search as run_search_module
 from sleb import metrics as search
 from sleb.settings import SearchSettings
-from clitools import run
+from clitools import invoke
 
 
 def test_sleb_end_to_end(model_dirs, text_file, tmp_path):
-    out = run("sleb", "--model_name", model_dirs["llama"], "--dataset", f"file:{text_file}", "--nsamples", "60",
+    out = invoke("sleb", "--model_name", model_dirs["llama"], "--dataset", f"file:{text_file}", "--nsamples", "60",
               "--seqlen", "32", "--num_remove_blocks", "2", "--ppl_datasets", f"file:{text_file}",
               "--result_folder", str(tmp_path), "--result_file", "s.json", "--plot", "True")
     assert out.returncode == 0, out.stderr

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import tiny
-from clitools import ROOT, run, start
+from clitools import ROOT, invoke, run, start
 from sleb import blocks, data, metrics as search
 from sleb.engines import ReferenceEngine
 from sleb.errors import UsageError
@@ -52,7 +52,7 @@ def test_nan_search_stops_with_one_line(engine, overflowing, text_file, tmp_path
         assert "with block 1 removed" in line  # the first candidate, which keeps the overflowing block 2
     assert not (tmp_path / "n.json").exists() or json.loads((tmp_path / "n.json").read_text())["search"]["status"] != "done"
     # The same checkpoint in bfloat16 (its range is float32's) searches to the end.
-    fine = run("sleb", "--model_name", overflowing, "--dtype", "bfloat16", "--device", "cpu", "--engine", engine,
+    fine = invoke("sleb", "--model_name", overflowing, "--dtype", "bfloat16", "--device", "cpu", "--engine", engine,
                "--dataset", f"file:{text_file}", "--nsamples", "40", "--seqlen", "32", "--num_remove_blocks", "2",
                "--eval_ppl", "False", "--result_folder", str(tmp_path), "--result_file", "b.json")
     assert fine.returncode == 0, fine.stderr
@@ -191,7 +191,7 @@ def test_second_run_on_the_same_results_file_stops_at_once(model_dirs, text_file
         first.wait()
     # kill -9 left the lock file behind, but not the lock: the next run goes ahead, and tidies up.
     assert lock.exists()
-    again = run("sleb", *args, "--overwrite", "True")
+    again = invoke("sleb", *args, "--overwrite", "True")
     assert again.returncode == 0, again.stderr
     assert not lock.exists()
 
@@ -201,9 +201,9 @@ def test_resume_of_a_finished_search_works_for_every_metric(metric, model_dirs, 
     args = ["--model_name", model_dirs["llama"], "--dataset", f"file:{text_file}", "--nsamples", "40",
             "--seqlen", "32", "--num_remove_blocks", "2", "--metric", metric, "--eval_ppl", "False",
             "--result_folder", str(tmp_path), "--result_file", "r.json"]
-    assert run("sleb", *args).returncode == 0
+    assert invoke("sleb", *args).returncode == 0
     first = json.loads((tmp_path / "r.json").read_text())["search"]
-    resumed = run("sleb", *args, "--resume", "True")
+    resumed = invoke("sleb", *args, "--resume", "True")
     assert resumed.returncode == 0, resumed.stderr
     again = json.loads((tmp_path / "r.json").read_text())["search"]
     assert again["removal_list"] == first["removal_list"] and again["losses"] == first["losses"]
@@ -214,7 +214,7 @@ def test_resume_of_an_unfinished_one_shot_result_says_why_not(model_dirs, text_f
     args = ["--model_name", model_dirs["llama"], "--dataset", f"file:{text_file}", "--nsamples", "40",
             "--seqlen", "32", "--num_remove_blocks", "2", "--metric", "cosine", "--eval_ppl", "False",
             "--result_folder", str(tmp_path), "--result_file", "c.json"]
-    assert run("sleb", *args).returncode == 0
+    assert invoke("sleb", *args).returncode == 0
     record = json.loads((tmp_path / "c.json").read_text())
     record["search"]["status"] = "searching"
     (tmp_path / "c.json").write_text(json.dumps(record))

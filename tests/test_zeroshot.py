@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from clitools import run
-from sleb import blocks, accuracy as zeroshot
+from clitools import invoke
+from sleb import accuracy, blocks
 from sleb.models import load_model
 
 
@@ -27,8 +27,7 @@ def test_lm_eval_scores_the_pruned_model():
     model, tokenizer = load_model("demo", device="cpu")
     blocks.remove_blocks(model, [4, 1])
     names = ["demo_cloze"]
-    manager = zeroshot.task_manager(names)
-    result = zeroshot.evaluate_zeroshot(model, tokenizer, names, manager, limit=20, log_samples=True)
+    result = accuracy.evaluate_zeroshot(model, tokenizer, accuracy.find_tasks(names), limit=20, log_samples=True)
     samples = result["samples"]["demo_cloze"]
     assert len(samples) == 20
     correct = 0
@@ -44,7 +43,7 @@ def test_lm_eval_scores_the_pruned_model():
 
 
 def test_eval_cli_reports_zeroshot(model_dirs, tmp_path):
-    out = run("eval", "--model_name", model_dirs["llama"], "--removal_list", "[2]", "--eval_ppl", "False",
+    out = invoke("eval", "--model_name", model_dirs["llama"], "--removal_list", "[2]", "--eval_ppl", "False",
               "--eval_zeroshot", "True", "--tasks", "demo_cloze,demo_order", "--limit", "20",
               "--result_folder", str(tmp_path), "--result_file", "z.json")
     assert out.returncode == 0, out.stderr

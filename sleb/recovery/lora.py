@@ -1,0 +1,222 @@
+"""LoRA healing: adapt every projection of the (pruned) blocks with peft, train with transformers'
+Trainer, merge the adapter into the weights.
+
+Training is the Trainer's own (schedule, gradient accumulation, logging, checkpoints, resume,
+accelerate/torchrun). The defaults of `LoraRecipe` follow Shortened LLaMA's published recipe
+(nota-netspresso/shortened-llm): rank 8, alpha 16, dropout 0.05 on every attention and MLP
+projection, AdamW, lr 1e-4, 100 warm-up steps, 2 epochs, batch 64 as 4 x 16 accumulation.
+"""
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from sleb import blocks, models
+from sleb.errors import UsageError, check_at_least, check_finite
+
+
+@dataclass
+class LoraRecipe:
+    """How LoRA is trained; every field is also a flag of `python -m sleb.heal`."""
+
+    lora_r: int = 8  # rank
+    lora_alpha: int = 16  # scale alpha / r
+    lora_dropout: float = 0.05  # dropout on the LoRA input
+    lr: float = 1e-4  # peak learning rate of AdamW
+    warmup_steps: int = 100  # linear warm-up, then linear decay
+    epochs: float = 2.0  # passes over the windows (ignored when max_steps is set)
+    max_steps: int = -1  # optimizer steps in all (-1: epochs decide)
+    train_batch_size: int = 4  # windows per device per forward
+    grad_accum: int = 16  # forwards per optimizer step
+    weight_decay: float = 0.0
+    seed: int = 0  # LoRA initialisation, dropout and data order
+    logging_steps: int = 10
+    save_steps: int = 100  # a Trainer checkpoint (to resume from) every this many steps
+
+    def check(self) -> None:
+        if self.lr <= 0:
+            raise UsageError(f"--lr must be positive, got {self.lr!r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise UsageError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.max_steps == -1 and self.epochs <= 0:
+            raise UsageError(f"--epochs must be positive (or set --max_steps), got {self.epochs!r}")
+        if self.max_steps != -1:
+            check_at_least("max_steps", self.max_steps, 1)
+        for name, minimum in (("lora_r", 1), ("lora_alpha", 1), ("warmup_steps", 0), ("train_batch_size", 1),
+                              ("grad_accum", 1), ("logging_steps", 1), ("save_steps", 1)):
+            check_at_least(name, getattr(self, name), minimum)
+
+
+@dataclass
+class LoraTargets:
+    """What LoRA adapts: full names of linear projections, and of fused expert weights (3-D, one slice
+    per expert) that peft wraps through `target_parameters`."""
+
+    modules: list
+    expert_parameters: list
+
+    def record(self) -> dict:
+        """Short names for the results file and model card."""
+        return {"lora_targets": sorted({name.rsplit(".", 1)[-1] for name in self.modules}),
+                "lora_expert_parameters": sorted({".".join(name.split(".")[-2:]) for name in self.expert_parameters})}
+
+
+@dataclass
+class Trained:
+    """What training left: the peft-wrapped model and how it got there."""
+
+    peft_model: object
+    loss_curve: list  # [{"step", "loss"}] as the Trainer logged it
+    seconds: float
+    targets: LoraTargets
+
+
+def _routes(name: str, module) -> bool:
+    """A router or a gate that weighs experts: training it would change which experts run, not what they do."""
+    last = name.rsplit(".", 1)[-1]
+    return "Router" in type(module).__name__ or last in ("gate", "router") or last.endswith("_gate")
+
+
+def _peft_wraps_parameters() -> bool:
+    from peft import LoraConfig
+
+    return "target_parameters" in LoraConfig.__dataclass_fields__
+
+
+def lora_targets(model) -> LoraTargets:
+    """Every linear projection inside the decoder blocks (attention, dense MLP, shared experts, Mamba
+    and convolution projections), whatever the architecture calls them, and the fused expert weights
+    of MoE blocks where peft can wrap parameters; routers, the embeddings, the LM head and a vision
+    tower are left alone."""
+    import torch.nn as nn
+    from transformers.pytorch_utils import Conv1D
+
+    prefix = blocks.block_path(model)
+    modules, experts = [], []
+    for index, block in enumerate(blocks.get_blocks(model)):
+        for name, module in block.named_modules():
+            full = f"{prefix}.{index}.{name}"
+            if _routes(name, module):
+                continue
+            if isinstance(module, (nn.Linear, Conv1D)) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+                modules.append(full)
+            elif not isinstance(module, nn.Conv1d):
+                experts += [f"{full}.{p}" for p, param in module.named_parameters(recurse=False) if param.dim() == 3]
+    if not modules:
+        raise UsageError(f"no linear projections found in the blocks of {type(model).__name__}; LoRA has nothing "
+                         "to adapt in this architecture")
+    return LoraTargets(modules, experts if _peft_wraps_parameters() else [])
+
+
+def training_dataset(windows):
+    """Token windows as the Trainer's data set (labels = inputs; the model shifts them)."""
+    from datasets import Dataset
+
+    return Dataset.from_dict({"input_ids": windows.tolist(), "labels": windows.tolist()})
+
+
+def _progress_callback():
+    from transformers.trainer_callback import ProgressCallback
+
+    class LossInBar(ProgressCallback):
+        """Trainer's bar (steps and ETA) with the last loss on it, instead of a printed dict per log."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+                self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}")
+
+    return LossInBar
+
+
+def quantized(model) -> bool:
+    """Weights held in 4 or 8 bits (bitsandbytes): trained as QLoRA, merged into a full-precision base."""
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def train(model, windows, recipe: LoraRecipe, work_dir: str, resume_from: Optional[str] = None) -> Trained:
+    """LoRA on `model` over the token `windows` with transformers' Trainer, from the Trainer checkpoint
+    `resume_from` if given; the Trainer's checkpoints go to `work_dir`."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
+    from transformers.trainer_callback import ProgressCallback
+
+    set_seed(recipe.seed)
+    targets = lora_targets(model)
+    if targets.expert_parameters and recipe.lora_dropout > 0:
+        print("note: peft wraps fused expert weights only without dropout; the experts stay as they are "
+              "(pass --lora_dropout 0 to adapt them too)", flush=True)
+        targets.expert_parameters = []
+    if quantized(model):
+        model = prepare_model_for_kbit_training(model)
+    experts = {"target_parameters": targets.expert_parameters} if targets.expert_parameters else {}
+    config = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
+                        target_modules=targets.modules, bias="none", task_type="CAUSAL_LM", **experts)
+    model.config.get_text_config().use_cache = False  # training; the caller puts it back on the merged model
+    peft_model = get_peft_model(model, config)
+    cuda = models.input_device(model).type == "cuda"
+    arguments = TrainingArguments(
+        output_dir=work_dir, per_device_train_batch_size=recipe.train_batch_size,
+        gradient_accumulation_steps=recipe.grad_accum, learning_rate=recipe.lr,
+        num_train_epochs=recipe.epochs, max_steps=recipe.max_steps, warmup_steps=recipe.warmup_steps,
+        lr_scheduler_type="linear", optim="adamw_torch", weight_decay=recipe.weight_decay,
+        logging_steps=recipe.logging_steps, save_steps=recipe.save_steps, save_total_limit=2,
+        seed=recipe.seed, data_seed=recipe.seed, report_to="none",
+        bf16=cuda and torch.cuda.is_bf16_supported(), use_cpu=not cuda,
+        dataloader_num_workers=0, remove_unused_columns=False,
+        disable_tqdm=False)  # else quiet transformers logging swaps the bar for a printed dict per log
+    trainer = Trainer(model=peft_model, args=arguments, train_dataset=training_dataset(windows),
+                      data_collator=default_data_collator)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(_progress_callback())
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume_from)
+    seconds = time.perf_counter() - started
+    curve = [{"step": entry["step"], "loss": entry["loss"]} for entry in trainer.state.log_history if "loss" in entry]
+    for point in curve:
+        check_finite(point["loss"], f"the training loss at step {point['step']}", model)
+    peft_model.eval()
+    return Trained(peft_model, curve, seconds, targets)
+
+
+def merge(peft_model, full_precision_base: Optional[Callable] = None):
+    """The LoRA merged into the weights. A quantized base is merged into full-precision weights, as
+    QLoRA recipes do: `full_precision_base()` returns the same (pruned) model unquantized."""
+    if not quantized(peft_model.get_base_model()):
+        return peft_model.merge_and_unload()
+    if full_precision_base is None:
+        raise UsageError("the model was trained in 4 bits: merging needs the full-precision model "
+                         "(pass full_precision_base, a function returning it pruned the same way)")
+    import shutil
+    import tempfile
+
+    from peft import PeftModel
+
+    adapter = tempfile.mkdtemp(prefix="sleb-adapter-")
+    try:
+        peft_model.save_pretrained(adapter)
+        return PeftModel.from_pretrained(full_precision_base(), adapter).merge_and_unload()
+    finally:
+        shutil.rmtree(adapter, ignore_errors=True)
+
+
+def last_complete_checkpoint(work_dir: str) -> Optional[str]:
+    """The newest Trainer checkpoint in `work_dir` that was written to the end, or None.
+
+    The Trainer writes a checkpoint's files in place, trainer_state.json last; a run killed while
+    writing leaves a newest checkpoint without it, which resuming must step over."""
+    if not os.path.isdir(work_dir):
+        return None
+    steps = sorted((int(name.split("-")[1]) for name in os.listdir(work_dir)
+                    if name.startswith("checkpoint-") and name.split("-")[1].isdigit()), reverse=True)
+    for step in steps:
+        state = os.path.join(work_dir, f"checkpoint-{step}", "trainer_state.json")
+        try:
+            with open(state) as handle:
+                json.load(handle)
+            return os.path.dirname(state)
+        except (OSError, ValueError):
+            continue
+    return None
