@@ -1,7 +1,7 @@
 """The public Python API: the whole pipeline on a model the user already holds.
 
-load -> calibration_windows -> search -> remove_blocks (or skipping) -> evaluation_windows / perplexity /
-zeroshot -> heal -> save_pretrained. Every function takes plain values (a model, a tokenizer, token
+load -> calibration_windows -> search -> remove_blocks (or skipping, or compensate) -> evaluation_windows /
+perplexity / zeroshot -> heal -> save_pretrained. Every function takes plain values (a model, a tokenizer, token
 windows, a removal list), raises `UsageError` (a ValueError) with the message the commands print, and
 leaves the model as it found it (training mode, `use_cache`, hooks) unless changing it is its purpose
 (`remove_blocks`, `heal`). The commands (`python -m sleb`, `eval`, `latency`, `sleb.heal`) run each of
@@ -282,6 +282,39 @@ def heal(model, tokenizer=None, dataset: Data = "c4", *, windows: Optional[torch
             shutil.rmtree(folder, ignore_errors=True)
     merged.config.get_text_config().use_cache = use_cache
     return HealResult(merged, trained.loss_curve, round(trained.seconds, 3), len(windows), trained.targets.record())
+
+
+@dataclass
+class CompensationResult:
+    """What `compensate` did: one fit per removed run, in depth order."""
+
+    ridge: float
+    runs: list  # sleb.recovery.linear.RunFit: run, before, tokens, residual, identity_residual, seconds, folded_into
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {"method": "linear", "ridge": self.ridge, "runs": [fit.record() for fit in self.runs],
+                "seconds": self.seconds}
+
+
+def compensate(model, windows: torch.Tensor, removal_list: Sequence[int], ridge: float = 0.0, *,
+               batch_size: int = 4, progress: bool = True) -> CompensationResult:
+    """Remove the blocks and win back what that cost with no training: for each maximal run of removed
+    blocks, the least-squares map T = argmin ||M T - (H - Y)||^2 + ridge ||T||^2 from the calibration
+    `windows` (M: what the block before the run adds last, Y: the stream it is added to, H: the run's
+    output) folded into that block's output projection(s), then the run deleted. The model is then
+    what `remove_blocks` leaves, with the same parameters, maps folded in. One line (UsageError) where
+    the fold could not be exact (a norm after the sub-layer, post-norm, a run starting at block 0,
+    shared weights), before anything changes."""
+    from sleb.recovery import linear
+
+    if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype != torch.long:
+        raise UsageError("windows must be a (windows, seqlen) tensor of token ids, as calibration_windows returns")
+    check_at_least("batch_size", batch_size, 1)
+    started = time.perf_counter()
+    with _evaluating(model):
+        fits = linear.compensate(model, windows, list(removal_list), ridge, batch_size, progress)
+    return CompensationResult(float(ridge), fits, round(time.perf_counter() - started, 3))
 
 
 def save_pretrained(model, tokenizer, directory: str, card=None) -> None:

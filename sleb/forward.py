@@ -127,7 +127,7 @@ def _hidden_of(args, kwargs):
     return args[0] if args else kwargs[_hidden_key(kwargs)]
 
 
-def _output_of(out):
+def output_of(out):
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -149,7 +149,7 @@ def capture(model, input_ids: torch.Tensor, keep_outputs: bool = False) -> Block
         calls.append((_hidden_of(args, kwargs), tuple(args[1:]), rest))
 
     def after_block(module, args, kwargs, out):
-        last.append(_output_of(out))
+        last.append(output_of(out))
         if keep_outputs:
             outputs.append(last[-1])
         elif len(last) > 1:
@@ -179,7 +179,7 @@ def capture(model, input_ids: torch.Tensor, keep_outputs: bool = False) -> Block
 def run_blocks(block_list, indices, hidden: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
     """Run blocks `indices` (positions in `block_list`, which `inputs` was captured for) in order."""
     for index in indices:
-        hidden = _output_of(block_list[index](hidden, *inputs.args[index], **inputs.kwargs[index]))
+        hidden = output_of(block_list[index](hidden, *inputs.args[index], **inputs.kwargs[index]))
     return hidden
 
 
@@ -233,3 +233,58 @@ def cannot_follow(model) -> Optional[str]:
     if not torch.allclose(ours.to(dense.device), dense, rtol=1e-3, atol=1e-3):
         return f"{type(model).__name__}'s loss computed block by block differs from its own forward"
     return None
+
+
+class _Stopped(Exception):
+    pass
+
+
+@dataclass
+class Observation:
+    """What one forward showed: each watched module's output (first tensor) and its call's inputs,
+    and the order in which the watched modules finished."""
+
+    outputs: dict
+    inputs: dict
+    finished: list
+
+
+def observe(model, input_ids: torch.Tensor, watched: dict, stop_after: Optional[nn.Module] = None,
+            replace: Optional[dict] = None, keep_inputs: bool = False) -> Observation:
+    """One forward of the model as it is, with hooks on `watched` ({name: module}); it stops as soon as
+    `stop_after` has run, so nothing after it is computed. `replace` ({name: function}) hands the rest
+    of the model function(output) in place of that module's output (for checks that perturb it)."""
+    outputs, inputs, finished = {}, {}, []
+    replace = replace or {}
+
+    def watch(name):
+        def before(module, args, kwargs):
+            if keep_inputs:
+                inputs[name] = (args, kwargs)
+
+        def after(module, args, kwargs, out):
+            outputs[name] = output_of(out)
+            finished.append(name)
+            if name in replace:
+                changed = replace[name](outputs[name])
+                return (changed, *out[1:]) if isinstance(out, tuple) else changed
+        return before, after
+
+    def stop(module, args, out):
+        raise _Stopped
+
+    handles = []
+    for name, module in watched.items():
+        before, after = watch(name)
+        handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
+        handles.append(module.register_forward_hook(after, with_kwargs=True))
+    if stop_after is not None:
+        handles.append(stop_after.register_forward_hook(stop))
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    except _Stopped:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return Observation(outputs, inputs, finished)

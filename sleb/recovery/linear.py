@@ -1,0 +1,321 @@
+"""Training-free recovery: for each run of removed blocks, a least-squares map folded into the block
+in front of it (ReplaceMe, arXiv 2505.02819; Prune&Comp, arXiv 2507.18212).
+
+For a maximal run `a..b` of removed blocks (original indices) with kept block `l = a - 1` before it,
+on the model as it stands (earlier runs already compensated and skipped, which is the same model as
+deleted), every calibration token gives
+    M = what block l's last sub-layer adds to the residual stream (a Llama block's MLP output),
+    Y = the residual stream it is added to (block l's output minus M),
+    H = block b's output (the residual stream after the run),
+and the map is T = argmin ||M T - (H - Y)||^2 + ridge ||T||^2, solved in float64 from the accumulated
+MᵀM and Mᵀ(H - Y) (hidden x hidden each; tokens are never kept). With the run deleted, block l then
+outputs Y + M T, which is what the run would have made of it as nearly as a linear map can. T is
+folded into the weights that produce M (a projection's W <- Tᵀ W, b <- Tᵀ b; every expert's and the
+shared expert's output projection in an MoE block, fused 3-D expert tensors included; a Mamba or
+convolution mixer's output projection), so the pruned model has exactly plain removal's parameters.
+
+What is folded is found by observation, not by the architecture's name, and proven on a probe before
+anything changes: block l's output must move by exactly M when M is doubled (else a norm or a
+post-norm stands between the sub-layer and the residual add), and the sub-layer with a random map
+folded in must output its old output times that map. A block where either fails, a run starting at
+block 0, or weights the fold would change that are shared with another module (tied embeddings,
+blocks sharing weights) is refused in one line.
+"""
+
+import itertools
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from sleb import blocks, forward
+from sleb.errors import UsageError
+from sleb.models import input_device
+
+# Probe tokens for the exactness checks, and their tolerance (relative, in the model's dtype).
+PROBE_TOKENS = 16
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
+HALF_TOLERANCE = 2e-2
+
+
+@dataclass
+class RunFit:
+    """One removed run's map: how well it fits and where it went."""
+
+    run: list  # original indices a..b of the removed blocks
+    before: int  # original index l of the block the map is folded into
+    tokens: int  # calibration tokens the fit saw
+    residual: float  # ||M T - (H - Y)|| / ||H - Y||
+    identity_residual: float  # the same for T = I, i.e. plain removal
+    seconds: float
+    folded_into: list  # parameters of block l the map went into
+
+    def record(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Target:
+    """A parameter the map is folded into, and how: 'rows' W <- Tᵀ W on the dimension `dim` that is
+    the output (Linear weights, (experts, hidden, in) tensors), 'columns' W <- W T on the last
+    dimension (Conv1D weights, (experts, in, hidden) tensors, biases)."""
+
+    name: str
+    parameter: nn.Parameter
+    how: str  # "rows" or "columns"
+
+
+def runs_of(removal_list: list) -> list:
+    """Maximal runs of consecutive indices, in depth order: [7, 3, 4] -> [[3, 4], [7]]."""
+    runs = []
+    for index in sorted(removal_list):
+        if runs and runs[-1][-1] == index - 1:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    return runs
+
+
+def fold(target: Target, T: torch.Tensor) -> None:
+    """Fold the map into one parameter in place (computed in float64, stored in its own dtype)."""
+    W = target.parameter.data
+    T = T.to(W.device, torch.float64)
+    if target.how == "rows":  # the output dimension is the second to last: W <- Tᵀ W
+        folded = torch.matmul(T.transpose(0, 1), W.double())
+    else:  # the output dimension is the last: W <- W T
+        folded = torch.matmul(W.double(), T)
+    W.copy_(folded.to(W.dtype))
+
+
+def _tolerance(dtype) -> float:
+    return TOLERANCE.get(dtype, HALF_TOLERANCE)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, dtype) -> bool:
+    scale = b.double().norm().item() or 1.0
+    return (a.double() - b.double()).norm().item() <= _tolerance(dtype) * scale
+
+
+def _hidden_size(model) -> int:
+    return model.get_input_embeddings().weight.shape[1]
+
+
+def _candidates(sublayer: nn.Module, hidden: int) -> list:
+    """(name, parameter, allowed ways) of every weight that may produce the sub-layer's output: 2-D
+    weights with a hidden-sized output side, fused 3-D expert tensors, hidden-sized biases."""
+    from transformers.pytorch_utils import Conv1D
+
+    found = []
+    for module_name, module in sublayer.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        if isinstance(module, nn.Linear):
+            if module.out_features == hidden:
+                found.append((prefix + "weight", module.weight, ("rows", None)))
+                if module.bias is not None:
+                    found.append((prefix + "bias", module.bias, ("columns", None)))
+            continue
+        if isinstance(module, Conv1D):
+            if module.weight.shape[1] == hidden:
+                found.append((prefix + "weight", module.weight, ("columns", None)))
+                found.append((prefix + "bias", module.bias, ("columns", None)))
+            continue
+        for name, parameter in module.named_parameters(recurse=False):
+            ways = []
+            if parameter.dim() == 3:
+                ways = (["rows"] if parameter.shape[1] == hidden else []) + \
+                       (["columns"] if parameter.shape[2] == hidden else [])
+            elif parameter.dim() == 2 and "bias" in name and parameter.shape[1] == hidden:
+                ways = ["columns"]
+            if ways:
+                found.append((prefix + name, parameter, (*ways, None)))
+    return found
+
+
+@dataclass
+class Sublayer:
+    """Block l's last sub-layer: where M comes from and the parameters a map is folded into."""
+
+    block_index: int  # in the model as it stands
+    module: nn.Module
+    name: str
+    targets: list
+
+
+def _last_sublayer(model, block_index: int, probe: torch.Tensor, label: str) -> Sublayer:
+    """Find, and prove on the probe, what block `block_index` adds last and where a map folds in."""
+    block = blocks.get_blocks(model)[block_index]
+    cls = type(block).__name__
+    children = dict(block.named_children())
+    watched = {**children, "__block__": block}
+    seen = forward.observe(model, probe, watched, stop_after=block, keep_inputs=True)
+    out = seen.outputs["__block__"]
+    order = [name for name in seen.finished if name != "__block__" and isinstance(seen.outputs[name], torch.Tensor)
+             and seen.outputs[name].shape == out.shape]
+    if not order:
+        raise UsageError(f"--compensate linear: no sub-layer of {cls} (block {label}) outputs the residual "
+                         "stream's shape; the map has nowhere to go")
+    name = order[-1]
+    sublayer, M = children[name], seen.outputs[name]
+    dtype = M.dtype
+    # Doubling M must move the block's output by exactly M: nothing (a norm, a post-norm) stands after it.
+    doubled = forward.observe(model, probe, {name: sublayer, "__block__": block}, stop_after=block,
+                              replace={name: lambda m: 2 * m})
+    if "Norm" in type(sublayer).__name__:
+        raise UsageError(f"--compensate linear: {cls} (block {label}) applies a norm ({name}) between its last "
+                         "sub-layer and the residual add, so a folded map would not be exact; no blocks removed")
+    if not _close(doubled.outputs["__block__"] - out, M, dtype):
+        raise UsageError(f"--compensate linear: {cls} (block {label}) does not add its last sub-layer ({name}) "
+                         "to the residual stream as it is (a norm after it, or post-norm); a folded map would not "
+                         "be exact; no blocks removed")
+    targets = _proven_targets(model, sublayer, seen.inputs[name], M, f"{cls}.{name} (block {label})")
+    _check_not_shared(model, targets, f"{cls}.{name} (block {label})")
+    return Sublayer(block_index, sublayer, name, targets)
+
+
+def _proven_targets(model, sublayer: nn.Module, call, M: torch.Tensor, where: str) -> list:
+    """The parameters whose fold maps the sub-layer's output to output x T, tried on its probe input
+    with a random T; the first assignment (all folded before fewer) that holds is kept."""
+    args, kwargs = call
+    hidden = M.shape[-1]
+    candidates = _candidates(sublayer, hidden)
+    if not candidates or len(candidates) > 12:
+        raise UsageError(f"--compensate linear: cannot tell which weights of {where} produce its output "
+                         f"({len(candidates)} candidates); no blocks removed")
+    generator = torch.Generator().manual_seed(0)
+    T = torch.eye(hidden, dtype=torch.float64) + torch.randn(hidden, hidden, generator=generator,
+                                                             dtype=torch.float64) / math.sqrt(hidden)
+    expected = M.double() @ T.to(M.device)
+    saved = [parameter.data.clone() for _, parameter, _ in candidates]
+    try:
+        for ways in itertools.product(*(allowed for _, _, allowed in candidates)):
+            chosen = [Target(name, parameter, how) for (name, parameter, _), how in zip(candidates, ways) if how]
+            if not chosen:
+                continue
+            for target in chosen:
+                fold(target, T)
+            with torch.inference_mode():
+                output = forward.output_of(sublayer(*args, **kwargs))
+            for (_, parameter, _), original in zip(candidates, saved):
+                parameter.data.copy_(original)
+            if _close(output, expected, M.dtype):
+                return chosen
+    finally:
+        for (_, parameter, _), original in zip(candidates, saved):
+            parameter.data.copy_(original)
+    raise UsageError(f"--compensate linear: no weights of {where} carry a folded map exactly (its output is not "
+                     "a linear image of weights sleb can find); no blocks removed")
+
+
+def _check_not_shared(model, targets: list, where: str) -> None:
+    mine = {id(target.parameter) for target in targets}
+    uses = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) in mine:
+            uses.setdefault(id(parameter), []).append(name)
+    for target in targets:
+        if len(uses.get(id(target.parameter), [])) > 1:
+            raise UsageError(f"--compensate linear: {where}.{target.name} is shared ({', '.join(uses[id(target.parameter)])}); "
+                             "folding a map into it would change the other uses; no blocks removed")
+
+
+class _Normal:
+    """Running MᵀM, Mᵀ(H - Y), ||H - Y||² and ||M - (H - Y)||² in float64 on block l's device."""
+
+    def __init__(self, hidden: int, device):
+        self.gram = torch.zeros(hidden, hidden, dtype=torch.float64, device=device)
+        self.cross = torch.zeros(hidden, hidden, dtype=torch.float64, device=device)
+        self.target_sq = 0.0
+        self.identity_sq = 0.0
+        self.tokens = 0
+
+    def add(self, M: torch.Tensor, D: torch.Tensor) -> None:
+        M = M.reshape(-1, M.shape[-1]).to(self.gram.device, torch.float64)
+        D = D.reshape(-1, D.shape[-1]).to(self.gram.device, torch.float64)
+        self.gram.addmm_(M.T, M)
+        self.cross.addmm_(M.T, D)
+        self.target_sq += D.pow(2).sum().item()
+        self.identity_sq += (M - D).pow(2).sum().item()
+        self.tokens += M.shape[0]
+
+    def solve(self, ridge: float) -> torch.Tensor:
+        """T from the normal equations (MᵀM + ridge I) T = Mᵀ(H - Y), solved, not inverted; a singular
+        system (fewer tokens than dimensions, ridge 0) takes the least-norm solution."""
+        system = self.gram + ridge * torch.eye(len(self.gram), dtype=torch.float64, device=self.gram.device)
+        if ridge > 0 or self.tokens >= len(self.gram):
+            solution, info = torch.linalg.solve_ex(system, self.cross)
+            if info.item() == 0 and torch.isfinite(solution).all():
+                return solution
+        return torch.linalg.lstsq(system.cpu(), self.cross.cpu(), driver="gelsd").solution.to(self.gram.device)
+
+    def residual(self, T: torch.Tensor) -> float:
+        """||M T - (H - Y)|| / ||H - Y|| from the accumulated sums alone."""
+        fitted = (T * (self.gram @ T)).sum() - 2 * (T * self.cross).sum() + self.target_sq
+        return math.sqrt(max(fitted.item(), 0.0) / self.target_sq) if self.target_sq else 0.0
+
+
+def check(ridge: float, removal_list: list, depth: int) -> list:
+    """The runs to compensate, after the checks that need no forward (bad input fails here)."""
+    if not isinstance(ridge, (int, float)) or isinstance(ridge, bool) or not math.isfinite(ridge) or ridge < 0:
+        raise UsageError(f"--ridge must be a number >= 0, got {ridge!r}")
+    removal_list = blocks.check_removal_list(removal_list, depth)
+    runs = runs_of(removal_list)
+    if runs and runs[0][0] == 0:
+        raise UsageError(f"--compensate linear: the removed run {runs[0]} starts at block 0, so no block before "
+                         "it can carry its map; keep block 0 or drop --compensate")
+    return runs
+
+
+def normal_equations(model, windows: torch.Tensor, sublayer: Sublayer, last_index: int, batch_size: int = 4,
+                     progress: bool = True, desc: str = "compensate") -> _Normal:
+    """Stream the windows through the model as it stands up to block `last_index` (in its current
+    list) and accumulate the sums for the sub-layer's M against that block's output."""
+    block_list = blocks.get_blocks(model)
+    block, last = block_list[sublayer.block_index], block_list[last_index]
+    device = input_device(model)
+    normal = None
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(windows), batch_size), desc=desc, leave=False, disable=not progress):
+            batch = windows[start:start + batch_size].to(device)
+            seen = forward.observe(model, batch, {"M": sublayer.module, "Y+M": block, "H": last}, stop_after=last)
+            M = seen.outputs["M"]
+            if normal is None:
+                normal = _Normal(M.shape[-1], M.device)
+            normal.add(M, seen.outputs["H"] - (seen.outputs["Y+M"] - M))
+    return normal
+
+
+def compensate(model, windows: torch.Tensor, removal_list: list, ridge: float = 0.0, batch_size: int = 4,
+               progress: bool = True) -> list:
+    """Fit, fold and delete: afterwards the model is what `blocks.remove_blocks` leaves, with each
+    run's map folded into the block before it. Returns one RunFit per run, in depth order."""
+    depth = blocks.num_blocks(model)
+    runs = check(ridge, removal_list, depth)
+    probe = windows[:1, :PROBE_TOKENS].to(input_device(model))
+    with torch.inference_mode():
+        sublayers = [_last_sublayer(model, run[0] - 1, probe, str(run[0] - 1)) for run in runs]  # all proven first
+    fits, done = [], []
+    for run, sublayer in zip(runs, sublayers):
+        started = time.perf_counter()
+        with blocks.skipping(model, done):
+            alive = [i for i in range(depth) if i not in set(done)]
+            current = alive.index(run[0] - 1)
+            sublayer.block_index = current
+            normal = normal_equations(model, windows, sublayer, alive.index(run[-1]), batch_size, progress,
+                                      desc=f"compensate {run[0]}..{run[-1]}")
+        T = normal.solve(ridge)
+        residual = normal.residual(T)
+        with torch.no_grad():
+            for target in sublayer.targets:
+                fold(target, T)
+        done += run
+        fits.append(RunFit(run, run[0] - 1, normal.tokens, residual,
+                           math.sqrt(normal.identity_sq / normal.target_sq) if normal.target_sq else 0.0,
+                           round(time.perf_counter() - started, 3),
+                           [f"{sublayer.name}.{target.name}" for target in sublayer.targets]))
+        del normal
+    blocks.remove_blocks(model, sorted(removal_list))
+    return fits
