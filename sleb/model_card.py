@@ -59,14 +59,31 @@ def _search_lines(record: dict) -> list:
             f"(seed {settings['seed']}), {record.get('calibration_windows')} windows of {record.get('seqlen')} tokens"]
 
 
+def compensation_lines(record: dict) -> list:
+    """What --compensate linear folded in, per removed run."""
+    compensation = record.get("compensation")
+    if not compensation:
+        return []
+    lines = [f"- training-free linear compensation (least squares, ridge {compensation['ridge']}), "
+             f"{compensation['seconds']:.1f} s: for each removed run a map folded into the block before it; "
+             "no parameters added"]
+    for fit in compensation["runs"]:
+        lines.append(f"- run {fit['run']} -> block {fit['before']} ({', '.join(fit['folded_into'])}): relative "
+                     f"residual {fit['residual']:.4f} (plain removal {fit['identity_residual']:.4f}), "
+                     f"{fit['tokens']} tokens")
+    return lines
+
+
 def pruned_card(record: dict):
     """Card of a checkpoint saved by `python -m sleb` or `python -m eval`."""
     quality = _ppl_lines("perplexity before removal", record.get("ppl_dense")) + \
         _ppl_lines("perplexity after removal", record.get("ppl"))
     module = "sleb" if record["command"] == "sleb" else "eval"
     metric = _settings(record)["metric"] if record["command"] == "sleb" else "given"
-    return make_card(record, module, [], [("How the blocks were chosen", _search_lines(record)),
-                                          ("Quality", quality)], metric)
+    tags = ["linear-compensation"] if record.get("compensation") else []
+    return make_card(record, module, tags, [("How the blocks were chosen", _search_lines(record)),
+                                            ("Compensation", compensation_lines(record)),
+                                            ("Quality", quality)], metric)
 
 
 def read_card(directory: str):

@@ -2,7 +2,7 @@
 
 import time
 
-from sleb import api, blocks, models, results, stages
+from sleb import api, blocks, data, models, results, stages
 
 
 def default_result_file(settings) -> str:
@@ -20,18 +20,30 @@ def run_eval(settings) -> dict:
                        settings.overwrite) as path:
         started = time.perf_counter()
         # data and load
+        if settings.compensate:
+            data.calibration_text(settings.dataset, settings.nsamples, settings.seed)  # fails before the load, cached
         eval_data = stages.fetch_eval_data(settings)
         model, tokenizer = stages.load(settings)
         load_seconds = time.perf_counter() - started
-        # prune and evaluate
-        api.remove_blocks(model, settings.removal_list)
+        # prune (and compensate) and evaluate
+        compensation = None
+        if settings.compensate == "linear":
+            windows = api.calibration_windows(tokenizer, settings.dataset, settings.nsamples, settings.seqlen,
+                                              settings.seed, model=model)
+            compensation = api.compensate(model, windows, settings.removal_list, settings.ridge).to_dict()
+        else:
+            api.remove_blocks(model, settings.removal_list)
         print(f"model {settings.model_name}: {depth} blocks, removed {settings.removal_list or 'none'} -> "
-              f"{blocks.num_blocks(model)} blocks")
+              f"{blocks.num_blocks(model)} blocks" + (" (linear compensation folded in)" if compensation else ""))
         eval_windows = stages.tokenize_eval_texts(model, tokenizer, eval_data, settings.seqlen)
         record = stages.record("eval", settings, model, depth, removal_list=settings.removal_list,
                                ppl=stages.perplexity(model, eval_windows, settings.batch_size))
+        if compensation:
+            record["compensation"] = compensation
         record["zeroshot"] = stages.zeroshot_accuracy(model, tokenizer, eval_data, settings)
         record["times"] = {"load_s": round(load_seconds, 3), "total_s": round(time.perf_counter() - started, 3)}
+        if compensation:
+            record["times"]["compensate_s"] = compensation["seconds"]
         # write, save and report (the results stand even where the checkpoint cannot be saved)
         results.write_json(path, record)
         if settings.save_model:

@@ -13,7 +13,7 @@ from sleb.metrics import ITERATIVE
 
 # Settings that define a search's answer: a resumed run must match them.
 _RESUME_KEYS = ("model_name", "num_blocks", "num_remove_blocks", "early_barrier", "latter_barrier", "dataset",
-                "nsamples", "seed", "seqlen", "metric", "dtype")
+                "nsamples", "seed", "seqlen", "metric", "dtype")  # --compensate runs after the search
 
 
 def default_result_file(settings) -> str:
@@ -102,7 +102,11 @@ def run_search(settings) -> dict:
         dense = stages.perplexity(model, eval_windows, settings.batch_size)
         if dense:
             record["ppl_dense"] = dense
-        api.remove_blocks(model, found.removal_list)
+        if settings.compensate == "linear":
+            record["compensation"] = api.compensate(model, windows, found.removal_list, settings.ridge,
+                                                    batch_size=settings.search_batch_size).to_dict()
+        else:
+            api.remove_blocks(model, found.removal_list)
         record["removal_list"] = found.removal_list
         if eval_windows:
             record["ppl"] = stages.perplexity(model, eval_windows, settings.batch_size)
@@ -110,6 +114,8 @@ def run_search(settings) -> dict:
         if zeroshot is not None:
             record["zeroshot"] = zeroshot
         record["times"] = {"search_s": round(search_seconds, 3), "total_s": round(time.perf_counter() - started, 3)}
+        if "compensation" in record:
+            record["times"]["compensate_s"] = record["compensation"]["seconds"]
 
         # write, save and report (the results stand even where the checkpoint cannot be saved)
         results.write_json(path, record)

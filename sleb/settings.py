@@ -101,6 +101,23 @@ class SaveFlags:
 
 
 @dataclass
+class CompensateFlags:
+    compensate: Optional[str] = flag(None, "linear: after removal, fold a least-squares map for each removed run "
+                                           "into the block before it (no training, same parameters); default none")
+    ridge: float = flag(0.0, "with --compensate linear: the ridge penalty on the map, ridge x ||T||^2 (>= 0)")
+
+    def check_compensate(self) -> None:
+        if self.compensate not in (None, "none", "linear"):
+            raise UsageError(f"--compensate must be linear (or left out), got {self.compensate!r}")
+        if self.compensate == "none":
+            self.compensate = None
+        if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)) or not self.ridge >= 0:
+            raise UsageError(f"--ridge must be a number >= 0, got {self.ridge!r}")
+        if self.ridge and self.compensate is None:
+            raise UsageError("--ridge applies to --compensate linear only; add it or drop --ridge")
+
+
+@dataclass
 class OutputFlags:
     result_folder: str = flag("sleb_results", "where the results JSON is written")
     result_file: Optional[str] = flag(None, "file name of the results JSON (default: derived from the settings)")
@@ -112,13 +129,25 @@ class OutputFlags:
 
 
 @dataclass
-class EvalSettings(OutputFlags, SaveFlags, EvalFlags, ModelFlags):
+class EvalSettings(OutputFlags, SaveFlags, CompensateFlags, EvalFlags, ModelFlags):
     """`python -m eval`: evaluate a model with given blocks removed."""
 
     removal_list: list = flag([], "original indices of the blocks to remove, e.g. '[5, 4, 9]'; [] = dense")
+    dataset: Optional[str] = flag(None, "with --compensate linear: calibration data, as python -m sleb's (default "
+                                        "wikitext2, demo for the demo model)")
+    nsamples: int = flag(128, "with --compensate linear: calibration rows taken from the shuffled train split")
+    seed: int = flag(0, "with --compensate linear: seed of the calibration shuffle")
 
     def check(self) -> None:
         self.removal_list = blocks.check_removal_list(self.removal_list)
+        self.check_compensate()
+        if self.compensate is not None:
+            check_at_least("nsamples", self.nsamples, 1)
+            if self.dataset is None:
+                self.dataset = follows_model(self.model_name, "demo", "wikitext2")
+            data.check_dataset_name(self.dataset)
+            if not self.removal_list:
+                raise UsageError("--compensate linear needs blocks to remove; pass --removal_list '[..]'")
         self.check_eval()
         self.check_save()
         self.check_model()
@@ -126,10 +155,14 @@ class EvalSettings(OutputFlags, SaveFlags, EvalFlags, ModelFlags):
 
     def check_depth(self, depth: int) -> None:
         blocks.check_removal_list(self.removal_list, depth)
+        if self.compensate is not None:
+            from sleb.recovery.linear import check
+
+            check(self.ridge, self.removal_list, depth)
 
 
 @dataclass
-class SearchSettings(OutputFlags, SaveFlags, EvalFlags, ModelFlags):
+class SearchSettings(OutputFlags, SaveFlags, CompensateFlags, EvalFlags, ModelFlags):
     """`python -m sleb`: find which blocks to remove, then evaluate the pruned model."""
 
     num_blocks: Optional[int] = flag(None, "the model's depth (default: read from the model); a mismatch is an error")
@@ -151,6 +184,10 @@ class SearchSettings(OutputFlags, SaveFlags, EvalFlags, ModelFlags):
         if self.resume and self.overwrite:
             raise UsageError("--resume True continues the results file and --overwrite True replaces it; pass one")
         check_choices(self.metric, self.engine, self.early_barrier, self.latter_barrier)
+        self.check_compensate()
+        if self.compensate is not None and self.early_barrier < 1:
+            raise UsageError("--compensate linear folds each run's map into the block before it; keep "
+                             "--early_barrier at least 1 so block 0 is never removed")
         for name, minimum in (("nsamples", 1), ("search_batch_size", 1), ("cache_gb", 0)):
             check_at_least(name, getattr(self, name), minimum)
         if self.num_remove_blocks is not None:

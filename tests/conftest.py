@@ -18,6 +18,26 @@ def model_dirs(tmp_path_factory):
     return {arch: tiny.make_model_dir(root / arch, arch) for arch in tiny.ARCHS}
 
 
+class _Built(dict):
+    """{arch: saved model directory}, each built the first time a test asks for it."""
+
+    def __init__(self, root, known):
+        super().__init__()
+        self.root, self.known = root, known
+
+    def __missing__(self, arch):
+        if arch not in self.known:
+            raise KeyError(arch)
+        self[arch] = tiny.make_model_dir(self.root / arch, arch)
+        return self[arch]
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory):
+    """One saved tiny model per family of the architectures table, built once per test session."""
+    return _Built(tmp_path_factory.mktemp("families"), tiny.FAMILIES)
+
+
 @pytest.fixture(scope="session")
 def text_file(tmp_path_factory):
     return tiny.write_text(tmp_path_factory.mktemp("data") / "tiny.txt", lines=300)

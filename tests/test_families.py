@@ -25,12 +25,6 @@ from sleb.metrics import SearchJob, SearchState, sleb_iterative
 REMOVAL = [1, 4]  # touches every family's layout: a dense/MoE, attention/Mamba or index-listed block
 
 
-@pytest.fixture(scope="module")
-def family_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("families")
-    return {arch: tiny.make_model_dir(root / arch, arch) for arch in tiny.FAMILIES}
-
-
 def _windows(tokenizer):
     return tokenizer(tiny.sample_text(60, seed=1), return_tensors="pt").input_ids[:, :256].view(4, 64)
 

@@ -145,7 +145,7 @@ class Sublayer:
     targets: list
 
 
-def _last_sublayer(model, block_index: int, probe: torch.Tensor, label: str) -> Sublayer:
+def last_sublayer(model, block_index: int, probe: torch.Tensor, label: str) -> Sublayer:
     """Find, and prove on the probe, what block `block_index` adds last and where a map folds in."""
     block = blocks.get_blocks(model)[block_index]
     cls = type(block).__name__
@@ -153,8 +153,9 @@ def _last_sublayer(model, block_index: int, probe: torch.Tensor, label: str) -> 
     watched = {**children, "__block__": block}
     seen = forward.observe(model, probe, watched, stop_after=block, keep_inputs=True)
     out = seen.outputs["__block__"]
+    # The residual stream's values, perhaps flattened to (tokens, hidden) as OPT's MLP holds them.
     order = [name for name in seen.finished if name != "__block__" and isinstance(seen.outputs[name], torch.Tensor)
-             and seen.outputs[name].shape == out.shape]
+             and seen.outputs[name].shape[-1] == out.shape[-1] and seen.outputs[name].numel() == out.numel()]
     if not order:
         raise UsageError(f"--compensate linear: no sub-layer of {cls} (block {label}) outputs the residual "
                          "stream's shape; the map has nowhere to go")
@@ -167,7 +168,7 @@ def _last_sublayer(model, block_index: int, probe: torch.Tensor, label: str) -> 
     if "Norm" in type(sublayer).__name__:
         raise UsageError(f"--compensate linear: {cls} (block {label}) applies a norm ({name}) between its last "
                          "sub-layer and the residual add, so a folded map would not be exact; no blocks removed")
-    if not _close(doubled.outputs["__block__"] - out, M, dtype):
+    if not _close(doubled.outputs["__block__"] - out, M.reshape(out.shape), dtype):
         raise UsageError(f"--compensate linear: {cls} (block {label}) does not add its last sub-layer ({name}) "
                          "to the residual stream as it is (a norm after it, or post-norm); a folded map would not "
                          "be exact; no blocks removed")
@@ -281,10 +282,11 @@ def normal_equations(model, windows: torch.Tensor, sublayer: Sublayer, last_inde
         for start in tqdm(range(0, len(windows), batch_size), desc=desc, leave=False, disable=not progress):
             batch = windows[start:start + batch_size].to(device)
             seen = forward.observe(model, batch, {"M": sublayer.module, "Y+M": block, "H": last}, stop_after=last)
-            M = seen.outputs["M"]
+            output = seen.outputs["Y+M"]
+            M = seen.outputs["M"].reshape(output.shape)
             if normal is None:
                 normal = _Normal(M.shape[-1], M.device)
-            normal.add(M, seen.outputs["H"] - (seen.outputs["Y+M"] - M))
+            normal.add(M, seen.outputs["H"] - (output - M))
     return normal
 
 
@@ -296,7 +298,7 @@ def compensate(model, windows: torch.Tensor, removal_list: list, ridge: float = 
     runs = check(ridge, removal_list, depth)
     probe = windows[:1, :PROBE_TOKENS].to(input_device(model))
     with torch.inference_mode():
-        sublayers = [_last_sublayer(model, run[0] - 1, probe, str(run[0] - 1)) for run in runs]  # all proven first
+        sublayers = [last_sublayer(model, run[0] - 1, probe, str(run[0] - 1)) for run in runs]  # all proven first
     fits, done = [], []
     for run, sublayer in zip(runs, sublayers):
         started = time.perf_counter()

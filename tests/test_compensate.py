@@ -1,0 +1,179 @@
+"""Training-free linear compensation (sleb.compensate): the fold is exact, the fit is the formula's,
+it lowers held-out perplexity on the demo model, the checkpoint reloads, and bad input is one line."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import sleb
+import tiny
+from clitools import assert_bad_input, invoke
+from sleb import blocks, forward
+from sleb.recovery import linear
+
+
+def _windows(tokenizer, text_file, model, count=8, seqlen=32):
+    return sleb.calibration_windows(tokenizer, f"file:{text_file}", nsamples=300, seqlen=seqlen, model=model)[:count]
+
+
+@pytest.mark.parametrize("arch, removed", [("llama", [2]), ("opt", [2, 3]), ("qwen2_moe", [2]),
+                                           ("qwen3_moe", [2]), ("gpt_oss", [2]), ("nemotron_h", [4])])
+def test_folded_weights_give_the_logits_of_the_map_applied_as_a_hook(arch, removed, model_dirs, family_dirs,
+                                                                      text_file):
+    """llama (no biases), OPT (biases), Qwen2-MoE (experts and a gated shared expert), Qwen3-MoE (fused
+    3-D experts), GPT-OSS (fused experts with biases, intermediate = hidden), Nemotron-H (a Mamba mixer's
+    out_proj)."""
+    directory = (family_dirs if arch in tiny.FAMILIES else model_dirs)[arch]
+    hooked, tokenizer = sleb.load(directory, device="cpu")
+    windows = _windows(tokenizer, text_file, hooked)
+    before = removed[0] - 1
+    with torch.inference_mode():
+        sublayer = linear.last_sublayer(hooked, before, windows[:1, :16], str(before))
+        T = linear.normal_equations(hooked, windows, sublayer, removed[-1], progress=False).solve(0.0)
+    dtype = next(sublayer.module.parameters()).dtype
+    handle = sublayer.module.register_forward_hook(
+        lambda module, args, out: (out[0] @ T.to(dtype), *out[1:]) if isinstance(out, tuple) else out @ T.to(dtype))
+    ids = windows[:2]
+    with torch.inference_mode(), sleb.skipping(hooked, removed):
+        expected = hooked(input_ids=ids).logits
+    handle.remove()
+    folded, _ = sleb.load(directory, device="cpu")
+    result = sleb.compensate(folded, windows, removed, progress=False)
+    assert [fit.run for fit in result.runs] == [removed] and result.runs[0].folded_into
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+    assert blocks.num_blocks(folded) == blocks.num_blocks(hooked) - len(removed)
+    plain, _ = sleb.load(directory, device="cpu")
+    sleb.remove_blocks(plain, removed)
+    assert sum(p.numel() for p in folded.parameters()) == sum(p.numel() for p in plain.parameters())
+    with torch.inference_mode():
+        assert not torch.allclose(plain(input_ids=ids).logits, expected, atol=1e-4)  # the map did something
+
+
+def _collected(model, windows, before, last):
+    """M and H - Y at every token, collected here independently of sleb's accumulation."""
+    layers = model.model.layers
+    Ms, Ds = [], []
+    with torch.inference_mode():
+        for window in windows:
+            seen = forward.observe(model, window[None], {"M": layers[before].mlp, "O": layers[before], "H": layers[last]},
+                                   stop_after=layers[last])
+            M = seen.outputs["M"][0].double()
+            Ms.append(M)
+            Ds.append(seen.outputs["H"][0].double() - (seen.outputs["O"][0].double() - M))
+    return torch.cat(Ms), torch.cat(Ds)
+
+
+def test_the_fit_is_the_least_squares_solution_and_a_large_ridge_shrinks_it(model_dirs, text_file):
+    model, tokenizer = sleb.load(model_dirs["llama"], device="cpu")
+    windows = _windows(tokenizer, text_file, model)
+    with torch.inference_mode():
+        sublayer = linear.last_sublayer(model, 1, windows[:1, :16], "1")
+        normal = linear.normal_equations(model, windows, sublayer, 3, progress=False)
+    M, D = _collected(model, windows, 1, 3)
+    assert normal.tokens == len(M) == windows.numel()
+    expected = torch.linalg.lstsq(M, D).solution
+    T = normal.solve(0.0)
+    torch.testing.assert_close(T, expected, rtol=1e-5, atol=1e-6)  # normal equations square the conditioning
+    assert normal.residual(T) == pytest.approx(((M @ T - D).norm() / D.norm()).item(), rel=1e-6)
+    assert normal.residual(torch.eye(32, dtype=torch.float64)) == pytest.approx(((M - D).norm() / D.norm()).item(),
+                                                                               rel=1e-9)
+    ridge = 1.0
+    with_ridge = torch.linalg.solve(M.T @ M + ridge * torch.eye(32, dtype=torch.float64), M.T @ D)
+    torch.testing.assert_close(normal.solve(ridge), with_ridge, rtol=1e-5, atol=1e-6)
+    assert normal.solve(1e12).norm() < 1e-4 * T.norm()  # ridge -> infinity: T -> 0
+
+
+def test_a_run_that_is_a_linear_map_of_m_is_recovered_exactly(model_dirs, text_file):
+    """Block 2 made to add exactly M A to the stream (its own contribution zeroed, M A added by a hook):
+    then H - Y = M (I + A), and the fit must return I + A with no residual."""
+    model, tokenizer = sleb.load(model_dirs["llama"], device="cpu")
+    windows = _windows(tokenizer, text_file, model, count=12)
+    layers = model.model.layers
+    with torch.no_grad():
+        layers[2].self_attn.o_proj.weight.zero_()
+        layers[2].mlp.down_proj.weight.zero_()
+    A = torch.randn(32, 32, generator=torch.Generator().manual_seed(3)) / 8
+    seen = {}
+    handles = [layers[1].mlp.register_forward_hook(lambda module, args, out: seen.update(M=out)),
+               layers[2].register_forward_hook(lambda module, args, out: out + seen["M"] @ A)]
+    with torch.inference_mode():
+        sublayer = linear.last_sublayer(model, 1, windows[:1, :16], "1")
+        normal = linear.normal_equations(model, windows, sublayer, 2, progress=False)
+    for handle in handles:
+        handle.remove()
+    T = normal.solve(0.0)
+    torch.testing.assert_close(T, torch.eye(32, dtype=torch.float64) + A.double(), rtol=1e-4, atol=1e-4)
+    assert normal.residual(T) < 1e-5
+
+
+@pytest.mark.parametrize("removal_list", [[7, 3, 5], [7, 3]])
+def test_compensation_lowers_held_out_demo_perplexity(removal_list, tmp_path):
+    model, tokenizer = sleb.load("demo", device="cpu")
+    windows = sleb.calibration_windows(tokenizer, "demo", nsamples=64, seqlen=512, model=model)
+    held_out = sleb.evaluation_windows(tokenizer, "demo", seqlen=512, model=model)[:12]
+    with sleb.skipping(model, removal_list):
+        plain = sleb.perplexity(model, windows=held_out, progress=False)
+    result = sleb.compensate(model, windows, removal_list, progress=False)
+    compensated = sleb.perplexity(model, windows=held_out, progress=False)
+    assert compensated < plain
+    assert all(fit.residual < fit.identity_residual for fit in result.runs)
+    if len(removal_list) == 3:  # saved, reloaded by stock transformers as the very same model
+        sleb.save_pretrained(model, tokenizer, str(tmp_path / "compensated"))
+        reloaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "compensated", output_loading_info=True)
+        assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+        ids = held_out[:2]
+        with torch.inference_mode():
+            torch.testing.assert_close(reloaded.eval()(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_eval_compensate_records_the_fit_and_the_card_says_so(model_dirs, text_file, tmp_path):
+    out = invoke("eval", "--model_name", model_dirs["llama"], "--removal_list", "[2, 3, 5]", "--compensate", "linear",
+                 "--ridge", "0.5", "--dataset", f"file:{text_file}", "--nsamples", "200", "--seqlen", "32",
+                 "--ppl_datasets", f"file:{text_file}", "--result_folder", str(tmp_path), "--result_file", "c.json",
+                 "--save_model", str(tmp_path / "saved"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    record = json.loads((tmp_path / "c.json").read_text())
+    compensation = record["compensation"]
+    assert compensation["ridge"] == 0.5 and [fit["run"] for fit in compensation["runs"]] == [[2, 3], [5]]
+    assert [fit["before"] for fit in compensation["runs"]] == [1, 4]
+    assert all(0 <= fit["residual"] <= fit["identity_residual"] for fit in compensation["runs"])
+    assert record["times"]["compensate_s"] == compensation["seconds"] > 0
+    card = (tmp_path / "saved" / "README.md").read_text()
+    assert "linear compensation" in card and "run [2, 3] -> block 1 (mlp.down_proj.weight)" in card
+
+
+def test_search_then_compensate_records_it(model_dirs, text_file, tmp_path):
+    out = invoke("sleb", "--model_name", model_dirs["llama"], "--dataset", f"file:{text_file}", "--nsamples", "100",
+                 "--seqlen", "32", "--num_remove_blocks", "2", "--compensate", "linear", "--ppl_datasets",
+                 f"file:{text_file}", "--result_folder", str(tmp_path), "--result_file", "s.json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    record = json.loads((tmp_path / "s.json").read_text())
+    runs = [index for fit in record["compensation"]["runs"] for index in fit["run"]]
+    assert sorted(runs) == sorted(record["removal_list"])
+
+
+@pytest.mark.parametrize("arch, args, message", [
+    ("llama", ["--removal_list", "[2]", "--compensate", "linear", "--ridge", "-1"], "--ridge must be a number >= 0"),
+    ("llama", ["--removal_list", "[0, 1]", "--compensate", "linear"], "starts at block 0"),
+    ("llama", ["--removal_list", "[2]", "--compensate", "cubic"], "--compensate must be linear"),
+    ("gemma3", ["--removal_list", "[2]", "--compensate", "linear"], "applies a norm (post_feedforward_layernorm)"),
+])
+def test_bad_compensation_input_is_one_line_and_writes_nothing(arch, args, message, model_dirs, text_file, tmp_path):
+    flags = {"--model_name": model_dirs[arch], "--dataset": f"file:{text_file}", "--nsamples": "100",
+             "--seqlen": "32", "--ppl_datasets": f"file:{text_file}", "--result_folder": str(tmp_path / "results"),
+             "--save_model": str(tmp_path / "saved")}
+    assert_bad_input("eval", flags, args, message, tmp_path / "results")
+    assert not (tmp_path / "saved").exists()
+
+
+def test_tied_weights_the_fold_would_change_are_refused(model_dirs, text_file):
+    model, tokenizer = sleb.load(model_dirs["llama"], device="cpu")
+    model.model.layers[1].mlp.down_proj.weight = model.model.layers[3].mlp.down_proj.weight  # blocks sharing weights
+    windows = _windows(tokenizer, text_file, model)
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(sleb.UsageError, match="is shared"):
+        sleb.compensate(model, windows, [2], progress=False)
+    assert blocks.num_blocks(model) == 6 and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
