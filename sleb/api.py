@@ -90,10 +90,12 @@ class SearchResult:
     rescored: int = 0
     max_rescore_gap: Optional[float] = None
     stats: dict = field(default_factory=dict)  # the engine's counters (block forwards, cache, peak memory)
+    fits: list = field(default_factory=list)  # sleb_compensated: each chosen block's map (where it went, residuals)
 
     def to_dict(self) -> dict:
         record = dataclasses.asdict(self)
-        return {**{k: v for k, v in record.items() if k != "stats"}, **self.stats}
+        return {**{k: v for k, v in record.items() if k not in ("stats", "fits") or (k == "fits" and v)},
+                **self.stats}
 
     @classmethod
     def from_dict(cls, record: dict) -> "SearchResult":
@@ -141,8 +143,9 @@ def search(model, windows: torch.Tensor, num_remove_blocks: Optional[int] = None
            engine: str = "fast", *, early_barrier: int = 1, latter_barrier: int = 1, batch_size: int = 4,
            cache_gb: float = 0.0, seed: int = 0, progress: bool = True, resume: Optional[SearchResult] = None,
            on_phase=None, log=None) -> SearchResult:
-    """Which blocks to remove: `metric` sleb (the paper's greedy metric 3), sleb_oneshot, cosine, angular or
-    random; `engine` fast (exact, same list as reference) or reference. `num_remove_blocks` defaults to
+    """Which blocks to remove: `metric` sleb (the paper's greedy metric 3), sleb_compensated (the same loop,
+    each candidate scored with its linear map folded in: it leaves the chosen maps folded into the model,
+    so `remove_blocks` then gives the compensated model), sleb_oneshot, cosine, angular or random; `engine` fast (exact, same list as reference) or reference. `num_remove_blocks` defaults to
     20% of the blocks, rounded up. `resume` continues an unfinished sleb search; `on_phase(result)` is
     called after each finished phase (the commands save it)."""
     from sleb.metrics import METRICS, SearchJob, SearchState, check_choices, check_shape
@@ -166,7 +169,7 @@ def search(model, windows: torch.Tensor, num_remove_blocks: Optional[int] = None
         return SearchResult(current.removal_list, current.scores, current.lower_bounds, current.phase_seconds,
                             round(time.perf_counter() - started, 3), used.name if used else None, status,
                             current.rescored, current.max_rescore_gap,
-                            used.stats() if used and status == "done" else {})
+                            used.stats() if used and status == "done" else {}, list(current.fits))
 
     job = SearchJob(model, windows, k, early_barrier, latter_barrier, seed, batch_size, log=log, progress=progress,
                     on_phase=lambda current: on_phase(result(current, "searching")) if on_phase else None,

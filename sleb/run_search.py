@@ -9,7 +9,7 @@ import time
 from sleb import api, data, distributed, models, results, stages
 from sleb.api import SearchResult
 from sleb.errors import UsageError
-from sleb.metrics import ITERATIVE
+from sleb.metrics import CHANGES_WEIGHTS, ITERATIVE
 
 # Settings that define a search's answer: a resumed run must match them.
 _RESUME_KEYS = ("model_name", "num_blocks", "num_remove_blocks", "early_barrier", "latter_barrier", "dataset",
@@ -32,6 +32,9 @@ def _resumed(path: str, settings) -> SearchResult:
         resumed = SearchResult.from_dict(search)
     except (ValueError, KeyError, TypeError, OSError):
         raise UsageError(f"{path!r} is not a sleb search result; remove it or pass another --result_file") from None
+    if settings.metric in CHANGES_WEIGHTS:
+        raise UsageError(f"--resume True: --metric {settings.metric} folds maps into the model as it goes, and a "
+                         "results file does not hold them; rerun with --overwrite True")
     current = dataclasses.asdict(settings)
     for key in _RESUME_KEYS:
         if saved_settings.get(key) != current[key]:
@@ -73,6 +76,10 @@ def run_search(settings) -> dict:
             f"tokens; {settings.metric} removes {k} of {depth} blocks")
         base = stages.record("sleb", settings, model, depth, calibration_windows=len(windows), seqlen=seqlen)
 
+        # the dense model's perplexity first: sleb_compensated changes weights as it searches
+        eval_windows = stages.tokenize_eval_texts(model, tokenizer, eval_data, settings.seqlen)
+        dense = stages.perplexity(model, eval_windows, settings.batch_size) if main_rank else {}
+
         # search (saved after every phase, so an interrupted run can resume)
         saved = [resumed]
 
@@ -98,11 +105,14 @@ def run_search(settings) -> dict:
 
         # prune and evaluate
         record = {**base, "search": found.to_dict()}
-        eval_windows = stages.tokenize_eval_texts(model, tokenizer, eval_data, settings.seqlen)
-        dense = stages.perplexity(model, eval_windows, settings.batch_size)
         if dense:
             record["ppl_dense"] = dense
-        if settings.compensate == "linear":
+        if found.fits:  # sleb_compensated left each chosen block's map folded in
+            runs = [fit.record() for fit in found.fits]
+            record["compensation"] = {"method": "linear, inside the search", "ridge": 0.0, "runs": runs,
+                                      "seconds": round(sum(fit["seconds"] for fit in runs), 3)}
+            api.remove_blocks(model, found.removal_list)
+        elif settings.compensate == "linear":
             record["compensation"] = api.compensate(model, windows, found.removal_list, settings.ridge,
                                                     batch_size=settings.search_batch_size).to_dict()
         else:

@@ -173,7 +173,9 @@ class SearchSettings(OutputFlags, SaveFlags, CompensateFlags, EvalFlags, ModelFl
                                         "(demo for the demo model)")
     nsamples: int = flag(128, "calibration rows taken from the shuffled train split")
     seed: int = flag(0, "seed of the calibration shuffle (and of --metric random)")
-    metric: str = flag("sleb", "sleb (iterative, metric 3), sleb_oneshot (metric 2), cosine, angular or random")
+    metric: str = flag("sleb", "sleb (iterative, metric 3), sleb_compensated (the same loop, each candidate scored with "
+                               "its linear map folded in, the chosen maps kept), sleb_oneshot (metric 2), cosine, "
+                               "angular or random")
     engine: str = flag("fast", "fast (exact, prefix reuse + abandonment) or reference (the paper's loop)")
     search_batch_size: int = flag(4, "calibration windows per forward in the fast engine")
     cache_gb: float = flag(0.0, "memory for cached hidden states in the fast engine (0: automatic)")
@@ -185,6 +187,8 @@ class SearchSettings(OutputFlags, SaveFlags, CompensateFlags, EvalFlags, ModelFl
             raise UsageError("--resume True continues the results file and --overwrite True replaces it; pass one")
         check_choices(self.metric, self.engine, self.early_barrier, self.latter_barrier)
         self.check_compensate()
+        if self.compensate is not None and self.metric == "sleb_compensated":
+            raise UsageError("--metric sleb_compensated compensates as it searches; drop --compensate linear")
         if self.compensate is not None and self.early_barrier < 1:
             raise UsageError("--compensate linear folds each run's map into the block before it; keep "
                              "--early_barrier at least 1 so block 0 is never removed")

@@ -177,3 +177,43 @@ def test_tied_weights_the_fold_would_change_are_refused(model_dirs, text_file):
     with pytest.raises(sleb.UsageError, match="is shared"):
         sleb.compensate(model, windows, [2], progress=False)
     assert blocks.num_blocks(model) == 6 and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_compensated_search_scores_what_compensate_then_gives(model_dirs, text_file):
+    """Phase 1's chosen loss is the calibration loss of the model sleb.compensate makes from a fresh copy;
+    the last phase's is the loss of the model the search leaves once its blocks are removed."""
+    from sleb.engines import ReferenceEngine
+
+    model, tokenizer = sleb.load(model_dirs["llama"], device="cpu")
+    windows = _windows(tokenizer, text_file, model, count=6)
+    found = sleb.search(model, windows, num_remove_blocks=2, metric="sleb_compensated", progress=False)
+    assert len(found.removal_list) == 2 and [fit.run for fit in found.fits] == [[b] for b in found.removal_list]
+    first = found.removal_list[0]
+    fresh, _ = sleb.load(model_dirs["llama"], device="cpu")
+    sleb.compensate(fresh, windows, [first], progress=False)
+    assert ReferenceEngine(fresh, windows).loss([]) == pytest.approx(found.losses[0][first], rel=1e-5)
+    sleb.remove_blocks(model, found.removal_list)
+    assert ReferenceEngine(model, windows).loss([]) == pytest.approx(found.losses[1][found.removal_list[1]],
+                                                                     rel=1e-5)
+    # Each phase's pick is the lowest compensated loss, ties to the lowest block.
+    for row, block in zip(found.losses, found.removal_list):
+        scored = {b: v for b, v in enumerate(row) if v is not None}
+        assert block == min(scored, key=lambda b: (scored[b], b))
+
+
+def test_compensated_search_from_the_command_saves_the_scored_model(model_dirs, text_file, tmp_path):
+    out = invoke("sleb", "--model_name", model_dirs["llama"], "--dataset", f"file:{text_file}", "--nsamples", "100",
+                 "--seqlen", "32", "--num_remove_blocks", "2", "--metric", "sleb_compensated", "--ppl_datasets",
+                 f"file:{text_file}", "--result_folder", str(tmp_path), "--result_file", "s.json",
+                 "--save_model", str(tmp_path / "saved"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    record = json.loads((tmp_path / "s.json").read_text())
+    assert record["compensation"]["method"] == "linear, inside the search"
+    assert [fit["run"] for fit in record["compensation"]["runs"]] == [[b] for b in record["removal_list"]]
+    assert record["ppl"][f"file:{text_file}"]["ppl"] != record["ppl_dense"][f"file:{text_file}"]["ppl"]
+    reloaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", output_loading_info=True)
+    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    resumed = invoke("sleb", "--model_name", model_dirs["llama"], "--dataset", f"file:{text_file}", "--nsamples",
+                     "100", "--seqlen", "32", "--num_remove_blocks", "2", "--metric", "sleb_compensated",
+                     "--result_folder", str(tmp_path), "--result_file", "s.json", "--resume", "True")
+    assert resumed.returncode == 2 and "folds maps into the model" in resumed.stderr

@@ -22,6 +22,7 @@ block 0, or weights the fold would change that are shared with another module (t
 blocks sharing weights) is refused in one line.
 """
 
+import contextlib
 import itertools
 import math
 import time
@@ -252,6 +253,10 @@ class _Normal:
                 return solution
         return torch.linalg.lstsq(system.cpu(), self.cross.cpu(), driver="gelsd").solution.to(self.gram.device)
 
+    def identity_residual(self) -> float:
+        """The relative residual of T = I: plain removal."""
+        return math.sqrt(self.identity_sq / self.target_sq) if self.target_sq else 0.0
+
     def residual(self, T: torch.Tensor) -> float:
         """||M T - (H - Y)|| / ||H - Y|| from the accumulated sums alone."""
         fitted = (T * (self.gram @ T)).sum() - 2 * (T * self.cross).sum() + self.target_sq
@@ -290,6 +295,44 @@ def normal_equations(model, windows: torch.Tensor, sublayer: Sublayer, last_inde
     return normal
 
 
+def normal_equations_for_candidates(model, windows: torch.Tensor, sublayers: dict, batch_size: int = 4,
+                                    progress: bool = True, desc: str = "statistics") -> dict:
+    """{position: sums} for removing the single alive block at each position, its map going into the
+    block before it (`sublayers[position]`, at position - 1): one streaming pass for all of them."""
+    block_list = blocks.get_blocks(model)
+    watched = {}
+    for position, sublayer in sublayers.items():
+        watched[f"M{position}"] = sublayer.module
+        watched[f"O{position - 1}"] = block_list[position - 1]
+        watched[f"O{position}"] = block_list[position]
+    device = input_device(model)
+    normals = {}
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(windows), batch_size), desc=desc, leave=False, disable=not progress):
+            seen = forward.observe(model, windows[start:start + batch_size].to(device), watched)
+            for position in sublayers:
+                output = seen.outputs[f"O{position - 1}"]
+                M = seen.outputs[f"M{position}"].reshape(output.shape)
+                if position not in normals:
+                    normals[position] = _Normal(M.shape[-1], M.device)
+                normals[position].add(M, seen.outputs[f"O{position}"] - (output - M))
+    return normals
+
+
+@contextlib.contextmanager
+def folded(targets: list, T: torch.Tensor):
+    """The map folded into `targets` for the duration, the weights put back exactly after."""
+    saved = [target.parameter.data.clone() for target in targets]
+    try:
+        with torch.no_grad():
+            for target in targets:
+                fold(target, T)
+        yield
+    finally:
+        for target, original in zip(targets, saved):
+            target.parameter.data.copy_(original)
+
+
 def compensate(model, windows: torch.Tensor, removal_list: list, ridge: float = 0.0, batch_size: int = 4,
                progress: bool = True) -> list:
     """Fit, fold and delete: afterwards the model is what `blocks.remove_blocks` leaves, with each
@@ -315,7 +358,7 @@ def compensate(model, windows: torch.Tensor, removal_list: list, ridge: float = 
                 fold(target, T)
         done += run
         fits.append(RunFit(run, run[0] - 1, normal.tokens, residual,
-                           math.sqrt(normal.identity_sq / normal.target_sq) if normal.target_sq else 0.0,
+                           normal.identity_residual(),
                            round(time.perf_counter() - started, 3),
                            [f"{sublayer.name}.{target.name}" for target in sublayer.targets]))
         del normal
