@@ -59,6 +59,15 @@ def _search_lines(record: dict) -> list:
             f"(seed {settings['seed']}), {record.get('calibration_windows')} windows of {record.get('seqlen')} tokens"]
 
 
+def compensated_metric(record: dict) -> str:
+    """How a search or eval run's blocks were chosen, with "+ linear" where --compensate linear followed
+    (sleb_compensated compensates inside the search and says so itself)."""
+    metric = _settings(record).get("metric", "given") if record["command"] == "sleb" else "given"
+    if record.get("compensation") and metric != "sleb_compensated":
+        return f"{metric} + linear"
+    return metric
+
+
 def compensation_lines(record: dict) -> list:
     """What --compensate linear folded in, per removed run."""
     compensation = record.get("compensation")
@@ -79,7 +88,7 @@ def pruned_card(record: dict):
     quality = _ppl_lines("perplexity before removal", record.get("ppl_dense")) + \
         _ppl_lines("perplexity after removal", record.get("ppl"))
     module = "sleb" if record["command"] == "sleb" else "eval"
-    metric = _settings(record)["metric"] if record["command"] == "sleb" else "given"
+    metric = compensated_metric(record)
     tags = ["linear-compensation"] if record.get("compensation") else []
     return make_card(record, module, tags, [("How the blocks were chosen", _search_lines(record)),
                                             ("Compensation", compensation_lines(record)),

@@ -14,6 +14,7 @@ from collections import defaultdict
 import fire
 
 from sleb.errors import UsageError
+from sleb.model_card import compensated_metric
 
 COMMANDS = ("sleb", "eval", "latency", "heal")
 
@@ -51,8 +52,9 @@ def _model(record) -> str:
 def _metric(record) -> str:
     if record["command"] == "heal":
         return f"{record.get('source_metric', 'given')} + LoRA"
-    return record["settings"].get("metric", "given") if record["command"] == "sleb" else (
-        "dense" if not record["removal_list"] else "given")
+    if record["command"] == "eval" and not record["removal_list"]:
+        return "dense"
+    return compensated_metric(record)
 
 
 def _calibration(record) -> str:
