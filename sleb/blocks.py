@@ -94,15 +94,79 @@ def num_blocks(model) -> int:
     return len(get_blocks(model))
 
 
+def compute_dtype(model):
+    """The floating dtype the blocks hold their weights in, which is what they compute in (a model's
+    `dtype` is its first parameter's: float32 embeddings before bfloat16 blocks would say float32)."""
+    for parameter in get_blocks(model).parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
+    return model.dtype
+
+
 def _set_block_list(model, keep: list) -> dict:
     """Keep only the blocks at positions `keep`; return what is needed to undo it."""
     parent, attribute = block_owner(model)
     blocks = getattr(parent, attribute)
-    saved = {"owner": (parent, attribute), "blocks": blocks,
-             "layout": layout.keep_blocks(layout.depth_config(model.config), keep)}
+    config = layout.depth_config(model.config)
+    saved = {"owner": (parent, attribute), "blocks": blocks, "layout": layout.keep_blocks(config, keep)}
     setattr(parent, attribute, nn.ModuleList([blocks[i] for i in keep]))
-    saved["layer_idx"] = _renumber(getattr(parent, attribute))
+    # (module, attribute, old value) of everything set on the kept blocks, undone in reverse
+    saved["changed"] = _renumber(getattr(parent, attribute))
+    saved["rederived"] = rederive(getattr(parent, attribute), config) if keep != list(range(len(blocks))) else []
     return saved
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _built_at(block, config, position):
+    """A block of the same class built from `config` at `position` on the meta device, or None where the
+    class is not built as Block(config, layer_idx)."""
+    from accelerate import init_empty_weights
+
+    try:
+        with init_empty_weights():
+            return type(block)(config, position)
+    except Exception:
+        return None
+
+
+def rederive(block_list, config) -> list:
+    """Settings a block computes from its index at construction (GPT-2's attention scaling by
+    1 / (layer_idx + 1)) set as a block built at its new position would have them, so a model with
+    blocks skipped or deleted is the model `from_pretrained` builds from its config. Returns
+    (module, attribute, old value) to undo it. Classes not built as Block(config, layer_idx) are left
+    alone (the reload guard still compares them before a save)."""
+    changed = []
+    for position, block in enumerate(block_list):
+        fresh = _built_at(block, config, position)
+        if fresh is None:
+            continue
+        theirs = dict(fresh.named_modules())
+        for name, module in block.named_modules():
+            other = theirs.get(name)
+            if other is None or type(other) is not type(module):
+                continue
+            for attribute, value in vars(module).items():
+                if attribute.startswith("_") or attribute in ("training", "layer_idx") or not isinstance(value, _PLAIN):
+                    continue
+                new = getattr(other, attribute, value)
+                if isinstance(new, _PLAIN) and new != value:
+                    changed.append((module, attribute, value))
+                    setattr(module, attribute, new)
+    return changed
+
+
+def index_derived(model) -> list:
+    """'attribute' names that change in some block when an earlier block is skipped: settings the code
+    derives from a block's index, beyond its layer_idx (empty for most models)."""
+    if num_blocks(model) < 3:
+        return []
+    saved = _set_block_list(model, [i for i in range(num_blocks(model)) if i != 1])
+    try:
+        return sorted({attribute for _, attribute, _ in saved["rederived"]})
+    finally:
+        _restore(saved)
 
 
 def _renumber(blocks) -> list:
@@ -111,7 +175,7 @@ def _renumber(blocks) -> list:
     for position, block in enumerate(blocks):
         for module in block.modules():
             if isinstance(getattr(module, "layer_idx", None), int):
-                old.append((module, module.layer_idx))
+                old.append((module, "layer_idx", module.layer_idx))
                 module.layer_idx = position
     return old
 
@@ -170,8 +234,12 @@ def skipping(model, skipped):
     try:
         yield model
     finally:
-        parent, attribute = saved["owner"]
-        setattr(parent, attribute, saved["blocks"])
-        for module, layer_idx in saved["layer_idx"]:
-            module.layer_idx = layer_idx
-        saved["layout"].restore()
+        _restore(saved)
+
+
+def _restore(saved: dict) -> None:
+    parent, attribute = saved["owner"]
+    setattr(parent, attribute, saved["blocks"])
+    for module, name, value in reversed(saved["changed"] + saved["rederived"]):
+        setattr(module, name, value)
+    saved["layout"].restore()

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sleb import forward, memory
+from sleb import blocks, forward, memory
 from sleb.engines import PhaseResult, ReferenceEngine, alive_blocks, window_loss
 from sleb.models import input_device
 
@@ -60,7 +60,7 @@ class FastEngine:
         self.windows = windows
         self.batch_size = max(1, batch_size)
         self.abandon = abandon
-        self.tie_margin = TIE_MARGINS.get(model.dtype, HALF_TIE_MARGIN)
+        self.tie_margin = TIE_MARGINS.get(blocks.compute_dtype(model), HALF_TIE_MARGIN)
         self.reference = ReferenceEngine(model, windows)
         self.blocks = self.reference.blocks  # its own references: a later change to the model's list is not followed
         self.num_blocks = len(self.blocks)

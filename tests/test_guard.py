@@ -1,0 +1,83 @@
+"""A pruned model is the model the search scored, wherever it is loaded next, or a one-line refusal:
+the reload guard compares behaviour, blocks that derive settings from their index are renumbered in
+the scored model too, and the tie margin follows the dtype the blocks compute in."""
+
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2LMHeadModel
+
+import sleb
+import tiny
+from sleb import blocks, checkpoint
+from sleb.engines import ReferenceEngine
+from sleb.errors import UsageError
+from sleb.fast_search import HALF_TIE_MARGIN, FastEngine
+
+
+def test_a_behaviour_only_mismatch_is_refused(model_dirs, tmp_path):
+    """Two layer_types entries swapped after removal: the same tensors, another model (which block
+    attends to the full context). The tensor comparison alone let it through."""
+    model, tokenizer = sleb.load(model_dirs["gemma3"], device="cpu")
+    sleb.remove_blocks(model, [1])
+    assert checkpoint.reload_differences(model) == []  # the tensors alone cannot tell
+    kinds = list(model.config.layer_types)
+    full = kinds.index("full_attention")
+    kinds[0], kinds[full] = kinds[full], kinds[0]
+    model.config.layer_types = kinds
+    with pytest.raises(UsageError) as raised:
+        sleb.save_pretrained(model, tokenizer, str(tmp_path / "out"))
+    message = str(raised.value)
+    assert "\n" not in message and "block 0 (self_attn)" in message and "'sliding_attention' here" in message
+    assert "layer_types" in message
+    assert not (tmp_path / "out").exists() and os.listdir(tmp_path) == []
+
+
+def test_shared_block_weights_are_refused(model_dirs, tmp_path):
+    model, tokenizer = sleb.load(model_dirs["llama"], device="cpu")
+    sleb.remove_blocks(model, [1])
+    model.model.layers[2].mlp.up_proj.weight = model.model.layers[0].mlp.up_proj.weight
+    with pytest.raises(UsageError, match="are one tensor here, not rebuilt"):
+        sleb.save_pretrained(model, tokenizer, str(tmp_path / "out"))
+
+
+@pytest.fixture(scope="module")
+def inverse_scaled_gpt2(tmp_path_factory):
+    """GPT-2 whose attention divides by (layer_idx + 1), fixed when the block is built."""
+    path = tmp_path_factory.mktemp("gpt2_inverse")
+    config = tiny.make_config("gpt2")
+    config.scale_attn_by_inverse_layer_idx = True
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tiny.make_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def test_gpt2_with_inverse_layer_index_scaling_saves_the_model_that_was_scored(inverse_scaled_gpt2, text_file,
+                                                                                 tmp_path, capsys):
+    model, tokenizer = sleb.load(inverse_scaled_gpt2, device="cpu")
+    assert blocks.index_derived(model) == ["scaling"]
+    windows = sleb.calibration_windows(tokenizer, f"file:{text_file}", nsamples=300, seqlen=32, model=model)[:6]
+    found = sleb.search(model, windows, num_remove_blocks=2, progress=False)
+    assert found.engine == "reference" and "derive scaling from their index" in capsys.readouterr().err
+    scored = found.losses[-1][found.removal_list[-1]]
+    with sleb.skipping(model, found.removal_list):
+        skipped = ReferenceEngine(model, windows).loss([])
+    sleb.remove_blocks(model, found.removal_list)
+    sleb.save_pretrained(model, tokenizer, str(tmp_path / "pruned"))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    assert ReferenceEngine(reloaded, windows).loss([]) == pytest.approx(scored, rel=1e-6)
+    assert skipped == pytest.approx(scored, rel=1e-6)
+
+
+def test_the_tie_margin_follows_the_dtype_the_blocks_compute_in(model_dirs):
+    model, _ = sleb.load(model_dirs["llama"], device="cpu")
+    blocks.get_blocks(model).to(torch.bfloat16)  # float32 embeddings first, bfloat16 blocks
+    assert model.dtype == torch.float32 and blocks.compute_dtype(model) == torch.bfloat16
+    engine = FastEngine.__new__(FastEngine)  # the margin is set before any forward
+    try:
+        FastEngine.__init__(engine, model, torch.zeros(1, 8, dtype=torch.long))
+    except Exception:
+        pass  # a mixed-dtype forward may fail; the margin was already chosen
+    assert engine.tie_margin == HALF_TIE_MARGIN
