@@ -142,12 +142,14 @@ def _build_engine(model, windows, name: str, batch_size: int, cache_gb: float):
 def search(model, windows: torch.Tensor, num_remove_blocks: Optional[int] = None, metric: str = "sleb",
            engine: str = "fast", *, early_barrier: int = 1, latter_barrier: int = 1, batch_size: int = 4,
            cache_gb: float = 0.0, seed: int = 0, progress: bool = True, resume: Optional[SearchResult] = None,
-           on_phase=None, log=None) -> SearchResult:
+           on_phase=None, log=None, keep_block_kinds: bool = True) -> SearchResult:
     """Which blocks to remove: `metric` sleb (the paper's greedy metric 3), sleb_compensated (the same loop,
     each candidate scored with its linear map folded in: it leaves the chosen maps folded into the model,
     so `remove_blocks` then gives the compensated model), sleb_oneshot, cosine, angular or random; `engine` fast (exact, same list as reference) or reference. `num_remove_blocks` defaults to
     20% of the blocks, rounded up. `resume` continues an unfinished sleb search; `on_phase(result)` is
-    called after each finished phase (the commands save it)."""
+    called after each finished phase (the commands save it). `keep_block_kinds`: a hybrid model (its
+    config's per-block type list names several kinds: attention, Mamba, convolution, ...) keeps at
+    least one block of each kind, which stock transformers' hybrid caches need to generate."""
     from sleb.metrics import METRICS, SearchJob, SearchState, check_choices, check_shape
 
     check_choices(metric, engine, early_barrier, latter_barrier)
@@ -173,7 +175,8 @@ def search(model, windows: torch.Tensor, num_remove_blocks: Optional[int] = None
 
     job = SearchJob(model, windows, k, early_barrier, latter_barrier, seed, batch_size, log=log, progress=progress,
                     on_phase=lambda current: on_phase(result(current, "searching")) if on_phase else None,
-                    build_engine=lambda: _build_engine(model, windows, engine, batch_size, cache_gb))
+                    build_engine=lambda: _build_engine(model, windows, engine, batch_size, cache_gb),
+                    kinds=blocks.block_kinds(model) if keep_block_kinds else None)
     with _evaluating(model):
         if len(state.removal_list) < k:  # a finished search handed back in is returned as it is
             state = METRICS[metric](job, state)

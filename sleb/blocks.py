@@ -180,6 +180,34 @@ def _renumber(blocks) -> list:
     return old
 
 
+def block_kinds(model):
+    """Each block's kind (layout.block_kinds of its config), or None where all blocks are alike."""
+    config = layout.depth_config(model.config)
+    return layout.block_kinds(config, num_blocks(model))
+
+
+def check_keeps_every_kind(removal_list, kinds, what: str = "--removal_list") -> None:
+    """A hybrid model's cache is built per kind of block (stock transformers' hybrid caches need an
+    attention block, for one): a removal may not take every block of a kind."""
+    if not kinds:
+        return
+    removed = set(removal_list)
+    left = {kinds[i] for i in range(len(kinds)) if i not in removed}
+    gone = [kind for kind in dict.fromkeys(kinds) if kind is not None and kind not in left]
+    if gone:
+        raise UsageError(f"{what} removes every {gone[0]!r} block (blocks "
+                         f"{[i for i, kind in enumerate(kinds) if kind == gone[0]]}); the pruned model could not "
+                         "build its cache to generate; keep one, or pass --keep_block_kinds False")
+
+
+def keeps_every_kind(removal_list, kinds) -> bool:
+    try:
+        check_keeps_every_kind(removal_list, kinds)
+    except UsageError:
+        return False
+    return True
+
+
 def default_remove_count(depth: int) -> int:
     """The paper's default share: 20% of the blocks, rounded up."""
     return math.ceil(0.2 * depth)

@@ -179,6 +179,28 @@ def check_reloads(model) -> None:
             + f"; the fields that tie blocks to their index in {fields} cannot express it; no checkpoint written")
 
 
+def check_generates(model) -> None:
+    """A short greedy generation with the KV cache and without it: a pruned hybrid model whose cache
+    cannot be built (no attention block left) is refused here, not by the user's first generate. In
+    float32 both must give the same tokens."""
+    import warnings
+
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = (torch.arange(4, device=models.input_device(model)).unsqueeze(0) + 1) % vocab
+    settings = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    try:
+        with torch.inference_mode(), warnings.catch_warnings(), models.use_cache(model, True):
+            warnings.simplefilter("ignore")
+            cached = model.generate(ids, use_cache=True, **settings)
+            uncached = model.generate(ids, use_cache=False, **settings)
+    except Exception as error:
+        raise UsageError(f"not saved: the pruned {type(model).__name__} cannot generate ({first_line(error, 160)}); "
+                         "keep a block of every kind (--keep_block_kinds True); no checkpoint written") from None
+    if model.dtype == torch.float32 and not torch.equal(cached, uncached):
+        raise UsageError(f"not saved: the pruned {type(model).__name__} generates other tokens with its KV cache than "
+                         "without it; no checkpoint written")
+
+
 def _save_processor(model, folder: str) -> None:
     """A vision-language model's processor (image preprocessing, chat template) goes with it where it loads."""
     if not hasattr(model.config, "vision_config"):
@@ -197,6 +219,7 @@ def save(model, tokenizer, directory: str, card=None) -> None:
     from safetensors import SafetensorError
 
     check_reloads(model)
+    check_generates(model)
     directory = os.path.abspath(directory)
     parent = os.path.dirname(directory)
     tmp = None

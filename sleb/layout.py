@@ -164,6 +164,26 @@ def keep_blocks(config, keep: list) -> Snapshot:
     return snapshot
 
 
+# Per-block kind lists, in the order they are read: what kind of mixer (attention, Mamba, convolution,
+# linear attention) or cache slot each block is.
+KIND_FIELDS = ("layers_block_type", "layer_types", "hybrid_override_pattern")
+
+
+# Kinds that hold no cache (feed-forward-only blocks: "mlp", "moe", and "-" / "E" in a layout string).
+CACHE_FREE_KINDS = ("mlp", "moe", "-", "E")
+
+
+def block_kinds(config, depth: int):
+    """Each block's kind from the config's per-block type list, None for a kind that holds no cache;
+    None altogether where every block that holds a cache is of one kind."""
+    for name in KIND_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, (list, tuple, str)) and len(value) == depth:
+            kinds = [None if kind in CACHE_FREE_KINDS else kind for kind in value]
+            return kinds if len(set(kinds) - {None}) > 1 else None
+    return None
+
+
 def describe(config) -> str:
     """'jamba (attn_layer_period, attn_layer_offset, ...)' for messages."""
     fields = structure_fields(config, config.num_hidden_layers)

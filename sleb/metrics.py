@@ -60,6 +60,21 @@ class SearchJob:
     log: Callable = print
     progress: bool = True  # tqdm bars
     engine: Optional[Engine] = None  # built on first use
+    kinds: Optional[list] = None  # each original block's kind: a search keeps one block of every kind
+
+    def allowed(self, removal_list: list, block: int) -> bool:
+        return blocks.keeps_every_kind(list(removal_list) + [block], self.kinds)
+
+    def take(self, ranked: list, count: int) -> list:
+        """The first `count` of `ranked` that together keep a block of every kind."""
+        chosen = []
+        for block in ranked:
+            if len(chosen) < count and self.allowed(chosen, block):
+                chosen.append(block)
+        if len(chosen) < count:
+            raise UsageError(f"only {len(chosen)} blocks can go while one block of every kind stays; remove fewer "
+                             "or pass --keep_block_kinds False")
+        return chosen
 
     def get_engine(self) -> Engine:
         if self.engine is None:
@@ -153,6 +168,16 @@ def _by_block(num_blocks: int, alive: list, by_position: dict) -> list:
     return row
 
 
+def _allowed_positions(job: SearchJob, state: SearchState, alive: list) -> list:
+    """This phase's candidates: between the barriers, and not the last block of a kind."""
+    positions = [p for p in candidate_positions(len(alive), job.early_barrier, job.latter_barrier)
+                 if job.allowed(state.removal_list, alive[p])]
+    if not positions:
+        raise UsageError(f"after removing {state.removal_list}, every candidate is the last block of its kind; "
+                         "remove fewer or pass --keep_block_kinds False")
+    return positions
+
+
 def sleb_iterative(job: SearchJob, state: SearchState) -> SearchState:
     """SLEB metric 3: one block per phase, the one whose removal raises calibration loss least."""
     engine = job.get_engine()
@@ -160,7 +185,7 @@ def sleb_iterative(job: SearchJob, state: SearchState) -> SearchState:
     while len(state.removal_list) < k:
         phase = len(state.removal_list)
         alive = state.alive
-        positions = list(candidate_positions(len(alive), job.early_barrier, job.latter_barrier))
+        positions = _allowed_positions(job, state, alive)
         started = time.perf_counter()
         bar = tqdm(total=len(positions), desc=f"phase {phase + 1}/{k}", leave=False, disable=not job.progress)
         best = [math.inf, None]
@@ -202,7 +227,7 @@ def sleb_oneshot(job: SearchJob, state: SearchState) -> SearchState:
     ranked = rank(losses)
     state.scores.append(_by_block(state.num_blocks, every, losses))
     state.phase_seconds.append(round(time.perf_counter() - started, 3))
-    state.removal_list = ranked[: job.num_remove_blocks]
+    state.removal_list = job.take(ranked, job.num_remove_blocks)
     job.log(f"one-shot ranking {ranked}; removal list {state.removal_list}")
     return state
 
@@ -253,7 +278,7 @@ def cosine(job: SearchJob, state: SearchState) -> SearchState:
         check_finite(value, f"the block influence of block {block}", job.model)
     ranked = rank(influence)
     state.scores.append(_by_block(state.num_blocks, every, influence))
-    state.removal_list = ranked[: job.num_remove_blocks]
+    state.removal_list = job.take(ranked, job.num_remove_blocks)
     job.log(f"block influence ranking {ranked}; removal list {state.removal_list}")
     return state
 
@@ -263,7 +288,10 @@ def angular(job: SearchJob, state: SearchState) -> SearchState:
     k = job.num_remove_blocks
     by_start = angular_distances(job.model, job.windows, k, job.batch_size, job.progress)
     starts = range(job.early_barrier, state.num_blocks - job.latter_barrier - k + 1)
-    distance = {l: by_start[l] for l in starts}
+    distance = {l: by_start[l] for l in starts if blocks.keeps_every_kind(range(l, l + k), job.kinds)}
+    if not distance:
+        raise UsageError(f"every run of {k} blocks takes the last block of a kind; remove fewer or pass "
+                         "--keep_block_kinds False")
     for start, value in distance.items():
         check_finite(value, f"the angular distance of the run from block {start}", job.model)
     best = choose(distance)
@@ -276,7 +304,11 @@ def angular(job: SearchJob, state: SearchState) -> SearchState:
 def random_choice(job: SearchJob, state: SearchState) -> SearchState:
     """Seeded uniform choice among the blocks between the barriers."""
     positions = list(candidate_positions(state.num_blocks, job.early_barrier, job.latter_barrier))
-    state.removal_list = random.Random(job.seed).sample(positions, job.num_remove_blocks)
+    generator = random.Random(job.seed)
+    if job.kinds is None:
+        state.removal_list = generator.sample(positions, job.num_remove_blocks)
+    else:  # a seeded order of every candidate, then the first that keep a block of each kind
+        state.removal_list = job.take(generator.sample(positions, len(positions)), job.num_remove_blocks)
     job.log(f"random (seed {job.seed}) removal list {state.removal_list}")
     return state
 
@@ -303,7 +335,7 @@ def sleb_compensated(job: SearchJob, state: SearchState) -> SearchState:
     while len(state.removal_list) < k:
         phase = len(state.removal_list)
         alive = state.alive
-        positions = list(candidate_positions(len(alive), job.early_barrier, job.latter_barrier))
+        positions = _allowed_positions(job, state, alive)
         started = time.perf_counter()
         with torch.inference_mode(), blocks.skipping(model, state.removal_list):
             for position in positions:

@@ -16,6 +16,7 @@ def run_eval(settings) -> dict:
     _, config = models.load_config(settings.model_name, settings.trust_remote_code)
     depth = models.config_depth(config)
     settings.check_depth(depth)
+    settings.check_kinds(settings.removal_list, config, depth)
     with results.claim(settings.result_folder, settings.result_file or default_result_file(settings),
                        settings.overwrite) as path:
         started = time.perf_counter()

@@ -39,6 +39,7 @@ def run_heal(settings: HealSettings) -> dict:
     card = _pruned_card(settings.model_name)
     card_removal = card.get("sleb_removal_list")
     removal_list = settings.check_depth(depth, card_removal)
+    settings.check_kinds(removal_list, config, depth)
     result_file = settings.result_file or default_result_file(settings)
     work_dir = os.path.join(settings.result_folder, os.path.splitext(result_file)[0] + "_trainer")
     with results.claim(settings.result_folder, result_file, settings.overwrite or settings.resume) as path:

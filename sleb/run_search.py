@@ -13,7 +13,7 @@ from sleb.metrics import CHANGES_WEIGHTS, ITERATIVE
 
 # Settings that define a search's answer: a resumed run must match them.
 _RESUME_KEYS = ("model_name", "num_blocks", "num_remove_blocks", "early_barrier", "latter_barrier", "dataset",
-                "nsamples", "seed", "seqlen", "metric", "dtype")  # --compensate runs after the search
+                "nsamples", "seed", "seqlen", "metric", "dtype", "keep_block_kinds")  # --compensate runs after the search
 
 
 def default_result_file(settings) -> str:
@@ -92,7 +92,8 @@ def run_search(settings) -> dict:
             found = api.search(model, windows, k, settings.metric, settings.engine,
                                early_barrier=settings.early_barrier, latter_barrier=settings.latter_barrier,
                                batch_size=settings.search_batch_size, cache_gb=settings.cache_gb, seed=settings.seed,
-                               progress=main_rank, resume=resumed, on_phase=save_partial, log=log)
+                               progress=main_rank, resume=resumed, on_phase=save_partial, log=log,
+                               keep_block_kinds=settings.keep_block_kinds)
         except KeyboardInterrupt:
             if saved[0] is not None and saved[0].removal_list and main_rank:
                 print(f"interrupted after phase {len(saved[0].removal_list)}; partial result in {path}; "

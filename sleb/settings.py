@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from sleb import blocks, data, models
+from sleb import blocks, data, layout, models
 from sleb.checkpoint import check_new_directory
 from sleb.cli import flag
 from sleb.errors import UsageError, check_at_least, comma_list
@@ -101,6 +101,17 @@ class SaveFlags:
 
 
 @dataclass
+class KindFlags:
+    keep_block_kinds: bool = flag(True, "a hybrid model keeps one block of every kind its config lists (attention, "
+                                        "Mamba, convolution, ...): stock transformers' hybrid caches need them")
+
+    def check_kinds(self, removal_list, config, depth: int) -> None:
+        """A given removal list that takes every block of a kind is refused, unless the flag lifts it."""
+        if self.keep_block_kinds:
+            blocks.check_keeps_every_kind(removal_list, layout.block_kinds(layout.depth_config(config), depth))
+
+
+@dataclass
 class CompensateFlags:
     compensate: Optional[str] = flag(None, "linear: after removal, fold a least-squares map for each removed run "
                                            "into the block before it (no training, same parameters); default none")
@@ -129,7 +140,7 @@ class OutputFlags:
 
 
 @dataclass
-class EvalSettings(OutputFlags, SaveFlags, CompensateFlags, EvalFlags, ModelFlags):
+class EvalSettings(OutputFlags, SaveFlags, CompensateFlags, KindFlags, EvalFlags, ModelFlags):
     """`python -m eval`: evaluate a model with given blocks removed."""
 
     removal_list: list = flag([], "original indices of the blocks to remove, e.g. '[5, 4, 9]'; [] = dense")
@@ -162,7 +173,7 @@ class EvalSettings(OutputFlags, SaveFlags, CompensateFlags, EvalFlags, ModelFlag
 
 
 @dataclass
-class SearchSettings(OutputFlags, SaveFlags, CompensateFlags, EvalFlags, ModelFlags):
+class SearchSettings(OutputFlags, SaveFlags, CompensateFlags, KindFlags, EvalFlags, ModelFlags):
     """`python -m sleb`: find which blocks to remove, then evaluate the pruned model."""
 
     num_blocks: Optional[int] = flag(None, "the model's depth (default: read from the model); a mismatch is an error")
@@ -216,7 +227,7 @@ class SearchSettings(OutputFlags, SaveFlags, CompensateFlags, EvalFlags, ModelFl
 
 
 @dataclass
-class HealSettings(OutputFlags, EvalFlags, ModelFlags):
+class HealSettings(OutputFlags, KindFlags, EvalFlags, ModelFlags):
     """`python -m sleb.heal`: LoRA-heal a pruned model and save the merged checkpoint."""
 
     output_dir: Optional[str] = flag(None, "where the healed (merged) checkpoint is written; must be new or empty")

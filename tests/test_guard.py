@@ -81,3 +81,38 @@ def test_the_tie_margin_follows_the_dtype_the_blocks_compute_in(model_dirs):
     except Exception:
         pass  # a mixed-dtype forward may fail; the margin was already chosen
     assert engine.tie_margin == HALF_TIE_MARGIN
+
+
+def test_a_hybrid_search_keeps_an_attention_block_and_its_checkpoint_generates(family_dirs, text_file, tmp_path):
+    """Nemotron-H of 6 blocks, attention at 2 and 5, no barrier at the end: unconstrained, the search may take
+    both; by default it keeps one, and the saved model generates the same with and without its cache."""
+    model, tokenizer = sleb.load(family_dirs["nemotron_h"], device="cpu")
+    kinds = blocks.block_kinds(model)
+    attention = [i for i, kind in enumerate(kinds) if kind == "full_attention"]
+    assert attention == [2, 5]
+    windows = tokenizer(tiny.sample_text(60, seed=1), return_tensors="pt").input_ids[:, :256].view(4, 64)
+    free = sleb.search(model, windows, num_remove_blocks=4, latter_barrier=0, progress=False, keep_block_kinds=False)
+    kept = sleb.search(model, windows, num_remove_blocks=4, latter_barrier=0, progress=False)
+    assert set(attention) <= set(free.removal_list)  # what a new user met: every attention block gone
+    assert not set(attention) <= set(kept.removal_list) and blocks.keeps_every_kind(kept.removal_list, kinds)
+    with pytest.raises(UsageError, match="cannot generate"):
+        with blocks.skipping(model, free.removal_list):
+            checkpoint.check_generates(model)
+    sleb.remove_blocks(model, kept.removal_list)
+    sleb.save_pretrained(model, tokenizer, str(tmp_path / "pruned"))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    prompt = windows[:1, :8]
+    with torch.inference_mode():
+        cached = reloaded.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+        uncached = reloaded.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(cached, uncached)
+
+
+def test_a_given_list_that_takes_every_attention_block_is_one_line(family_dirs, tmp_path):
+    from clitools import run
+
+    out = run("eval", "--model_name", family_dirs["nemotron_h"], "--removal_list", "[2, 5]", "--eval_ppl", "False",
+              "--result_folder", str(tmp_path / "results"))
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "removes every 'full_attention' block (blocks [2, 5])" in out.stderr and "--keep_block_kinds" in out.stderr
+    assert not (tmp_path / "results").exists() or not list((tmp_path / "results").iterdir())
