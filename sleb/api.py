@@ -91,6 +91,7 @@ class SearchResult:
     max_rescore_gap: Optional[float] = None
     stats: dict = field(default_factory=dict)  # the engine's counters (block forwards, cache, peak memory)
     fits: list = field(default_factory=list)  # sleb_compensated: each chosen block's map (where it went, residuals)
+    identity: dict = field(default_factory=dict)  # what it ran on (identity.of_run): a resume must match it
 
     def to_dict(self) -> dict:
         record = dataclasses.asdict(self)
@@ -160,8 +161,16 @@ def search(model, windows: torch.Tensor, num_remove_blocks: Optional[int] = None
     check_at_least("num_remove_blocks", k, 1)
     check_shape(depth, k, early_barrier, latter_barrier)
     log = log or (print if progress else (lambda *args, **kwargs: None))
+    from sleb import identity
+
+    ran_on = identity.of_run(model, windows, num_remove_blocks=k, metric=metric, early_barrier=early_barrier,
+                             latter_barrier=latter_barrier, seed=seed, keep_block_kinds=keep_block_kinds)
     state = SearchState(depth)
     if resume is not None:
+        changed = identity.first_difference(resume.identity, ran_on)
+        if changed:
+            raise UsageError(f"cannot resume this search: {changed}; resume on the same model, data, settings "
+                             "and libraries, or start again (--overwrite True)")
         state = SearchState(depth, list(resume.removal_list), list(resume.losses), list(resume.lower_bounds),
                             list(resume.phase_seconds), resume.rescored, resume.max_rescore_gap)
     started = time.perf_counter()
@@ -171,7 +180,7 @@ def search(model, windows: torch.Tensor, num_remove_blocks: Optional[int] = None
         return SearchResult(current.removal_list, current.scores, current.lower_bounds, current.phase_seconds,
                             round(time.perf_counter() - started, 3), used.name if used else None, status,
                             current.rescored, current.max_rescore_gap,
-                            used.stats() if used and status == "done" else {}, list(current.fits))
+                            used.stats() if used and status == "done" else {}, list(current.fits), ran_on)
 
     job = SearchJob(model, windows, k, early_barrier, latter_barrier, seed, batch_size, log=log, progress=progress,
                     on_phase=lambda current: on_phase(result(current, "searching")) if on_phase else None,
@@ -233,6 +242,35 @@ def zeroshot(model, tokenizer, tasks, num_fewshot: int = 0, limit=None, batch_si
         return accuracy.evaluate_zeroshot(model, tokenizer, found, num_fewshot, limit, batch_size, log_samples)
 
 
+RUN_FILE = "sleb_run.json"  # in a healing work folder: what the Trainer's checkpoints there were trained on
+
+
+def _check_same_training(folder: str, model, windows, recipe, resume_from) -> None:
+    """Record what this training runs on; a resumed one must run on the same (else one line naming it)."""
+    import json
+    import os
+
+    from sleb import identity
+    from sleb.recovery.lora import quantized
+
+    ran_on = identity.of_run(model, windows, quantized=quantized(model), **dataclasses.asdict(recipe))
+    path = os.path.join(os.path.dirname(os.path.abspath(resume_from)) if resume_from else folder, RUN_FILE)
+    if resume_from is not None:
+        try:
+            with open(path) as handle:
+                saved = json.load(handle)
+        except (OSError, ValueError):
+            saved = None
+        changed = identity.first_difference(saved, ran_on)
+        if changed:
+            raise UsageError(f"cannot resume from {resume_from}: {changed}; resume with the same model, data, "
+                             "recipe and libraries, or start again without --resume")
+        return
+    os.makedirs(folder, exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump(ran_on, handle)
+
+
 @dataclass
 class HealResult:
     """What `heal` returns: the merged model and how training went."""
@@ -278,6 +316,7 @@ def heal(model, tokenizer=None, dataset: Data = "c4", *, windows: Optional[torch
         windows = calibration_windows(tokenizer, dataset, nsamples, seqlen, recipe.seed, model=model)
     use_cache = model.config.get_text_config().use_cache  # training turns it off; the merged model gets it back
     folder = work_dir or tempfile.mkdtemp(prefix="sleb-heal-")
+    _check_same_training(folder, model, windows, recipe, resume_from)
     try:
         trained = lora.train(model, windows, recipe, folder, resume_from)
         if adapter_dir:

@@ -116,3 +116,78 @@ def test_a_given_list_that_takes_every_attention_block_is_one_line(family_dirs, 
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert "removes every 'full_attention' block (blocks [2, 5])" in out.stderr and "--keep_block_kinds" in out.stderr
     assert not (tmp_path / "results").exists() or not list((tmp_path / "results").iterdir())
+
+
+def _search_args(model_dir, data, tmp_path, *extra):
+    return ["--model_name", model_dir, "--dataset", f"file:{data}", "--nsamples", "60", "--seqlen", "32",
+            "--num_remove_blocks", "3", "--eval_ppl", "False", "--result_folder", str(tmp_path), "--result_file",
+            "r.json", *extra]
+
+
+@pytest.mark.parametrize("change", ["dtype", "data", "model"])
+def test_resume_of_another_run_is_refused(change, model_dirs, text_file, tmp_path):
+    """A partial search resumed on another dtype, other text under the same file name, or another
+    checkpoint at the same path: one line naming what changed, exit 2, the partial result kept."""
+    import json
+    import shutil
+
+    from clitools import invoke, run
+
+    data = tmp_path / "calibration.txt"
+    shutil.copy(text_file, data)
+    model_dir = tmp_path / "model"
+    shutil.copytree(model_dirs["llama"], model_dir)
+    first = invoke("sleb", *_search_args(str(model_dir), data, tmp_path))
+    assert first.returncode == 0, first.stderr[-2000:]
+    record = json.loads((tmp_path / "r.json").read_text())
+    record["search"]["status"] = "searching"  # as a run killed after two phases leaves it
+    for name in ("removal_list", "losses", "lower_bounds", "phase_seconds"):
+        record["search"][name] = record["search"][name][:2]
+    (tmp_path / "r.json").write_text(json.dumps(record))
+    extra, named = [], ""
+    if change == "dtype":
+        extra, named = ["--dtype", "bfloat16"], "model.dtype was 'float32', now 'bfloat16'"
+        record["settings"]["dtype"] = "bfloat16"  # the flag check passes; the run itself differs
+        (tmp_path / "r.json").write_text(json.dumps(record))
+    elif change == "data":
+        data.write_text(data.read_text()[::-1])
+        named = "the calibration windows"
+    else:
+        shutil.rmtree(model_dir)
+        shutil.copytree(model_dirs["qwen2"], model_dir)
+        named = "the model's"
+    out = run("sleb", *_search_args(str(model_dir), data, tmp_path, "--resume", "True", *extra))
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr[-2000:]
+    assert "cannot resume" in out.stderr and named in out.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["search"]["status"] == "searching"
+
+
+def test_api_resume_refuses_a_result_of_another_k_or_metric(model_dirs, text_file):
+    model, tokenizer = sleb.load(model_dirs["llama"], device="cpu")
+    windows = sleb.calibration_windows(tokenizer, f"file:{text_file}", nsamples=60, seqlen=32, model=model)
+    found = sleb.search(model, windows, num_remove_blocks=2, progress=False)
+    assert sleb.search(model, windows, num_remove_blocks=2, resume=found, progress=False).removal_list == \
+        found.removal_list
+    with pytest.raises(UsageError, match="settings.num_remove_blocks was 2, now 3"):
+        sleb.search(model, windows, num_remove_blocks=3, resume=found, progress=False)
+    with pytest.raises(UsageError, match="settings.metric was 'sleb', now 'sleb_oneshot'"):
+        sleb.search(model, windows, num_remove_blocks=2, metric="sleb_oneshot", resume=found, progress=False)
+    other, _ = sleb.load(model_dirs["qwen2"], device="cpu")
+    with pytest.raises(UsageError, match="the model's config changed"):
+        sleb.search(other, windows, num_remove_blocks=2, resume=found, progress=False)
+
+
+def test_heal_resume_checks_the_run(model_dirs, text_file, tmp_path):
+    model, tokenizer = sleb.load(model_dirs["llama"], device="cpu")
+    sleb.remove_blocks(model, [2])
+    texts = open(text_file).read().splitlines()
+    work = tmp_path / "work"
+    sleb.heal(model, tokenizer, texts, nsamples=100, seqlen=32, max_steps=4, save_steps=2, warmup_steps=0,
+              train_batch_size=4, grad_accum=1, logging_steps=2, work_dir=str(work))
+    checkpoint_dir = str(work / "checkpoint-4")
+    again, _ = sleb.load(model_dirs["llama"], device="cpu")
+    sleb.remove_blocks(again, [2])
+    with pytest.raises(UsageError, match="settings.lr was 0.0001, now 0.001"):
+        sleb.heal(again, tokenizer, texts, nsamples=100, seqlen=32, max_steps=6, save_steps=2, warmup_steps=0,
+                  train_batch_size=4, grad_accum=1, logging_steps=2, lr=1e-3, work_dir=str(work),
+                  resume_from=checkpoint_dir)
