@@ -197,6 +197,14 @@ def remove_blocks(model, removal_list: Sequence[int]) -> None:
     blocks.remove_blocks(model, list(removal_list))
 
 
+def serving_problems(model) -> list:
+    """'ENGINE: FIELD: why' for each serving engine (vLLM, llama.cpp; sleb/serving.py names the versions
+    read) that would build another layout from this model's config than transformers does."""
+    from sleb import serving
+
+    return serving.problems(model.config)
+
+
 def skipping(model, skipped: Sequence[int]):
     """A context manager: inside it the model runs as if `skipped` were removed; after it, whole again."""
     blocks.check_removal_list(list(skipped), blocks.num_blocks(model), "skipped blocks")

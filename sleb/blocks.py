@@ -249,6 +249,10 @@ def remove_blocks(model, removal_list) -> None:
     """Delete the blocks (original indices) for good, leaving a normal checkpoint."""
     removal = set(check_removal_list(removal_list, num_blocks(model)))
     _set_block_list(model, [i for i in range(num_blocks(model)) if i not in removal])
+    if removal:
+        from sleb import serving
+
+        serving.align(model.config)  # the fields serving engines read, where a value says the new layout
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ import tempfile
 
 import torch
 
-from sleb import layout, models, results
+from sleb import layout, models, results, serving
 from sleb.errors import UsageError, first_line
 
 
@@ -201,6 +201,18 @@ def check_generates(model) -> None:
                          "without it; no checkpoint written")
 
 
+def _add_to_config(path: str, fields: dict) -> None:
+    if not fields:
+        return
+    import json
+
+    with open(path) as handle:
+        config = json.load(handle)
+    config.update(fields)
+    with open(path, "w") as handle:
+        json.dump(config, handle, indent=2, sort_keys=True)
+
+
 def _save_processor(model, folder: str) -> None:
     """A vision-language model's processor (image preprocessing, chat template) goes with it where it loads."""
     if not hasattr(model.config, "vision_config"):
@@ -218,6 +230,7 @@ def save(model, tokenizer, directory: str, card=None) -> None:
     complete-looking directory. `card` (a huggingface_hub ModelCard) is written as README.md."""
     from safetensors import SafetensorError
 
+    serving.align(model.config)
     check_reloads(model)
     check_generates(model)
     directory = os.path.abspath(directory)
@@ -229,6 +242,7 @@ def save(model, tokenizer, directory: str, card=None) -> None:
         os.chmod(tmp, 0o777 & ~results.umask())  # mkdtemp makes it owner-only; a checkpoint is for sharing
         with models.use_cache(model, True):  # the saved config should generate with its KV cache
             model.save_pretrained(tmp)
+        _add_to_config(os.path.join(tmp, "config.json"), serving.saved_extras(model.config))
         tokenizer.save_pretrained(tmp)
         _save_processor(model, tmp)
         if card is not None:

@@ -44,7 +44,8 @@ def make_card(record: dict, module: str, tags: list, sections: list, metric: str
     body = [f"# {model_name} with {len(removed)} of {depth} blocks removed", "",
             f"Made with [sleb](https://arxiv.org/abs/2402.09025) (SLEB: block removal). Removed blocks "
             f"(original indices, in removal order): `{removed}`; {depth - len(removed)} blocks remain.", ""]
-    for title, lines in sections:
+    serving = [f"- {problem}" for problem in record.get("serving_warnings") or []]
+    for title, lines in sections + [("Serving engines that would build another layout", serving)]:
         if lines:
             body += [f"## {title}", ""] + lines + [""]
     body += ["## Command", "", "```", command_line(module), "```", ""]

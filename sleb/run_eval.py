@@ -41,6 +41,8 @@ def run_eval(settings) -> dict:
                                ppl=stages.perplexity(model, eval_windows, settings.batch_size))
         if compensation:
             record["compensation"] = compensation
+        if settings.removal_list:
+            record["serving_warnings"] = stages.serving_warnings(model)
         record["zeroshot"] = stages.zeroshot_accuracy(model, tokenizer, eval_data, settings)
         record["times"] = {"load_s": round(load_seconds, 3), "total_s": round(time.perf_counter() - started, 3)}
         if compensation:

@@ -92,6 +92,7 @@ def run_heal(settings: HealSettings) -> dict:
         from sleb.plots import plot_loss_curve
 
         record["output_dir"] = os.path.abspath(settings.output_dir)
+        record["serving_warnings"] = stages.serving_warnings(model)
         api.save_pretrained(model, tokenizer, settings.output_dir, healed_card(record))
         record["times"] = {"train_s": healed.train_seconds, "total_s": round(time.perf_counter() - started, 3)}
         curve = healed.loss_curve

@@ -119,6 +119,7 @@ def run_search(settings) -> dict:
         else:
             api.remove_blocks(model, found.removal_list)
         record["removal_list"] = found.removal_list
+        record["serving_warnings"] = stages.serving_warnings(model)
         if eval_windows:
             record["ppl"] = stages.perplexity(model, eval_windows, settings.batch_size)
         zeroshot = stages.zeroshot_accuracy(model, tokenizer, eval_data, settings)

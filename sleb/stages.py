@@ -75,6 +75,17 @@ def record(command: str, settings, model, num_blocks: int, **fields) -> dict:
             **fields}
 
 
+def serving_warnings(model) -> list:
+    """Print a warning line for each serving engine that would build another layout; the list goes in
+    the results JSON and the model card."""
+    import sys
+
+    found = api.serving_problems(model)
+    for problem in found:
+        print(f"warning: served by {problem}", file=sys.stderr)
+    return found
+
+
 def ppl_table(ppl: dict, label: str = "pruned") -> str:
     rows = [[name, f"{entry['ppl']:.3f}", entry["windows"], entry["seqlen"]] for name, entry in ppl.items()]
     return results.table(["data set", f"perplexity ({label})", "windows", "seqlen"], rows)

@@ -191,3 +191,41 @@ def test_heal_resume_checks_the_run(model_dirs, text_file, tmp_path):
         sleb.heal(again, tokenizer, texts, nsamples=100, seqlen=32, max_steps=6, save_steps=2, warmup_steps=0,
                   train_batch_size=4, grad_accum=1, logging_steps=2, lr=1e-3, work_dir=str(work),
                   resume_from=checkpoint_dir)
+
+
+def test_saved_configs_tell_serving_engines_the_layout(family_dirs, text_file, tmp_path):
+    """DeepSeek-V3: no multi-token-prediction weights are saved, so the config says 0 of them; Nemotron-H:
+    the pattern string vLLM reads matches layers_block_type; GPT-OSS after an odd deletion: no field can
+    tell vLLM (sliding = even blocks), so a warning in stderr, the results JSON and the card."""
+    import json
+
+    from clitools import invoke
+
+    model, tokenizer = sleb.load(family_dirs["deepseek_v3"], device="cpu")
+    assert model.config.num_nextn_predict_layers == 1
+    sleb.remove_blocks(model, [2])
+    sleb.save_pretrained(model, tokenizer, str(tmp_path / "deepseek"))
+    saved = json.loads((tmp_path / "deepseek" / "config.json").read_text())
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "deepseek" / "model.safetensors"), "pt") as weights:
+        depth_in_weights = len({key.split(".")[2] for key in weights.keys() if key.startswith("model.layers.")})
+    assert depth_in_weights == saved["num_hidden_layers"] and saved["num_nextn_predict_layers"] == 0
+
+    model, tokenizer = sleb.load(family_dirs["nemotron_h"], device="cpu")
+    sleb.remove_blocks(model, [1, 4])
+    sleb.save_pretrained(model, tokenizer, str(tmp_path / "nemotron"))
+    saved = json.loads((tmp_path / "nemotron" / "config.json").read_text())
+    codes = {"linear_attention": "M", "full_attention": "*", "mlp": "-", "moe": "E"}
+    assert saved["hybrid_override_pattern"] == "".join(codes[kind] for kind in saved["layers_block_type"])
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "nemotron")
+    assert list(reloaded.config.layers_block_type) == saved["layers_block_type"]
+
+    out = invoke("eval", "--model_name", family_dirs["gpt_oss"], "--removal_list", "[1]", "--eval_ppl", "False",
+                 "--result_folder", str(tmp_path / "results"), "--result_file", "g.json",
+                 "--save_model", str(tmp_path / "gpt_oss"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "warning: served by vLLM 0.33: layer_types: it takes GPT-OSS's sliding blocks as the even ones" in out.stderr
+    record = json.loads((tmp_path / "results" / "g.json").read_text())
+    assert any("GPT-OSS's sliding blocks" in line for line in record["serving_warnings"])
+    assert "GPT-OSS's sliding blocks as the even ones" in (tmp_path / "gpt_oss" / "README.md").read_text()

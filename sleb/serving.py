@@ -1,0 +1,177 @@
+"""What serving engines read from a saved config, so a pruned checkpoint tells them the layout
+transformers builds, or a warning says which engine will build another one.
+
+Engines read the layout from other fields than transformers does. Each rule below was read from the
+engine's code at the version named (see ../shared/PEERS.md): `align` rewrites the fields it reads
+where a value expresses the pruned layout; where none can, `problems` names the engine and the
+field, and the commands print it, record it in the results JSON and write it in the model card.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+VLLM = "vLLM 0.33"
+LLAMA_CPP = "llama.cpp (2026-08)"
+
+
+@dataclass(frozen=True)
+class Rule:
+    engine: str
+    model_types: tuple
+    field: str
+    problem: Callable  # config -> a reason the engine would build another layout, or None
+    align: Optional[Callable] = None  # config -> None: write the field the engine reads, where it can
+
+
+def _kinds(config, name):
+    return list(getattr(config, name, None) or [])
+
+
+def _mtp_problem(config):
+    return None  # aligned: transformers saves no multi-token-prediction weights
+
+
+def _mtp_align(config):
+    # transformers' DeepSeek-V3 and GLM-4.5 hold no multi-token-prediction layers, so none are saved;
+    # engines look for num_nextn_predict_layers of them at index num_hidden_layers + k.
+    if getattr(config, "num_nextn_predict_layers", 0):
+        config.num_nextn_predict_layers = 0
+
+
+def _moe_freq_problem(config):
+    freq = getattr(config, "moe_layer_freq", 1)
+    return None if freq in (None, 1) else f"it takes MoE blocks as those with i % moe_layer_freq == 0 ({freq})"
+
+
+def _window_layers(config):
+    """Qwen2's rule: blocks below max_window_layers attend fully, the rest slide; the m that gives
+    layer_types, or None."""
+    kinds = _kinds(config, "layer_types")
+    for m in range(len(kinds) + 1):
+        if kinds == ["full_attention" if i < m else "sliding_attention" for i in range(len(kinds))]:
+            return m
+    return None
+
+
+def _window_layers_align(config):
+    kinds = _kinds(config, "layer_types")
+    m = _window_layers(config)
+    if len(set(kinds)) > 1 and m is not None:
+        config.max_window_layers = m
+
+
+def _window_layers_problem(config):
+    if len(set(_kinds(config, "layer_types"))) > 1:
+        return "it asserts max_window_layers == num_hidden_layers when layer_types are mixed"
+    return None
+
+
+def _interleave(config):
+    moe = set(getattr(config, "moe_layers", None) or [])
+    depth = config.num_hidden_layers
+    for step in range(1, depth + 2):
+        if moe == {i for i in range(depth) if (i + 1) % step == 0}:
+            return step
+    return None
+
+
+def _interleave_problem(config):
+    if getattr(config, "moe_layers", None) is None or _interleave(config) is not None:
+        return None
+    return f"it builds MoE blocks from interleave_moe_layer_step, and no step gives moe_layers {config.moe_layers}"
+
+
+def _interleave_align(config):
+    step = _interleave(config)
+    if step is not None and getattr(config, "moe_layers", None) is not None:
+        config.interleave_moe_layer_step = step
+
+
+def _parity_problem(config):
+    kinds = _kinds(config, "layer_types")
+    if kinds and kinds != ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(len(kinds))]:
+        return "it takes GPT-OSS's sliding blocks as the even ones (i % 2 == 0), not from layer_types"
+    return None
+
+
+_PATTERN = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*", "mlp": "-", "moe": "E"}
+
+
+def _pattern(config):
+    kinds = _kinds(config, "layers_block_type")
+    return "".join(_PATTERN[kind] for kind in kinds) if kinds and all(kind in _PATTERN for kind in kinds) else None
+
+
+def _pattern_align(config):
+    if not isinstance(getattr(type(config), "hybrid_override_pattern", None), property) and _pattern(config):
+        config.hybrid_override_pattern = _pattern(config)
+
+
+def saved_extras(config) -> dict:
+    """Fields for config.json that the config object derives and does not save itself: transformers 5
+    computes Nemotron-H's hybrid_override_pattern from layers_block_type (and reads layers_block_type
+    first when both are there), while vLLM reads the pattern."""
+    extras = {}
+    for part in _configs(config):
+        if part.model_type == "nemotron_h" and _pattern(part):
+            extras["hybrid_override_pattern"] = _pattern(part)
+    return extras
+
+
+def _gemma_pattern_problem(config):
+    kinds = _kinds(config, "layer_types")
+    if kinds and kinds != ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(len(kinds))]:
+        return "its converter takes Gemma 3's full-attention blocks as every 6th unless a per-block pattern is given"
+    return None
+
+
+def _mlp_only_problem(config):
+    if getattr(config, "mlp_only_layers", None):
+        return f"it ignores mlp_only_layers ({config.mlp_only_layers}) and builds every block as MoE"
+    return None
+
+
+def _nope_problem(config):
+    flags = getattr(config, "no_rope_layers", None)
+    if flags and list(flags) != [0 if (i + 1) % 4 == 0 else 1 for i in range(len(flags))]:
+        return "it takes Llama 4's NoPE blocks as every 4th, not from no_rope_layers"
+    return None
+
+
+RULES = (
+    Rule(VLLM, ("deepseek_v3", "glm4_moe"), "num_nextn_predict_layers", _mtp_problem, _mtp_align),
+    Rule(VLLM, ("deepseek_v3", "deepseek_v2"), "moe_layer_freq", _moe_freq_problem),
+    Rule(VLLM, ("qwen2", "qwen2_moe"), "max_window_layers", _window_layers_problem, _window_layers_align),
+    Rule(VLLM, ("llama4", "llama4_text"), "interleave_moe_layer_step", _interleave_problem, _interleave_align),
+    Rule(VLLM, ("gpt_oss",), "layer_types", _parity_problem),
+    Rule(VLLM, ("nemotron_h",), "hybrid_override_pattern", lambda config: None, _pattern_align),
+    Rule(LLAMA_CPP, ("gemma3", "gemma3_text"), "layer_types", _gemma_pattern_problem),
+    Rule(LLAMA_CPP, ("qwen2_moe", "qwen3_moe"), "mlp_only_layers", _mlp_only_problem),
+    Rule(LLAMA_CPP, ("llama4", "llama4_text"), "no_rope_layers", _nope_problem),
+)
+
+
+def _configs(config):
+    """The config and its text config (a vision-language model's language model has its own type)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return [config] if text is config else [config, text]
+
+
+def align(config) -> None:
+    """Write the fields the engines read wherever a value says what transformers builds."""
+    for part in _configs(config):
+        for rule in RULES:
+            if part.model_type in rule.model_types and rule.align is not None:
+                rule.align(part)
+
+
+def problems(config) -> list:
+    """'ENGINE: FIELD: why' for every engine that would build another layout from this (aligned) config."""
+    found = []
+    for part in _configs(config):
+        for rule in RULES:
+            if part.model_type in rule.model_types:
+                reason = rule.problem(part)
+                if reason:
+                    found.append(f"{rule.engine}: {rule.field}: {reason}")
+    return found
