@@ -125,5 +125,7 @@ def healed_card(record: dict):
               f"trained {record['train_seconds']:.0f} s" + (" on a 4-bit base (QLoRA)" if settings["load_in_4bit"] else "")]
     quality = _ppl_lines("perplexity after removal", record.get("ppl_pruned")) + \
         _ppl_lines("perplexity after healing", record.get("ppl_healed"))
+    if quality and record.get("ppl_precision"):
+        quality.append(f"- both measured in {record['ppl_precision']}")
     return make_card(record, "sleb.heal", ["lora", "healed"], [("How the blocks were chosen", [f"- metric: {metric}"]),
                                                               ("Healing", recipe), ("Quality", quality)], metric)

@@ -52,28 +52,37 @@ def run_heal(settings: HealSettings) -> dict:
         # data
         data.calibration_text(settings.dataset, settings.nsamples, settings.seed)  # fails before the load, cached
         eval_data = stages.fetch_eval_data(settings)
-        # load and prune
-        model, tokenizer = stages.load(settings, quantize_4bit=settings.load_in_4bit)
-        train_windows = api.calibration_windows(tokenizer, settings.dataset, settings.nsamples, settings.seqlen,
-                                                settings.seed, model=model)
-        api.remove_blocks(model, removal_list)
-        original_depth = depth if removal_list else depth + len(card_removal)
-        removed = removal_list or card_removal
-        print(f"healing {settings.model_name}: {blocks.num_blocks(model)} of {original_depth} blocks "
-              f"(removed {removed}); {len(train_windows)} training windows of {train_windows.shape[1]} tokens from "
-              f"{settings.dataset}")
-        eval_windows = stages.tokenize_eval_texts(model, tokenizer, eval_data, settings.eval_seqlen)
-        record = stages.record("heal", settings, model, original_depth, removal_list=removed,
-                               source_metric=card.get("sleb_metric", "given"),
-                               base_model=card.get("sleb_base_model", settings.model_name),
-                               ppl_pruned=stages.perplexity(model, eval_windows, settings.batch_size))
-        if eval_data.tasks:
-            record["zeroshot_pruned"] = stages.zeroshot_accuracy(model, tokenizer, eval_data, settings)
-
+        # load and prune (QLoRA: measured first on the full-precision model, as the merged one will be)
         def full_precision_base():  # QLoRA merges into the unquantized weights, pruned the same way
             base, _ = stages.load(settings)
             api.remove_blocks(base, removal_list)
             return base
+
+        measured, tokenizer = stages.load(settings)
+        api.remove_blocks(measured, removal_list)
+        original_depth = depth if removal_list else depth + len(card_removal)
+        removed = removal_list or card_removal
+        eval_windows = stages.tokenize_eval_texts(measured, tokenizer, eval_data, settings.eval_seqlen)
+        record = stages.record("heal", settings, measured, original_depth, removal_list=removed,
+                               source_metric=card.get("sleb_metric", "given"),
+                               base_model=card.get("sleb_base_model", settings.model_name),
+                               ppl_precision=str(measured.dtype).replace("torch.", "") + (
+                                   ", before and after (training ran on a 4-bit NF4 base)" if settings.load_in_4bit
+                                   else ", before and after"),
+                               ppl_pruned=stages.perplexity(measured, eval_windows, settings.batch_size))
+        if eval_data.tasks:
+            record["zeroshot_pruned"] = stages.zeroshot_accuracy(measured, tokenizer, eval_data, settings)
+        if settings.load_in_4bit:
+            del measured  # the 4-bit base is trained; the full-precision one is loaded again to merge into
+            model, tokenizer = stages.load(settings, quantize_4bit=True)
+            api.remove_blocks(model, removal_list)
+        else:
+            model = measured
+        train_windows = api.calibration_windows(tokenizer, settings.dataset, settings.nsamples, settings.seqlen,
+                                                settings.seed, model=model)
+        print(f"healing {settings.model_name}: {blocks.num_blocks(model)} of {original_depth} blocks "
+              f"(removed {removed}); {len(train_windows)} training windows of {train_windows.shape[1]} tokens from "
+              f"{settings.dataset}")
 
         # train and merge
         healed = api.heal(model, windows=train_windows, recipe=settings.recipe(), work_dir=work_dir,

@@ -38,6 +38,7 @@ def test_heal_lowers_the_loss_and_saves_a_checkpoint_stock_transformers_loads(ar
     name = f"file:{text_file}"
     assert record["ppl_healed"][name]["ppl"] < record["ppl_pruned"][name]["ppl"]
     assert record["ppl"] == record["ppl_healed"] and record["train_seconds"] > 0
+    assert record["ppl_precision"] == "float32, before and after"  # like with like
     assert record["output_dir"] == str(tmp_path / "healed") and record["removal_list"] == [2, 4]
     assert os.path.getsize(record["loss_plot"]) > 1000
     expected = {"llama": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
@@ -193,3 +194,6 @@ def test_qlora_on_gpu(model_dirs, text_file, tmp_path):
     record = json.loads((tmp_path / "h.json").read_text())
     assert record["loss_curve"][-1]["loss"] < record["loss_curve"][0]["loss"]
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "healed").config.num_hidden_layers == 4
+    # Before and after both on the full-precision model: healing is not credited with the 4-bit loss.
+    assert record["ppl_precision"].endswith("before and after (training ran on a 4-bit NF4 base)")
+    assert record["dtype"] != "torch.uint8"
