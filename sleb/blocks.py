@@ -140,13 +140,11 @@ def rederive(block_list, config) -> list:
     changed = []
     for position, block in enumerate(block_list):
         fresh = _built_at(block, config, position)
-        if fresh is None:
-            continue
-        theirs = dict(fresh.named_modules())
+        theirs = dict(fresh.named_modules()) if fresh is not None else {}
+        if [(n, type(m)) for n, m in block.named_modules()] != [(n, type(m)) for n, m in theirs.items()]:
+            continue  # not this block's structure (Bamba's class takes its kind as a third argument)
         for name, module in block.named_modules():
-            other = theirs.get(name)
-            if other is None or type(other) is not type(module):
-                continue
+            other = theirs[name]
             for attribute, value in vars(module).items():
                 if attribute.startswith("_") or attribute in ("training", "layer_idx") or not isinstance(value, _PLAIN):
                     continue

@@ -2,8 +2,8 @@
 
 A config says which block is which in four ways: a list with one entry per block (`layer_types`,
 `layers_block_type`, `no_rope_layers`), a list of indices (`mlp_only_layers`, `moe_layers`,
-`full_attn_idxs`), a rule (`decoder_sparse_step`, `first_k_dense_replace`, a period and an offset)
-or a layout string (`hybrid_override_pattern`). Each entry of LAYOUT reads the config into one value
+`full_attn_idxs`, `attn_layer_indices`), a rule (`decoder_sparse_step`, `first_k_dense_replace`, a
+period and an offset, a start/end/interval) or a layout string (`hybrid_override_pattern`). Each entry of LAYOUT reads the config into one value
 per block, and writes a list of per-block values back in a form the architecture's own config
 accepts. Deleting blocks is then: read every entry, keep the surviving blocks' values, write.
 
@@ -15,11 +15,11 @@ save a checkpoint whose config would rebuild another model, naming the fields li
 from dataclasses import dataclass
 from typing import Callable
 
-# Per-block lists known by name. Any other list field named "*layer*" as long as the depth is
-# treated the same way, for architectures not met yet.
+# Per-block lists known by name. Any other list of plain values as long as the depth is treated the
+# same way, for architectures not met yet.
 PER_BLOCK_LISTS = ("layer_types", "layers_block_type", "no_rope_layers", "mlp_layer_types", "layers_num_experts",
                    "sliding_window_layers", "attention_types")
-INDEX_LISTS = ("moe_layers", "full_attn_idxs", "mlp_only_layers")
+INDEX_LISTS = ("moe_layers", "full_attn_idxs", "mlp_only_layers", "attn_layer_indices")
 LAYOUT_STRINGS = ("hybrid_override_pattern",)
 
 
@@ -82,6 +82,31 @@ def _period_entry(period: str, offset: str) -> Entry:
                  write)
 
 
+def _interval_entry(start: str, end: str, interval: str) -> Entry:
+    """ERNIE 4.5 MoE: block i is MoE iff (i + 1) % interval == 0 and start <= i <= end."""
+
+    def read(config, depth):
+        return [(i + 1) % getattr(config, interval) == 0 and getattr(config, start) <= i <= getattr(config, end)
+                for i in range(depth)]
+
+    def write(config, chosen: list) -> None:
+        depth = len(chosen)
+        moe = [i for i, is_moe in enumerate(chosen) if is_moe]
+        if not moe:
+            setattr(config, start, depth)
+            setattr(config, end, depth - 1)
+            return
+        for step in range(1, depth + 1):
+            if moe == [i for i in range(moe[0], moe[-1] + 1) if (i + 1) % step == 0]:
+                setattr(config, interval, step)
+                setattr(config, start, moe[0])
+                setattr(config, end, moe[-1])
+                return
+        raise Inexpressible
+
+    return Entry((start, end, interval), read, write)
+
+
 LAYOUT = (
     [_per_block_list(name) for name in PER_BLOCK_LISTS]
     + [Entry(("decoder_sparse_step", "mlp_only_layers"),
@@ -92,13 +117,16 @@ LAYOUT = (
     + [Entry(("first_k_dense_replace",), lambda c, depth: [i >= c.first_k_dense_replace for i in range(depth)],
              _write_first_k_dense),
        _period_entry("attn_layer_period", "attn_layer_offset"),
-       _period_entry("expert_layer_period", "expert_layer_offset")]
+       _period_entry("expert_layer_period", "expert_layer_offset"),
+       _interval_entry("moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval")]
     + [_layout_string(name) for name in LAYOUT_STRINGS]
 )
 
 
 def _settable(config, name: str) -> bool:
-    """A plain attribute (Jamba's layers_block_type, say, is a property derived from its periods)."""
+    """A plain attribute (Jamba's layers_block_type, say, is a property derived from its periods; Bamba's
+    layer_types is another name, through attribute_map, for such a property)."""
+    name = getattr(config, "attribute_map", {}).get(name, name)
     attribute = getattr(type(config), name, None)
     return not isinstance(attribute, property) or attribute.fset is not None
 
@@ -117,10 +145,17 @@ def entries(config, depth: int) -> list:
         found.append(entry)
         claimed.update(entry.fields)
     for name, value in vars(config).items():
-        if (name not in claimed and "layer" in name and isinstance(value, (list, tuple)) and len(value) == depth
-                and _settable(config, name)):
+        if (name not in claimed and _per_block_values(name, value, depth) and _settable(config, name)):
             found.append(_per_block_list(name))
     return found
+
+
+def _per_block_values(name: str, value, depth: int) -> bool:
+    """A list of plain values as long as the depth, whatever its name (a per-block top-k or FFN width
+    as much as a *_layer_types list); token ids are not per block. Carried as a per-block list: where
+    that guess is wrong and it matters, the reload guard sees the rebuilt model differ."""
+    return (isinstance(value, (list, tuple)) and len(value) == depth and not name.startswith("_")
+            and "token_id" not in name and all(isinstance(item, (str, int, float, bool)) for item in value))
 
 
 def structure_fields(config, depth: int) -> list:

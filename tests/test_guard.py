@@ -229,3 +229,18 @@ def test_saved_configs_tell_serving_engines_the_layout(family_dirs, text_file, t
     record = json.loads((tmp_path / "results" / "g.json").read_text())
     assert any("GPT-OSS's sliding blocks" in line for line in record["serving_warnings"])
     assert "GPT-OSS's sliding blocks as the even ones" in (tmp_path / "gpt_oss" / "README.md").read_text()
+
+
+def test_a_per_block_list_without_layer_in_its_name_is_carried(model_dirs, tmp_path):
+    """A per-block setting under a name the table does not know (here a per-block top-k) is trimmed with
+    the blocks, so the saved config describes the kept blocks."""
+    import json
+
+    model, tokenizer = sleb.load(model_dirs["llama"], device="cpu")
+    model.config.experts_per_token_per_block = [1, 2, 3, 4, 5, 6]
+    with sleb.skipping(model, [1, 4]):
+        assert model.config.experts_per_token_per_block == [1, 3, 4, 6]
+    assert model.config.experts_per_token_per_block == [1, 2, 3, 4, 5, 6]  # whole again
+    sleb.remove_blocks(model, [1, 4])
+    sleb.save_pretrained(model, tokenizer, str(tmp_path / "out"))
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["experts_per_token_per_block"] == [1, 3, 4, 6]

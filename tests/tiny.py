@@ -71,7 +71,9 @@ def make_config(arch: str, layers: int = 6):
 # The architectures people prune in 2026 whose configs tie structure to block index (issue 19), each
 # with the field that does it set so that it matters in 6 blocks.
 FAMILIES = ("qwen3_moe", "qwen2_moe", "deepseek_v3", "glm4_moe", "llama4", "gpt_oss", "nemotron_h", "jamba",
-            "lfm2", "qwen3_next", "smollm3", "gemma3_vl", "qwen2_5_vl")
+            "lfm2", "qwen3_next", "smollm3", "gemma3_vl", "qwen2_5_vl",
+            # issue 26: more layouts from transformers' model list
+            "ernie4_5_moe", "bamba", "granitemoehybrid", "falcon_h1", "gemma2", "cohere2", "minimax")
 VISION_FAMILIES = ("gemma3_vl", "qwen2_5_vl")
 
 
@@ -124,6 +126,34 @@ def _family_config(arch: str, layers: int):
                                  decoder_sparse_step=1, mlp_only_layers=[1], head_dim=8, linear_num_value_heads=4,
                                  linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
                                  linear_conv_kernel_dim=4, full_attention_interval=3, **moe, **attention, **common)
+    if arch == "ernie4_5_moe":  # MoE by an interval rule: (i + 1) % interval == 0 and start <= i <= end
+        return t.Ernie4_5_MoeConfig(intermediate_size=64, moe_intermediate_size=16, moe_num_experts=4, moe_k=2,
+                                    moe_layer_start_index=1, moe_layer_end_index=4, moe_layer_interval=2,
+                                    moe_num_shared_experts=1, head_dim=8, **attention, **common)
+    if arch == "bamba":  # attention blocks by an index list (attn_layer_indices), Mamba elsewhere
+        return t.BambaConfig(intermediate_size=64, attn_layer_indices=[1, 3], mamba_n_heads=4, mamba_d_head=16,
+                             mamba_d_state=8, mamba_n_groups=1, mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=16,
+                             **attention, **common)
+    if arch == "granitemoehybrid":  # Mamba and attention by layer_types, MoE everywhere, shared MLP
+        kinds = ["mamba", "attention", "mamba", "attention", "mamba", "attention"]
+        return t.GraniteMoeHybridConfig(intermediate_size=64, shared_intermediate_size=32, num_local_experts=4,
+                                        num_experts_per_tok=2, layer_types=[kinds[i % 6] for i in range(layers)],
+                                        mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1,
+                                        mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=16, **attention, **common)
+    if arch == "falcon_h1":  # attention and Mamba side by side in every block, per-block multipliers
+        return t.FalconH1Config(intermediate_size=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_ssm=64, mamba_d_state=8,
+                                mamba_n_groups=1, mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=16, head_dim=8,
+                                **attention, **common)
+    if arch == "gemma2":  # norms after each sub-layer, sliding and full attention alternating by layer_types
+        return t.Gemma2Config(intermediate_size=64, head_dim=8, sliding_window=8, **attention, **common)
+    if arch == "cohere2":  # attention and MLP in parallel off one norm; sliding blocks by layer_types
+        return t.Cohere2Config(intermediate_size=64, sliding_window=8, sliding_window_pattern=3, head_dim=8,
+                               **attention, **common)
+    if arch == "minimax":  # linear ("lightning") and full attention by layer_types, MoE in every block
+        kinds = ["linear_attention", "full_attention"]
+        return t.MiniMaxConfig(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, head_dim=8,
+                               layer_types=[kinds[i % 2] for i in range(layers)], block_size=16, **attention,
+                               **common)
     if arch == "gemma3_vl":  # Gemma3ForConditionalGeneration: SigLIP tower + projector + text model
         text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
                     num_key_value_heads=2, head_dim=8, max_position_embeddings=256, sliding_window=8, **common)
