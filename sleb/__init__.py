@@ -20,5 +20,5 @@ from sleb.errors import UsageError  # noqa: E402
 from sleb.recovery.lora import LoraRecipe  # noqa: E402
 
 __all__ = ["load", "calibration_windows", "evaluation_windows", "search", "SearchResult", "remove_blocks",
-           "skipping", "compensate", "CompensationResult", "serving_problems", "perplexity", "zeroshot_tasks", "zeroshot", "heal", "LoraRecipe", "HealResult",
-           "save_pretrained", "UsageError", "__version__"]
+           "skipping", "compensate", "CompensationResult", "serving_problems", "perplexity", "zeroshot_tasks",
+           "zeroshot", "heal", "LoraRecipe", "HealResult", "save_pretrained", "UsageError", "__version__"]

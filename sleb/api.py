@@ -146,8 +146,9 @@ def search(model, windows: torch.Tensor, num_remove_blocks: Optional[int] = None
            on_phase=None, log=None, keep_block_kinds: bool = True) -> SearchResult:
     """Which blocks to remove: `metric` sleb (the paper's greedy metric 3), sleb_compensated (the same loop,
     each candidate scored with its linear map folded in: it leaves the chosen maps folded into the model,
-    so `remove_blocks` then gives the compensated model), sleb_oneshot, cosine, angular or random; `engine` fast (exact, same list as reference) or reference. `num_remove_blocks` defaults to
-    20% of the blocks, rounded up. `resume` continues an unfinished sleb search; `on_phase(result)` is
+    so `remove_blocks` then gives the compensated model), sleb_oneshot, cosine, angular or random;
+    `engine` fast (exact, same list as reference) or reference. `num_remove_blocks` defaults to 20% of
+    the blocks, rounded up. `resume` continues an unfinished sleb search; `on_phase(result)` is
     called after each finished phase (the commands save it). `keep_block_kinds`: a hybrid model (its
     config's per-block type list names several kinds: attention, Mamba, convolution, ...) keeps at
     least one block of each kind, which stock transformers' hybrid caches need to generate."""

@@ -5,8 +5,9 @@ device: no memory) and compared with the model in hand: every tensor name and sh
 module the tree, classes, plain attributes, unsaved buffers and weight sharing (`check_reloads` says
 exactly what that proves). A config that would rebuild another model (an architecture whose layout
 fields sleb has not met, a layout its config cannot express, a rule in the modeling code) stops the
-save with one line naming where and what; `from_pretrained` would only warn, or say nothing. The write itself goes to a temporary sibling that is renamed
-at the end, so a failed or killed save leaves nothing that looks like a checkpoint.
+save with one line naming where and what; `from_pretrained` would only warn, or say nothing. The
+write itself goes to a temporary sibling that is renamed at the end, so a failed or killed save
+leaves nothing that looks like a checkpoint.
 """
 
 import os

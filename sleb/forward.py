@@ -220,8 +220,8 @@ def cannot_follow(model) -> Optional[str]:
         return f"{type(model).__name__} post-processes its logits in a way the fast engine cannot follow"
     derived = blocks.index_derived(model)
     if derived:  # the fast engine reuses block outputs computed at the blocks' original positions
-        return (f"{type(model).__name__}'s blocks derive {', '.join(derived)} from their index (or the depth), which a removal "
-                "changes, so each candidate must run its blocks renumbered")
+        return (f"{type(model).__name__}'s blocks derive {', '.join(derived)} from their index (or the depth), "
+                "which a removal changes, so each candidate must run its blocks renumbered")
     vocab = model.get_input_embeddings().weight.shape[0]
     ids = torch.arange(8, device=input_device(model)).unsqueeze(0) % vocab
     try:

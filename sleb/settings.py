@@ -18,6 +18,7 @@ from sleb.checkpoint import check_new_directory
 from sleb.cli import flag
 from sleb.errors import UsageError, check_at_least, comma_list
 from sleb.metrics import check_choices, check_shape
+from sleb.recovery.lora import LoraRecipe
 
 PAPER_PPL_DATASETS = "wikitext2,c4"
 PAPER_TASKS = "piqa,winogrande,hellaswag,arc_challenge,arc_easy"
@@ -226,6 +227,9 @@ class SearchSettings(OutputFlags, SaveFlags, CompensateFlags, KindFlags, EvalFla
         check_shape(depth, self.num_remove_blocks, self.early_barrier, self.latter_barrier)
 
 
+RECIPE = LoraRecipe()  # the recipe's defaults are the flags' defaults
+
+
 @dataclass
 class HealSettings(OutputFlags, KindFlags, EvalFlags, ModelFlags):
     """`python -m sleb.heal`: LoRA-heal a pruned model and save the merged checkpoint."""
@@ -238,19 +242,20 @@ class HealSettings(OutputFlags, KindFlags, EvalFlags, ModelFlags):
     nsamples: int = flag(20000, "training rows taken from the shuffled train split, then cut into --seqlen windows")
     seqlen: int = flag(256, "tokens per training window (Shortened LLaMA: 256)")
     eval_seqlen: int = flag(2048, "tokens per perplexity window (capped at the model's maximum positions)")
-    lora_r: int = flag(8, "LoRA rank")
-    lora_alpha: int = flag(16, "LoRA alpha (scale alpha / r)")
-    lora_dropout: float = flag(0.05, "dropout on the LoRA input")
-    lr: float = flag(1e-4, "peak learning rate of AdamW")
-    warmup_steps: int = flag(100, "linear warm-up steps, then linear decay")
-    epochs: float = flag(2.0, "passes over the training windows (ignored when --max_steps is set)")
-    max_steps: int = flag(-1, "optimizer steps in all (-1: --epochs decide)")
-    train_batch_size: int = flag(4, "training windows per device per forward")
-    grad_accum: int = flag(16, "forwards per optimizer step (effective batch: train_batch_size x grad_accum x devices)")
-    weight_decay: float = flag(0.0, "AdamW weight decay")
-    seed: int = flag(0, "seed of the data shuffle, LoRA initialisation and dropout")
-    logging_steps: int = flag(10, "log the training loss every this many steps")
-    save_steps: int = flag(100, "write a Trainer checkpoint (for --resume) every this many steps")
+    lora_r: int = flag(RECIPE.lora_r, "LoRA rank")
+    lora_alpha: int = flag(RECIPE.lora_alpha, "LoRA alpha (scale alpha / r)")
+    lora_dropout: float = flag(RECIPE.lora_dropout, "dropout on the LoRA input")
+    lr: float = flag(RECIPE.lr, "peak learning rate of AdamW")
+    warmup_steps: int = flag(RECIPE.warmup_steps, "linear warm-up steps, then linear decay")
+    epochs: float = flag(RECIPE.epochs, "passes over the training windows (ignored when --max_steps is set)")
+    max_steps: int = flag(RECIPE.max_steps, "optimizer steps in all (-1: --epochs decide)")
+    train_batch_size: int = flag(RECIPE.train_batch_size, "training windows per device per forward")
+    grad_accum: int = flag(RECIPE.grad_accum, "forwards per optimizer step (effective batch: train_batch_size x "
+                                              "grad_accum x devices)")
+    weight_decay: float = flag(RECIPE.weight_decay, "AdamW weight decay")
+    seed: int = flag(RECIPE.seed, "seed of the data shuffle, LoRA initialisation and dropout")
+    logging_steps: int = flag(RECIPE.logging_steps, "log the training loss every this many steps")
+    save_steps: int = flag(RECIPE.save_steps, "write a Trainer checkpoint (for --resume) every this many steps")
     save_adapter: Optional[str] = flag(None, "also write the LoRA adapter alone (peft format) to this directory")
     load_in_4bit: bool = flag(False, "QLoRA: train on a 4-bit (NF4) base through bitsandbytes; CUDA only")
     resume: bool = flag(False, "continue from the last Trainer checkpoint of an interrupted run with these settings")
@@ -283,10 +288,8 @@ class HealSettings(OutputFlags, KindFlags, EvalFlags, ModelFlags):
         self.check_model()
         self.check_output()
 
-    def recipe(self):
+    def recipe(self) -> LoraRecipe:
         """The LoRA recipe these flags describe."""
-        from sleb.recovery.lora import LoraRecipe
-
         return LoraRecipe(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LoraRecipe)})
 
     def check_depth(self, depth: int, card_removal: Optional[list]) -> list:

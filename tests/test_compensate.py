@@ -58,8 +58,8 @@ def _collected(model, windows, before, last):
     Ms, Ds = [], []
     with torch.inference_mode():
         for window in windows:
-            seen = forward.observe(model, window[None], {"M": layers[before].mlp, "O": layers[before], "H": layers[last]},
-                                   stop_after=layers[last])
+            watched = {"M": layers[before].mlp, "O": layers[before], "H": layers[last]}
+            seen = forward.observe(model, window[None], watched, stop_after=layers[last])
             M = seen.outputs["M"][0].double()
             Ms.append(M)
             Ds.append(seen.outputs["H"][0].double() - (seen.outputs["O"][0].double() - M))

@@ -220,8 +220,9 @@ def _check_not_shared(model, targets: list, where: str) -> None:
             uses.setdefault(id(parameter), []).append(name)
     for target in targets:
         if len(uses.get(id(target.parameter), [])) > 1:
-            raise UsageError(f"--compensate linear: {where}.{target.name} is shared ({', '.join(uses[id(target.parameter)])}); "
-                             "folding a map into it would change the other uses; no blocks removed")
+            names = ", ".join(uses[id(target.parameter)])
+            raise UsageError(f"--compensate linear: {where}.{target.name} is shared ({names}); folding a map into "
+                             "it would change the other uses; no blocks removed")
 
 
 class _Normal:
