@@ -5,7 +5,8 @@ A config says which block is which in four ways: a list with one entry per block
 `full_attn_idxs`, `attn_layer_indices`), a rule (`decoder_sparse_step`, `first_k_dense_replace`, a
 period and an offset, a start/end/interval) or a layout string (`hybrid_override_pattern`). Each
 entry of LAYOUT reads the config into one value per block, and writes a list of per-block values
-back in a form the architecture's own config accepts. Deleting blocks is then: read every entry, keep the surviving blocks' values, write.
+back in a form the architecture's own config accepts. Deleting blocks is then: read every entry,
+keep the surviving blocks' values, write.
 
 A rule that cannot express the surviving layout (Jamba's periods after an irregular deletion) is
 left as it was: the model in memory is right, and the reload guard (sleb/checkpoint.py) refuses to
