@@ -76,9 +76,9 @@ def run_search(settings) -> dict:
             f"tokens; {settings.metric} removes {k} of {depth} blocks")
         base = stages.record("sleb", settings, model, depth, calibration_windows=len(windows), seqlen=seqlen)
 
-        # the dense model's perplexity first: sleb_compensated changes weights as it searches
         eval_windows = stages.tokenize_eval_texts(model, tokenizer, eval_data, settings.seqlen)
-        dense = stages.perplexity(model, eval_windows, settings.batch_size) if main_rank else {}
+        changes_weights = settings.metric in CHANGES_WEIGHTS  # its dense perplexity must come first
+        dense = stages.perplexity(model, eval_windows, settings.batch_size) if main_rank and changes_weights else {}
 
         # search (saved after every phase, so an interrupted run can resume)
         saved = [resumed]
@@ -106,6 +106,8 @@ def run_search(settings) -> dict:
 
         # prune and evaluate
         record = {**base, "search": found.to_dict()}
+        if not changes_weights:
+            dense = stages.perplexity(model, eval_windows, settings.batch_size)
         if dense:
             record["ppl_dense"] = dense
         if found.fits:  # sleb_compensated left each chosen block's map folded in
