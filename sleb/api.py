@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from sleb import blocks, checkpoint, data, models
+from sleb import blocks, checkpoint, data, identity, models
 from sleb.errors import UsageError, check_at_least, comma_list
 
 Data = Union[str, Sequence[str]]  # a data set name (wikitext2, c4, ptb, demo, file:PATH) or texts
@@ -162,8 +162,6 @@ def search(model, windows: torch.Tensor, num_remove_blocks: Optional[int] = None
     check_at_least("num_remove_blocks", k, 1)
     check_shape(depth, k, early_barrier, latter_barrier)
     log = log or (print if progress else (lambda *args, **kwargs: None))
-    from sleb import identity
-
     ran_on = identity.of_run(model, windows, num_remove_blocks=k, metric=metric, early_barrier=early_barrier,
                              latter_barrier=latter_barrier, seed=seed, keep_block_kinds=keep_block_kinds)
     state = SearchState(depth)
@@ -259,7 +257,6 @@ def _check_same_training(folder: str, model, windows, recipe, resume_from) -> No
     import json
     import os
 
-    from sleb import identity
     from sleb.recovery.lora import quantized
 
     ran_on = identity.of_run(model, windows, quantized=quantized(model), **dataclasses.asdict(recipe))
