@@ -258,6 +258,19 @@ def observe(model, input_ids: torch.Tensor, watched: dict, stop_after: Optional[
     """One forward of the model as it is, with hooks on `watched` ({name: module}); it stops as soon as
     `stop_after` has run, so nothing after it is computed. `replace` ({name: function}) hands the rest
     of the model function(output) in place of that module's output (for checks that perturb it)."""
+    return _observing(lambda: model(input_ids=input_ids, use_cache=False), watched, stop_after, replace,
+                      keep_inputs)[1]
+
+
+def observe_call(module: nn.Module, args: tuple, kwargs: dict, watched: dict, replace: Optional[dict] = None,
+                 keep_inputs: bool = False):
+    """`module(*args, **kwargs)` (a block on inputs captured earlier) watched as `observe` watches a
+    forward; returns (the call's output, the Observation)."""
+    result, seen = _observing(lambda: module(*args, **kwargs), watched, None, replace, keep_inputs)
+    return output_of(result), seen
+
+
+def _observing(run, watched: dict, stop_after, replace, keep_inputs: bool):
     outputs, inputs, finished = {}, {}, []
     replace = replace or {}
 
@@ -284,11 +297,12 @@ def observe(model, input_ids: torch.Tensor, watched: dict, stop_after: Optional[
         handles.append(module.register_forward_hook(after, with_kwargs=True))
     if stop_after is not None:
         handles.append(stop_after.register_forward_hook(stop))
+    result = None
     try:
-        model(input_ids=input_ids, use_cache=False)
+        result = run()
     except _Stopped:
         pass
     finally:
         for handle in handles:
             handle.remove()
-    return Observation(outputs, inputs, finished)
+    return result, Observation(outputs, inputs, finished)

@@ -217,3 +217,19 @@ def test_compensated_search_from_the_command_saves_the_scored_model(model_dirs, 
                      "100", "--seqlen", "32", "--num_remove_blocks", "2", "--metric", "sleb_compensated",
                      "--result_folder", str(tmp_path), "--result_file", "s.json", "--resume", "True")
     assert resumed.returncode == 2 and "folds maps into the model" in resumed.stderr
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_compensation_runs_in_half_precision_as_in_float32(dtype):
+    """Users load bf16 checkpoints: the exactness proofs run on a float32 copy of the block. In the
+    demo model's own dtype they rounded a trained Llama block (a stream far larger than what its MLP
+    adds) into a refusal; the map fitted is float32's to half-precision rounding."""
+    fits = {}
+    for name in ("float32", dtype):
+        model, tokenizer = sleb.load("demo", dtype=name, device="cpu")
+        windows = sleb.calibration_windows(tokenizer, "demo", nsamples=64, seqlen=512, model=model)[:4]
+        fits[name] = sleb.compensate(model, windows, [3], progress=False).runs[0]
+        assert blocks.compute_dtype(model) == getattr(torch, name)
+    assert fits[dtype].folded_into == fits["float32"].folded_into == ["mlp.down_proj.weight"]
+    assert fits[dtype].residual == pytest.approx(fits["float32"].residual, rel=0.02)
+    assert fits[dtype].residual < fits[dtype].identity_residual

@@ -23,6 +23,7 @@ blocks sharing weights) is refused in one line.
 """
 
 import contextlib
+import copy
 import itertools
 import math
 import time
@@ -161,24 +162,45 @@ def last_sublayer(model, block_index: int, probe: torch.Tensor, label: str) -> S
         raise UsageError(f"--compensate linear: no sub-layer of {cls} (block {label}) outputs the residual "
                          "stream's shape; the map has nowhere to go")
     name = order[-1]
-    sublayer, M = children[name], seen.outputs[name]
-    dtype = M.dtype
-    # Doubling M must move the block's output by exactly M: nothing (a norm, a post-norm) stands after it.
-    doubled = forward.observe(model, probe, {name: sublayer, "__block__": block}, stop_after=block,
-                              replace={name: lambda m: 2 * m})
+    sublayer = children[name]
     if "Norm" in type(sublayer).__name__:
         raise UsageError(f"--compensate linear: {cls} (block {label}) applies a norm ({name}) between its last "
                          "sub-layer and the residual add, so a folded map would not be exact; no blocks removed")
-    if not _close(doubled.outputs["__block__"] - out, M.reshape(out.shape), dtype):
+    # The proofs run on a float32 copy of the block: half precision would round them away.
+    checked, call, dtype = block, seen.inputs["__block__"], seen.outputs[name].dtype
+    try:
+        checked, call, dtype = copy.deepcopy(block).float(), _float32(call), torch.float32
+    except Exception:  # a block whose weights an offload hook holds elsewhere: checked as it is
+        pass
+    part = dict(checked.named_children())[name]
+    out, first = forward.observe_call(checked, *call, {name: part}, keep_inputs=True)
+    M = first.outputs[name]
+    # Doubling M must move the block's output by exactly M: nothing (a norm, a post-norm) stands after it.
+    doubled, _ = forward.observe_call(checked, *call, {name: part}, replace={name: lambda m: 2 * m})
+    if not _close(doubled - out, M.reshape(out.shape), dtype):
         raise UsageError(f"--compensate linear: {cls} (block {label}) does not add its last sub-layer ({name}) "
                          "to the residual stream as it is (a norm after it, or post-norm); a folded map would not "
                          "be exact; no blocks removed")
-    targets = _proven_targets(model, sublayer, seen.inputs[name], M, f"{cls}.{name} (block {label})")
-    _check_not_shared(model, targets, f"{cls}.{name} (block {label})")
+    where = f"{cls}.{name} (block {label})"
+    proven = _proven_targets(part, first.inputs[name], M, dtype, where)
+    real = dict(sublayer.named_parameters())
+    targets = [Target(target.name, real[target.name], target.how) for target in proven]
+    _check_not_shared(model, targets, where)
     return Sublayer(block_index, sublayer, name, targets)
 
 
-def _proven_targets(model, sublayer: nn.Module, call, M: torch.Tensor, where: str) -> list:
+def _float32(value):
+    """Floating tensors (hidden states, position embeddings, additive masks) as float32, the rest as is."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_float32(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _float32(item) for key, item in value.items()}
+    return value
+
+
+def _proven_targets(sublayer: nn.Module, call, M: torch.Tensor, dtype, where: str) -> list:
     """The parameters whose fold maps the sub-layer's output to output x T, tried on its probe input
     with a random T; the first assignment (all folded before fewer) that holds is kept."""
     args, kwargs = call
@@ -203,7 +225,7 @@ def _proven_targets(model, sublayer: nn.Module, call, M: torch.Tensor, where: st
                 output = forward.output_of(sublayer(*args, **kwargs))
             for (_, parameter, _), original in zip(candidates, saved):
                 parameter.data.copy_(original)
-            if _close(output, expected, M.dtype):
+            if _close(output, expected, dtype):
                 return chosen
     finally:
         for (_, parameter, _), original in zip(candidates, saved):
