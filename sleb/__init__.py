@@ -11,7 +11,7 @@ From Python, on a model you already hold:
 Importing sleb loads torch, not lm-eval, peft or datasets: each function imports what it needs.
 """
 
-__version__ = "0.3.0"
+from sleb.version import __version__
 
 from sleb.api import (CompensationResult, HealResult, SearchResult, calibration_windows, compensate,  # noqa: E402
                       evaluation_windows, heal, load, perplexity, remove_blocks, save_pretrained, search,

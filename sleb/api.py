@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from sleb import blocks, checkpoint, data, identity, models
+from sleb import blocks, checkpoint, data, guard, identity, models
 from sleb.errors import UsageError, check_at_least, comma_list
 
 Data = Union[str, Sequence[str]]  # a data set name (wikitext2, c4, ptb, demo, file:PATH) or texts
@@ -152,7 +152,7 @@ def search(model, windows: torch.Tensor, num_remove_blocks: Optional[int] = None
     called after each finished phase (the commands save it). `keep_block_kinds`: a hybrid model (its
     config's per-block type list names several kinds: attention, Mamba, convolution, ...) keeps at
     least one block of each kind, which stock transformers' hybrid caches need to generate."""
-    from sleb.metrics import METRICS, SearchJob, SearchState, check_choices, check_shape
+    from sleb.metrics import METRICS, SearchJob, SearchState, check_choices, check_resumable, check_shape
 
     check_choices(metric, engine, early_barrier, latter_barrier)
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype != torch.long:
@@ -161,11 +161,13 @@ def search(model, windows: torch.Tensor, num_remove_blocks: Optional[int] = None
     k = blocks.default_remove_count(depth) if num_remove_blocks is None else num_remove_blocks
     check_at_least("num_remove_blocks", k, 1)
     check_shape(depth, k, early_barrier, latter_barrier)
+    guard.check_removable(model)
     log = log or (print if progress else (lambda *args, **kwargs: None))
     ran_on = identity.of_run(model, windows, num_remove_blocks=k, metric=metric, early_barrier=early_barrier,
                              latter_barrier=latter_barrier, seed=seed, keep_block_kinds=keep_block_kinds)
     state = SearchState(depth)
     if resume is not None:
+        check_resumable(metric, resume.status == "done", "the search result handed in", "search again without resume=")
         changed = identity.first_difference(resume.identity, ran_on)
         if changed:
             raise UsageError(f"cannot resume this search: {changed}; resume on the same model, data, settings "
@@ -184,16 +186,29 @@ def search(model, windows: torch.Tensor, num_remove_blocks: Optional[int] = None
     job = SearchJob(model, windows, k, early_barrier, latter_barrier, seed, batch_size, log=log, progress=progress,
                     on_phase=lambda current: on_phase(result(current, "searching")) if on_phase else None,
                     build_engine=lambda: _build_engine(model, windows, engine, batch_size, cache_gb),
-                    kinds=blocks.block_kinds(model) if keep_block_kinds else None)
+                    kinds=guard.binding_kinds(model) if keep_block_kinds else None)
     with _evaluating(model):
         if len(state.removal_list) < k:  # a finished search handed back in is returned as it is
             state = METRICS[metric](job, state)
     return result(state, "done")
 
 
-def remove_blocks(model, removal_list: Sequence[int]) -> None:
-    """Delete the blocks (original indices) in place; the model is then a normal checkpoint of fewer blocks."""
-    blocks.remove_blocks(model, list(removal_list))
+def _check_kinds_kept(model, removal_list: list, keep_block_kinds: bool) -> None:
+    """A removal may not take every block of a kind the model cannot generate without (guard.binding_kinds)."""
+    kinds = blocks.block_kinds(model)
+    if keep_block_kinds and kinds and not blocks.keeps_every_kind(removal_list, kinds):
+        blocks.check_keeps_every_kind(removal_list, guard.binding_kinds(model))
+
+
+def remove_blocks(model, removal_list: Sequence[int], *, keep_block_kinds: bool = True) -> None:
+    """Delete the blocks (original indices) in place; the model is then a normal checkpoint of fewer blocks.
+    A removal that takes every block of a kind the model cannot generate without (a hybrid model's last
+    attention block) is a UsageError unless `keep_block_kinds` is False."""
+    removal_list = blocks.check_removal_list(list(removal_list), blocks.num_blocks(model))
+    if removal_list:
+        guard.check_removable(model)
+        _check_kinds_kept(model, removal_list, keep_block_kinds)
+    blocks.remove_blocks(model, removal_list)
 
 
 def serving_problems(model) -> list:
@@ -207,6 +222,8 @@ def serving_problems(model) -> list:
 def skipping(model, skipped: Sequence[int]):
     """A context manager: inside it the model runs as if `skipped` were removed; after it, whole again."""
     blocks.check_removal_list(list(skipped), blocks.num_blocks(model), "skipped blocks")
+    if skipped:
+        guard.check_removable(model)
     return blocks.skipping(model, skipped)
 
 
@@ -349,7 +366,7 @@ class CompensationResult:
 
 
 def compensate(model, windows: torch.Tensor, removal_list: Sequence[int], ridge: float = 0.0, *,
-               batch_size: int = 4, progress: bool = True) -> CompensationResult:
+               batch_size: int = 4, progress: bool = True, keep_block_kinds: bool = True) -> CompensationResult:
     """Remove the blocks and win back what that cost with no training: for each maximal run of removed
     blocks, the least-squares map T = argmin ||M T - (H - Y)||^2 + ridge ||T||^2 from the calibration
     `windows` (M: what the block before the run adds last, Y: the stream it is added to, H: the run's
@@ -362,15 +379,20 @@ def compensate(model, windows: torch.Tensor, removal_list: Sequence[int], ridge:
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype != torch.long:
         raise UsageError("windows must be a (windows, seqlen) tensor of token ids, as calibration_windows returns")
     check_at_least("batch_size", batch_size, 1)
+    removal_list = blocks.check_removal_list(list(removal_list), blocks.num_blocks(model))
+    guard.check_removable(model)
+    _check_kinds_kept(model, removal_list, keep_block_kinds)
     started = time.perf_counter()
     with _evaluating(model):
-        fits = linear.compensate(model, windows, list(removal_list), ridge, batch_size, progress)
+        fits = linear.compensate(model, windows, removal_list, ridge, batch_size, progress)
     return CompensationResult(float(ridge), fits, round(time.perf_counter() - started, 3))
 
 
-def save_pretrained(model, tokenizer, directory: str, card=None) -> None:
+def save_pretrained(model, tokenizer, directory: str, card=None) -> list:
     """Write the model, tokenizer (and a vision-language model's processor) with `save_pretrained`,
-    atomically, after checking that the saved config rebuilds exactly this model; `card` (a
-    huggingface_hub ModelCard) becomes README.md."""
+    atomically, after proving that the saved config rebuilds a model that computes what this one was
+    scored as (sleb/guard.py); `card` (a huggingface_hub ModelCard, or a function of the guard's warning
+    lines that returns one) becomes README.md. Returns the guard's warning lines (config fields changed
+    since load that the outputs do not show)."""
     checkpoint.check_new_directory("save_model", directory)
-    checkpoint.save(model, tokenizer, directory, card)
+    return checkpoint.save(model, tokenizer, directory, card).warnings

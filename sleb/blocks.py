@@ -5,12 +5,14 @@ original blocks, in removal order.
 """
 
 import contextlib
+import copy
 import json
 import math
+from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from sleb import layout
+from sleb import layout, rebuild
 from sleb.errors import UsageError
 
 # Attribute path of the decoder-block ModuleList, by `config.model_type`. Anything else goes through
@@ -94,6 +96,30 @@ def num_blocks(model) -> int:
     return len(get_blocks(model))
 
 
+@dataclass
+class Origin:
+    """The model as sleb first met it (loaded, or first given blocks to remove): its config at full
+    depth, and the original index of each block it holds now. The reload guard rebuilds the model
+    that was scored from it; a resumed healing run compares what was removed and changed."""
+
+    config: object  # a copy of the config, taken before any block was removed
+    kept: list  # original indices of the blocks the model holds, in order
+    weights_changed: list = field(default_factory=list)  # what changed weights since ("linear map into block 2")
+
+    @property
+    def removed(self) -> list:
+        return [i for i in range(layout.depth_config(self.config).num_hidden_layers) if i not in set(self.kept)]
+
+
+def origin(model) -> Origin:
+    """The model's Origin, taken now if sleb has not met it before."""
+    found = getattr(model, "_sleb_origin", None)
+    if found is None or len(found.kept) != num_blocks(model):  # new, or blocks removed by other means since
+        found = Origin(copy.deepcopy(model.config), list(range(num_blocks(model))))
+        model.__dict__["_sleb_origin"] = found  # a plain attribute: never a module, never saved
+    return found
+
+
 def compute_dtype(model):
     """The floating dtype the blocks hold their weights in, which is what they compute in (a model's
     `dtype` is its first parameter's: float32 embeddings before bfloat16 blocks would say float32)."""
@@ -116,43 +142,40 @@ def _set_block_list(model, keep: list) -> dict:
     return saved
 
 
-_PLAIN = (str, int, float, bool, type(None))
-
-
-def _built_at(block, config, position):
-    """A block of the same class built from `config` at `position` on the meta device, or None where the
-    class is not built as Block(config, layer_idx)."""
-    from accelerate import init_empty_weights
-
-    try:
-        with init_empty_weights():
-            return type(block)(config, position)
-    except Exception:
-        return None
-
-
 def rederive(block_list, config) -> list:
     """Settings a block computes from its index at construction (GPT-2's attention scaling by
     1 / (layer_idx + 1)) set as a block built at its new position would have them, so a model with
     blocks skipped or deleted is the model `from_pretrained` builds from its config. Returns
-    (module, attribute, old value) to undo it. Classes not built as Block(config, layer_idx) are left
-    alone (the reload guard still compares them before a save)."""
+    (module, attribute, old value) to undo it. Classes not built as Block(config, layer_idx), or whose
+    rebuild has another structure (modules, classes or tensor shapes), are left alone: the reload
+    guard still compares them before a save."""
     changed = []
     for position, block in enumerate(block_list):
-        fresh = _built_at(block, config, position)
-        theirs = dict(fresh.named_modules()) if fresh is not None else {}
-        if [(n, type(m)) for n, m in block.named_modules()] != [(n, type(m)) for n, m in theirs.items()]:
+        fresh = rebuild.block_at(block, config, position)
+        if fresh is None or rebuild.structure(fresh) != rebuild.structure(block):
             continue  # not this block's structure (Bamba's class takes its kind as a third argument)
+        theirs = dict(fresh.named_modules())
         for name, module in block.named_modules():
-            other = theirs[name]
-            for attribute, value in vars(module).items():
-                if attribute.startswith("_") or attribute in ("training", "layer_idx") or not isinstance(value, _PLAIN):
-                    continue
-                new = getattr(other, attribute, value)
-                if isinstance(new, _PLAIN) and new != value:
-                    changed.append((module, attribute, value))
-                    setattr(module, attribute, new)
+            for attribute, _, new in rebuild.setting_differences(module, theirs[name]):
+                if new != "<missing>":
+                    changed.append((module, attribute, getattr(module, attribute)))
+                    setattr(module, attribute, getattr(theirs[name], attribute))
     return changed
+
+
+def _rederive_outside_blocks(model) -> None:
+    """Settings the model computes from its depth outside the blocks (Gemma 4's first KV-sharing block,
+    num_hidden_layers - num_kv_shared_layers) set as the model built from its new config has them."""
+    fresh = rebuild.on_meta(lambda: type(model)._from_config(copy.deepcopy(model.config)))
+    inside = block_path(model)
+    theirs = dict(fresh.named_modules())
+    for name, module in model.named_modules():
+        other = theirs.get(name)
+        if other is None or type(other) is not type(module) or name == inside or name.startswith(inside + "."):
+            continue
+        for attribute, _, new in rebuild.setting_differences(module, other):
+            if new != "<missing>":
+                setattr(module, attribute, getattr(other, attribute))
 
 
 def index_derived(model) -> list:
@@ -246,7 +269,12 @@ def check_removal_list(value, depth: int = None, what: str = "--removal_list") -
 def remove_blocks(model, removal_list) -> None:
     """Delete the blocks (original indices) for good, leaving a normal checkpoint."""
     removal = set(check_removal_list(removal_list, num_blocks(model)))
-    _set_block_list(model, [i for i in range(num_blocks(model)) if i not in removal])
+    keep = [i for i in range(num_blocks(model)) if i not in removal]
+    known = origin(model)
+    _set_block_list(model, keep)
+    known.kept = [known.kept[i] for i in keep]
+    if removal:
+        _rederive_outside_blocks(model)
     if removal:
         from sleb import serving
 

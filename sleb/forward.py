@@ -122,7 +122,7 @@ def _hidden_key(kwargs) -> str:
     return "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
 
 
-def _hidden_of(args, kwargs):
+def hidden_of(args, kwargs):
     """A module call's hidden state: its first positional argument, else the hidden-state keyword."""
     return args[0] if args else kwargs[_hidden_key(kwargs)]
 
@@ -146,7 +146,7 @@ def capture(model, input_ids: torch.Tensor, keep_outputs: bool = False) -> Block
         rest = dict(kwargs)
         if not args:
             rest.pop(_hidden_key(rest))
-        calls.append((_hidden_of(args, kwargs), tuple(args[1:]), rest))
+        calls.append((hidden_of(args, kwargs), tuple(args[1:]), rest))
 
     def after_block(module, args, kwargs, out):
         last.append(output_of(out))
@@ -157,7 +157,7 @@ def capture(model, input_ids: torch.Tensor, keep_outputs: bool = False) -> Block
 
     def outside(module, args, kwargs):
         if len(last) == len(block_list) and not tail and (args or kwargs):
-            tail.append((module, _hidden_of(args, kwargs)))
+            tail.append((module, hidden_of(args, kwargs)))
 
     handles = [block.register_forward_pre_hook(on_block, with_kwargs=True) for block in block_list]
     handles += [block.register_forward_hook(after_block, with_kwargs=True) for block in block_list]

@@ -16,12 +16,16 @@ save a checkpoint whose config would rebuild another model, naming the fields li
 from dataclasses import dataclass
 from typing import Callable
 
+from sleb.rebuild import PLAIN_SCALARS
+
 # Per-block lists known by name. Any other list of plain values as long as the depth is treated the
 # same way, for architectures not met yet.
 PER_BLOCK_LISTS = ("layer_types", "layers_block_type", "no_rope_layers", "mlp_layer_types", "layers_num_experts",
                    "sliding_window_layers", "attention_types")
 INDEX_LISTS = ("moe_layers", "full_attn_idxs", "mlp_only_layers", "attn_layer_indices")
 LAYOUT_STRINGS = ("hybrid_override_pattern",)
+# transformers 5's heterogeneous configs: {block index: {field: value}} overrides (Gemma 4's head sizes).
+PER_LAYER_OVERRIDES = "per_layer_config"
 
 
 class Inexpressible(Exception):
@@ -45,6 +49,19 @@ def _per_block_list(name):
 def _index_list(name):
     return Entry((name,), lambda c, depth: [i in getattr(c, name) for i in range(depth)],
                  lambda c, values: setattr(c, name, [i for i, chosen in enumerate(values) if chosen]))
+
+
+def _overrides(config):
+    """A heterogeneous config's per-block overrides as a dict by index; None for a homogeneous config (whose
+    `per_layer_config` property is a view of the config itself)."""
+    import copy
+
+    spec = config.__dict__.get("_heterogeneity_spec")
+    return copy.deepcopy(spec.per_layer_overrides) if spec is not None else None
+
+
+def _value(config, name: str):
+    return _overrides(config) if name == PER_LAYER_OVERRIDES else getattr(config, name, None)
 
 
 def _layout_string(name):
@@ -121,6 +138,8 @@ LAYOUT = (
        _period_entry("expert_layer_period", "expert_layer_offset"),
        _interval_entry("moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval")]
     + [_layout_string(name) for name in LAYOUT_STRINGS]
+    + [Entry((PER_LAYER_OVERRIDES,), lambda c, depth: [_overrides(c).get(i, {}) for i in range(depth)],
+             lambda c, values: setattr(c, PER_LAYER_OVERRIDES, {i: v for i, v in enumerate(values) if v}))]
 )
 
 
@@ -138,7 +157,7 @@ def entries(config, depth: int) -> list:
     for entry in LAYOUT:
         if any(name in claimed for name in entry.fields):
             continue  # mlp_only_layers belongs to the sparse-step rule when that rule is there
-        values = [getattr(config, name, None) for name in entry.fields]
+        values = [_value(config, name) for name in entry.fields]
         if any(value is None for value in values) or not all(_settable(config, n) for n in entry.fields):
             continue
         if entry.fields[0] in PER_BLOCK_LISTS + LAYOUT_STRINGS and len(values[0]) != depth:
@@ -156,7 +175,7 @@ def _per_block_values(name: str, value, depth: int) -> bool:
     as much as a *_layer_types list); token ids are not per block. Carried as a per-block list: where
     that guess is wrong and it matters, the reload guard sees the rebuilt model differ."""
     return (isinstance(value, (list, tuple)) and len(value) == depth and not name.startswith("_")
-            and "token_id" not in name and all(isinstance(item, (str, int, float, bool)) for item in value))
+            and "token_id" not in name and all(isinstance(item, PLAIN_SCALARS) for item in value))
 
 
 def structure_fields(config, depth: int) -> list:
@@ -188,7 +207,7 @@ def keep_blocks(config, keep: list) -> Snapshot:
     depth = config.num_hidden_layers
     found = entries(config, depth)
     names = ["num_hidden_layers"] + [name for entry in found for name in entry.fields]
-    snapshot = Snapshot(config, {name: getattr(config, name) for name in names})
+    snapshot = Snapshot(config, {name: _value(config, name) for name in names})
     per_block = [(entry, entry.read(config, depth)) for entry in found]
     config.num_hidden_layers = len(keep)  # Nemotron-H ignores this and derives it from its layer list
     for entry, values in per_block:

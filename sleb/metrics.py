@@ -361,6 +361,8 @@ def sleb_compensated(job: SearchJob, state: SearchState) -> SearchState:
         with torch.no_grad():
             for target in proven[alive[position - 1]].targets:
                 linear.fold(target, maps[position])
+        blocks.origin(model).weights_changed.append(f"linear map for block {alive[position]} folded into block "
+                                                    f"{alive[position - 1]}")
         normal = normals[position]
         state.fits.append(linear.RunFit([alive[position]], alive[position - 1], normal.tokens,
                                         normal.residual(maps[position]), normal.identity_residual(),
@@ -389,3 +391,13 @@ METRICS = {
 }
 ITERATIVE = ("sleb",)  # the metrics whose partial result (finished phases) can be continued
 CHANGES_WEIGHTS = ("sleb_compensated",)  # leaves maps folded into the model: never resumed from a file
+
+
+def check_resumable(metric: str, finished: bool, what: str, fix: str) -> None:
+    """Whether a search of `metric` can continue from a saved result (`what`, finished or not): one line why not."""
+    if metric in CHANGES_WEIGHTS:
+        raise UsageError(f"cannot resume: --metric {metric} folds maps into the model as it goes, and {what} does "
+                         f"not hold them; {fix}")
+    if not finished and metric not in ITERATIVE:
+        raise UsageError(f"cannot resume: --metric {metric} scores every block in one pass, so {what} holds nothing "
+                         f"to continue; {fix}")

@@ -45,7 +45,9 @@ def make_card(record: dict, module: str, tags: list, sections: list, metric: str
             f"Made with [sleb](https://arxiv.org/abs/2402.09025) (SLEB: block removal). Removed blocks "
             f"(original indices, in removal order): `{removed}`; {depth - len(removed)} blocks remain.", ""]
     serving = [f"- {problem}" for problem in record.get("serving_warnings") or []]
-    for title, lines in sections + [("Serving engines that would build another layout", serving)]:
+    changed = [f"- {line}" for line in record.get("config_warnings") or []]
+    for title, lines in sections + [("Serving engines that would build another layout", serving),
+                                    ("Config changed since load", changed)]:
         if lines:
             body += [f"## {title}", ""] + lines + [""]
     body += ["## Command", "", "```", command_line(module), "```", ""]

@@ -277,6 +277,9 @@ def load_model(model_name: str, dtype: str = "auto", device: str = "auto", devic
     else:
         print(f"placed by accelerate: {describe_placement(model)}", flush=True)
     model.eval()
+    from sleb import blocks
+
+    blocks.origin(model)  # the config as loaded: what the reload guard rebuilds the scored model from
     return model, tokenizer
 
 

@@ -28,7 +28,9 @@ def environment(device=None) -> dict:
     import accelerate
     import transformers
 
-    versions = {"python": platform.python_version(), "torch": torch.__version__,
+    from sleb.version import __version__
+
+    versions = {"sleb": __version__, "python": platform.python_version(), "torch": torch.__version__,
                 "transformers": transformers.__version__, "accelerate": accelerate.__version__}
     try:
         import datasets

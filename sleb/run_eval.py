@@ -16,7 +16,6 @@ def run_eval(settings) -> dict:
     _, config = models.load_config(settings.model_name, settings.trust_remote_code)
     depth = models.config_depth(config)
     settings.check_depth(depth)
-    settings.check_kinds(settings.removal_list, config, depth)
     with results.claim(settings.result_folder, settings.result_file or default_result_file(settings),
                        settings.overwrite) as path:
         started = time.perf_counter()
@@ -31,9 +30,10 @@ def run_eval(settings) -> dict:
         if settings.compensate == "linear":
             windows = api.calibration_windows(tokenizer, settings.dataset, settings.nsamples, settings.seqlen,
                                               settings.seed, model=model)
-            compensation = api.compensate(model, windows, settings.removal_list, settings.ridge).to_dict()
+            compensation = api.compensate(model, windows, settings.removal_list, settings.ridge,
+                                          keep_block_kinds=settings.keep_block_kinds).to_dict()
         else:
-            api.remove_blocks(model, settings.removal_list)
+            api.remove_blocks(model, settings.removal_list, keep_block_kinds=settings.keep_block_kinds)
         print(f"model {settings.model_name}: {depth} blocks, removed {settings.removal_list or 'none'} -> "
               f"{blocks.num_blocks(model)} blocks" + (" (linear compensation folded in)" if compensation else ""))
         eval_windows = stages.tokenize_eval_texts(model, tokenizer, eval_data, settings.seqlen)
@@ -52,7 +52,7 @@ def run_eval(settings) -> dict:
         if settings.save_model:
             from sleb.model_card import pruned_card
 
-            api.save_pretrained(model, tokenizer, settings.save_model, pruned_card(record))
+            stages.save_checkpoint(model, tokenizer, settings.save_model, record, path, pruned_card)
     if record["ppl"]:
         print(stages.ppl_table(record["ppl"]))
     print(f"results written to {path}")

@@ -12,7 +12,7 @@ import os
 import shutil
 import time
 
-from sleb import api, blocks, checkpoint, data, models, results, stages
+from sleb import api, blocks, data, guard, models, results, stages
 from sleb.cli import run_cli
 from sleb.errors import UsageError
 from sleb.recovery.lora import last_complete_checkpoint
@@ -39,7 +39,6 @@ def run_heal(settings: HealSettings) -> dict:
     card = _pruned_card(settings.model_name)
     card_removal = card.get("sleb_removal_list")
     removal_list = settings.check_depth(depth, card_removal)
-    settings.check_kinds(removal_list, config, depth)
     result_file = settings.result_file or default_result_file(settings)
     work_dir = os.path.join(settings.result_folder, os.path.splitext(result_file)[0] + "_trainer")
     with results.claim(settings.result_folder, result_file, settings.overwrite or settings.resume) as path:
@@ -55,11 +54,11 @@ def run_heal(settings: HealSettings) -> dict:
         # load and prune (QLoRA: measured first on the full-precision model, as the merged one will be)
         def full_precision_base():  # QLoRA merges into the unquantized weights, pruned the same way
             base, _ = stages.load(settings)
-            api.remove_blocks(base, removal_list)
+            api.remove_blocks(base, removal_list, keep_block_kinds=settings.keep_block_kinds)
             return base
 
         measured, tokenizer = stages.load(settings)
-        api.remove_blocks(measured, removal_list)
+        api.remove_blocks(measured, removal_list, keep_block_kinds=settings.keep_block_kinds)
         original_depth = depth if removal_list else depth + len(card_removal)
         removed = removal_list or card_removal
         eval_windows = stages.tokenize_eval_texts(measured, tokenizer, eval_data, settings.eval_seqlen)
@@ -75,7 +74,7 @@ def run_heal(settings: HealSettings) -> dict:
         if settings.load_in_4bit:
             del measured  # the 4-bit base is trained; the full-precision one is loaded again to merge into
             model, tokenizer = stages.load(settings, quantize_4bit=True)
-            api.remove_blocks(model, removal_list)
+            api.remove_blocks(model, removal_list, keep_block_kinds=settings.keep_block_kinds)
         else:
             model = measured
         train_windows = api.calibration_windows(tokenizer, settings.dataset, settings.nsamples, settings.seqlen,
@@ -89,7 +88,7 @@ def run_heal(settings: HealSettings) -> dict:
                           resume_from=resume_from, adapter_dir=settings.save_adapter,
                           full_precision_base=full_precision_base)
         model = healed.model
-        checkpoint.check_reloads(model)  # before the healed perplexity: a model that cannot be saved stops here
+        guard.check(model)  # before the healed perplexity: a model that cannot be saved stops here
         record.update(train_seconds=healed.train_seconds, train_windows=healed.train_windows,
                       loss_curve=healed.loss_curve, **healed.targets)
         record["ppl_healed"] = stages.perplexity(model, eval_windows, settings.batch_size)
@@ -102,7 +101,7 @@ def run_heal(settings: HealSettings) -> dict:
 
         record["output_dir"] = os.path.abspath(settings.output_dir)
         record["serving_warnings"] = stages.serving_warnings(model)
-        api.save_pretrained(model, tokenizer, settings.output_dir, healed_card(record))
+        stages.save_checkpoint(model, tokenizer, settings.output_dir, record, path, healed_card)
         record["times"] = {"train_s": healed.train_seconds, "total_s": round(time.perf_counter() - started, 3)}
         curve = healed.loss_curve
         record["loss_plot"] = plot_loss_curve(curve, os.path.splitext(path)[0] + "_loss.png") if curve else None

@@ -9,7 +9,7 @@ import time
 from sleb import api, data, distributed, models, results, stages
 from sleb.api import SearchResult
 from sleb.errors import UsageError
-from sleb.metrics import CHANGES_WEIGHTS, ITERATIVE
+from sleb.metrics import CHANGES_WEIGHTS, check_resumable
 
 # Settings that define a search's answer: a resumed run must match them.
 _RESUME_KEYS = ("model_name", "num_blocks", "num_remove_blocks", "early_barrier", "latter_barrier", "dataset",
@@ -32,17 +32,12 @@ def _resumed(path: str, settings) -> SearchResult:
         resumed = SearchResult.from_dict(search)
     except (ValueError, KeyError, TypeError, OSError):
         raise UsageError(f"{path!r} is not a sleb search result; remove it or pass another --result_file") from None
-    if settings.metric in CHANGES_WEIGHTS:
-        raise UsageError(f"--resume True: --metric {settings.metric} folds maps into the model as it goes, and a "
-                         "results file does not hold them; rerun with --overwrite True")
+    check_resumable(settings.metric, search.get("status") == "done", repr(path), "rerun with --overwrite True")
     current = dataclasses.asdict(settings)
     for key in _RESUME_KEYS:
         if saved_settings.get(key) != current[key]:
             raise UsageError(f"cannot resume {path!r}: it was run with --{key} {saved_settings.get(key)!r}, "
                              f"not {current[key]!r}; use the same settings or another --result_file")
-    if search.get("status") != "done" and settings.metric not in ITERATIVE:
-        raise UsageError(f"--resume True: --metric {settings.metric} scores every block in one pass, so "
-                         f"{path!r} holds nothing to continue; rerun with --overwrite True instead")
     return resumed
 
 
@@ -136,7 +131,7 @@ def run_search(settings) -> dict:
         if settings.save_model:
             from sleb.model_card import pruned_card
 
-            api.save_pretrained(model, tokenizer, settings.save_model, pruned_card(record))
+            stages.save_checkpoint(model, tokenizer, settings.save_model, record, path, pruned_card)
     if dense:
         rows = [[name, f"{dense[name]['ppl']:.3f}", f"{record['ppl'][name]['ppl']:.3f}", record["ppl"][name]["windows"]]
                 for name in dense]

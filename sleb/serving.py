@@ -2,9 +2,11 @@
 transformers builds, or a warning says which engine will build another one.
 
 Engines read the layout from other fields than transformers does. Each rule below was read from the
-engine's code at the version named (see ../shared/PEERS.md): `align` rewrites the fields it reads
-where a value expresses the pruned layout; where none can, `problems` names the engine and the
-field, and the commands print it, record it in the results JSON and write it in the model card.
+engine's code at the version named (see ../shared/PEERS.md; the vLLM rules re-read from vLLM's
+model loaders for issue 29, file and function named in tests/test_serving.py): `align` rewrites the
+fields it reads where a value expresses the pruned layout; where none can, `problems` names the
+engine and the field, and the commands print it, record it in the results JSON and write it in the
+model card.
 """
 
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ LLAMA_CPP = "llama.cpp (2026-08)"
 @dataclass(frozen=True)
 class Rule:
     engine: str
-    model_types: tuple
+    model_types: Optional[tuple]  # None: every config that has the field
     field: str
     problem: Callable  # config -> a reason the engine would build another layout, or None
     align: Optional[Callable] = None  # config -> None: write the field the engine reads, where it can
@@ -32,8 +34,10 @@ def _mtp_problem(config):
 
 
 def _mtp_align(config):
-    # transformers' DeepSeek-V3 and GLM-4.5 hold no multi-token-prediction layers, so none are saved;
-    # engines look for num_nextn_predict_layers of them at index num_hidden_layers + k.
+    # No transformers family holds its multi-token-prediction layers (DeepSeek-V3/V4, GLM-4.5, Nemotron-H,
+    # Step 3.7 and the rest list them among the keys ignored on load), so none are saved; engines look
+    # for num_nextn_predict_layers of them (at index num_hidden_layers + k, or under mtp.*). A family that
+    # did hold them would keep them in its state dict, and the reload guard would see the rebuild lack them.
     if getattr(config, "num_nextn_predict_layers", 0):
         config.num_nextn_predict_layers = 0
 
@@ -44,8 +48,8 @@ def _moe_freq_problem(config):
 
 
 def _window_layers(config):
-    """Qwen2's rule: blocks below max_window_layers attend fully, the rest slide; the m that gives
-    layer_types, or None."""
+    """Qwen2's rule (transformers derives layer_types from it when a config has none): blocks below
+    max_window_layers attend fully, the rest slide; the m that gives layer_types, or None."""
     kinds = _kinds(config, "layer_types")
     for m in range(len(kinds) + 1):
         if kinds == ["full_attention" if i < m else "sliding_attention" for i in range(len(kinds))]:
@@ -60,9 +64,26 @@ def _window_layers_align(config):
         config.max_window_layers = m
 
 
-def _window_layers_problem(config):
-    if len(set(_kinds(config, "layer_types"))) > 1:
-        return "it asserts max_window_layers == num_hidden_layers when layer_types are mixed"
+def _slides(config) -> bool:
+    """vLLM's model-wide window: sliding_window unless use_sliding_window says it is off
+    (ModelConfig.get_hf_config_sliding_window)."""
+    if hasattr(config, "use_sliding_window") and not config.use_sliding_window:
+        return False
+    return getattr(config, "sliding_window", None) is not None
+
+
+def _qwen2_window_problem(config):
+    # Qwen2Model.__init__ raises when a window is on and the config has max_window_layers (every Qwen2
+    # config has it), whatever its value.
+    if _slides(config) and hasattr(config, "max_window_layers"):
+        return "it refuses any Qwen2 config with a sliding window on, whatever max_window_layers says"
+    return None
+
+
+def _every_block_slides_problem(config):
+    # Qwen2-MoE's attention takes the model-wide window (no per-block window): every block slides.
+    if _slides(config) and "full_attention" in _kinds(config, "layer_types"):
+        return "it slides every block by sliding_window, including the full-attention blocks of layer_types"
     return None
 
 
@@ -107,14 +128,24 @@ def _pattern_align(config):
         config.hybrid_override_pattern = _pattern(config)
 
 
+def _key_of(config, part):
+    """The key under which `part` (a sub-config) is saved in `config`'s config.json, None for the config itself."""
+    if part is config:
+        return None
+    return next((name for name, value in vars(config).items() if value is part), "text_config")
+
+
 def saved_extras(config) -> dict:
     """Fields for config.json that the config object derives and does not save itself: transformers 5
     computes Nemotron-H's hybrid_override_pattern from layers_block_type (and reads layers_block_type
-    first when both are there), while vLLM reads the pattern."""
+    first when both are there), while vLLM reads the pattern, from the language model's own config
+    inside a vision-language model (its text_config, where the pattern is written)."""
     extras = {}
     for part in _configs(config):
         if part.model_type == "nemotron_h" and _pattern(part):
-            extras["hybrid_override_pattern"] = _pattern(part)
+            key = _key_of(config, part)
+            fields = {"hybrid_override_pattern": _pattern(part)}
+            extras.update({key: fields} if key else fields)
     return extras
 
 
@@ -139,9 +170,10 @@ def _nope_problem(config):
 
 
 RULES = (
-    Rule(VLLM, ("deepseek_v3", "glm4_moe"), "num_nextn_predict_layers", _mtp_problem, _mtp_align),
+    Rule(VLLM, None, "num_nextn_predict_layers", _mtp_problem, _mtp_align),
     Rule(VLLM, ("deepseek_v3", "deepseek_v2"), "moe_layer_freq", _moe_freq_problem),
-    Rule(VLLM, ("qwen2", "qwen2_moe"), "max_window_layers", _window_layers_problem, _window_layers_align),
+    Rule(VLLM, ("qwen2",), "sliding_window", _qwen2_window_problem, _window_layers_align),
+    Rule(VLLM, ("qwen2_moe",), "sliding_window", _every_block_slides_problem),
     Rule(VLLM, ("llama4", "llama4_text"), "interleave_moe_layer_step", _interleave_problem, _interleave_align),
     Rule(VLLM, ("gpt_oss",), "layer_types", _parity_problem),
     Rule(VLLM, ("nemotron_h",), "hybrid_override_pattern", lambda config: None, _pattern_align),
@@ -157,11 +189,17 @@ def _configs(config):
     return [config] if text is config else [config, text]
 
 
+def _applies(rule: Rule, config) -> bool:
+    if rule.model_types is None:
+        return rule.field in vars(config)
+    return config.model_type in rule.model_types
+
+
 def align(config) -> None:
     """Write the fields the engines read wherever a value says what transformers builds."""
     for part in _configs(config):
         for rule in RULES:
-            if part.model_type in rule.model_types and rule.align is not None:
+            if _applies(rule, part) and rule.align is not None:
                 rule.align(part)
 
 
@@ -170,7 +208,7 @@ def problems(config) -> list:
     found = []
     for part in _configs(config):
         for rule in RULES:
-            if part.model_type in rule.model_types:
+            if _applies(rule, part):
                 reason = rule.problem(part)
                 if reason:
                     found.append(f"{rule.engine}: {rule.field}: {reason}")

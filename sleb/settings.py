@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from sleb import blocks, data, layout, models
+from sleb import blocks, data, models
 from sleb.checkpoint import check_new_directory
 from sleb.cli import flag
 from sleb.errors import UsageError, check_at_least, comma_list
@@ -103,13 +103,8 @@ class SaveFlags:
 
 @dataclass
 class KindFlags:
-    keep_block_kinds: bool = flag(True, "a hybrid model keeps one block of every kind its config lists (attention, "
-                                        "Mamba, convolution, ...): stock transformers' hybrid caches need them")
-
-    def check_kinds(self, removal_list, config, depth: int) -> None:
-        """A given removal list that takes every block of a kind is refused, unless the flag lifts it."""
-        if self.keep_block_kinds:
-            blocks.check_keeps_every_kind(removal_list, layout.block_kinds(layout.depth_config(config), depth))
+    keep_block_kinds: bool = flag(True, "keep one block of every kind the model cannot generate without (a hybrid "
+                                        "model's attention blocks, whose cache stock transformers builds per kind)")
 
 
 @dataclass

@@ -75,6 +75,18 @@ def record(command: str, settings, model, num_blocks: int, **fields) -> dict:
             **fields}
 
 
+def save_checkpoint(model, tokenizer, directory: str, record: dict, path: str, make_card) -> None:
+    """Save the model after the reload guard; its warning lines (config fields changed since load) go into
+    the results file, written again, and into the model card made from the record by `make_card`."""
+    def card(warnings: list):
+        if warnings:
+            record["config_warnings"] = warnings
+            results.write_json(path, record)
+        return make_card(record)
+
+    api.save_pretrained(model, tokenizer, directory, card)
+
+
 def serving_warnings(model) -> list:
     """Print a warning line for each serving engine that would build another layout; the list goes in
     the results JSON and the model card."""

@@ -64,10 +64,7 @@ def test_search_prune_save_reload(arch, family_dirs, tmp_path):
     assert blocks.num_blocks(reloaded) == 4
     with torch.inference_mode():
         torch.testing.assert_close(reloaded(input_ids=ids, use_cache=False).logits, pruned_logits)
-        prompt = ids[:, :8]
-        cached = reloaded.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
-        uncached = reloaded.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
-    assert torch.equal(cached, uncached)
+    assert tiny.generates_alike_with_and_without_cache(reloaded, ids[:, :8])
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "nemotron_h", "gemma3_vl"])

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 
 import sleb
 import tiny
-from sleb import blocks, checkpoint
+from sleb import blocks, checkpoint, guard
 from sleb.engines import ReferenceEngine
 from sleb.errors import UsageError
 from sleb.fast_search import HALF_TIE_MARGIN, FastEngine
@@ -21,7 +21,7 @@ def test_a_behaviour_only_mismatch_is_refused(model_dirs, tmp_path):
     attends to the full context). The tensor comparison alone let it through."""
     model, tokenizer = sleb.load(model_dirs["gemma3"], device="cpu")
     sleb.remove_blocks(model, [1])
-    assert checkpoint.reload_differences(model) == []  # the tensors alone cannot tell
+    assert guard.tensor_differences(model, guard._build(model, guard._saved_form(model.config))) == []  # the tensors alone cannot tell
     kinds = list(model.config.layer_types)
     full = kinds.index("full_attention")
     kinds[0], kinds[full] = kinds[full], kinds[0]
@@ -97,15 +97,11 @@ def test_a_hybrid_search_keeps_an_attention_block_and_its_checkpoint_generates(f
     assert not set(attention) <= set(kept.removal_list) and blocks.keeps_every_kind(kept.removal_list, kinds)
     with pytest.raises(UsageError, match="cannot generate"):
         with blocks.skipping(model, free.removal_list):
-            checkpoint.check_generates(model)
+            guard.check_generates(model)
     sleb.remove_blocks(model, kept.removal_list)
     sleb.save_pretrained(model, tokenizer, str(tmp_path / "pruned"))
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
-    prompt = windows[:1, :8]
-    with torch.inference_mode():
-        cached = reloaded.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
-        uncached = reloaded.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
-    assert torch.equal(cached, uncached)
+    assert tiny.generates_alike_with_and_without_cache(reloaded, windows[:1, :8])
 
 
 def test_a_given_list_that_takes_every_attention_block_is_one_line(family_dirs, tmp_path):

@@ -63,7 +63,7 @@ def make_config(arch: str, layers: int = 6):
                              max_position_embeddings=256, **common)
     if arch == "gpt2":
         return GPT2Config(n_embd=32, n_layer=layers, n_head=4, n_positions=256, **common)
-    if arch in FAMILIES:
+    if arch in FAMILIES or arch in REFUSED_FAMILIES:
         return _family_config(arch, layers)
     raise ValueError(arch)
 
@@ -73,8 +73,14 @@ def make_config(arch: str, layers: int = 6):
 FAMILIES = ("qwen3_moe", "qwen2_moe", "deepseek_v3", "glm4_moe", "llama4", "gpt_oss", "nemotron_h", "jamba",
             "lfm2", "qwen3_next", "smollm3", "gemma3_vl", "qwen2_5_vl",
             # issue 26: more layouts from transformers' model list
-            "ernie4_5_moe", "bamba", "granitemoehybrid", "falcon_h1", "gemma2", "cohere2", "minimax")
+            "ernie4_5_moe", "bamba", "granitemoehybrid", "falcon_h1", "gemma2", "cohere2", "minimax",
+            # issue 29: per-layer config overrides (transformers 5's heterogeneous configs)
+            "gemma4")
 VISION_FAMILIES = ("gemma3_vl", "qwen2_5_vl")
+# Families whose blocks sleb cannot remove, each refused in one line before any search (issue 29).
+REFUSED_FAMILIES = {"zamba2": "with block 1 skipped its forward fails",  # shared attention mapped by block index
+                    "gemma3n": "holds per-block weights outside the blocks",  # per-layer input embeddings
+                    "gemma4_ple": "holds per-block weights outside the blocks"}
 
 
 def _family_config(arch: str, layers: int):
@@ -154,6 +160,23 @@ def _family_config(arch: str, layers: int):
         return t.MiniMaxConfig(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, head_dim=8,
                                layer_types=[kinds[i % 2] for i in range(layers)], block_size=16, **attention,
                                **common)
+    if arch in ("gemma4", "gemma4_ple"):  # full-attention blocks' head size by per_layer_config overrides
+        return t.Gemma4TextConfig(intermediate_size=64, head_dim=8, global_head_dim=16, sliding_window=8,
+                                  hidden_size_per_layer_input=8 if arch == "gemma4_ple" else 0,
+                                  vocab_size_per_layer_input=VOCAB,
+                                  layer_types=["sliding_attention", "sliding_attention", "full_attention"] * (layers // 3),
+                                  **attention, **common)
+    if arch == "gemma3n":  # per-layer inputs, AltUp and KV sharing across the last blocks
+        return t.Gemma3nTextConfig(intermediate_size=64, head_dim=8, sliding_window=8, vocab_size_per_layer_input=VOCAB,
+                                   hidden_size_per_layer_input=8, num_kv_shared_layers=2, laurel_rank=4,
+                                   altup_num_inputs=2, activation_sparsity_pattern=[0.0] * layers,
+                                   layer_types=["sliding_attention", "sliding_attention", "full_attention"] * (layers // 3),
+                                   **attention, **common)
+    if arch == "zamba2":  # Mamba blocks and hybrid blocks that share attention weights, adapters by hybrid index
+        attention.pop("num_key_value_heads")
+        return t.Zamba2Config(layers_block_type=["mamba", "hybrid"] * (layers // 2), mamba_d_state=8, n_mamba_heads=4,
+                              mamba_expand=2, num_mem_blocks=2, chunk_size=16, intermediate_size=64, adapter_rank=4,
+                              use_shared_attention_adapter=True, **attention, **common)
     if arch == "gemma3_vl":  # Gemma3ForConditionalGeneration: SigLIP tower + projector + text model
         text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
                     num_key_value_heads=2, head_dim=8, max_position_embeddings=256, sliding_window=8, **common)
@@ -213,3 +236,11 @@ def make_overflowing_model_dir(path, scale: float = 3e4) -> str:
         model.model.layers[2].mlp.down_proj.weight.mul_(scale)
     model.save_pretrained(path)
     return str(path)
+
+
+def generates_alike_with_and_without_cache(model, prompt, tokens: int = 6) -> bool:
+    """Greedy tokens of `model` for `prompt` are the same with its KV cache and without it."""
+    with torch.inference_mode():
+        cached = model.generate(prompt, max_new_tokens=tokens, do_sample=False, use_cache=True, pad_token_id=0)
+        uncached = model.generate(prompt, max_new_tokens=tokens, do_sample=False, use_cache=False, pad_token_id=0)
+    return torch.equal(cached, uncached)

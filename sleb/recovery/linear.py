@@ -379,6 +379,7 @@ def compensate(model, windows: torch.Tensor, removal_list: list, ridge: float = 
         with torch.no_grad():
             for target in sublayer.targets:
                 fold(target, T)
+        blocks.origin(model).weights_changed.append(f"linear map for blocks {run} folded into block {run[0] - 1}")
         done += run
         fits.append(RunFit(run, run[0] - 1, normal.tokens, residual,
                            normal.identity_residual(),
