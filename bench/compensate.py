@@ -15,22 +15,12 @@ import fire
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import sleb  # noqa: E402
+from random_model import random_llama  # noqa: E402
 from sleb import memory  # noqa: E402
 from sleb.results import environment  # noqa: E402
-
-
-def _random_llama(layers, hidden, intermediate, heads, vocab, dtype, device, seed):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                         max_position_embeddings=4096)
-    with torch.device(device):
-        model = LlamaForCausalLM(config)
-    return model.to(dtype).eval()
 
 
 def _case(model, calibration, held_out, removal_list, device) -> dict:
@@ -68,7 +58,7 @@ def main(cases: str = "demo,random", device: str = "cpu", dtype: str = "float32"
             calibration = sleb.calibration_windows(tokenizer, "demo", nsamples=64, seqlen=512, model=model)
             report["cases"]["demo"] = _case(model, calibration, dense_ppl_windows, [7, 3, 5], torch_device)
         elif case == "random":
-            model = _random_llama(layers, hidden, intermediate, heads, vocab, getattr(torch, dtype), torch_device, seed)
+            model = random_llama(layers, hidden, intermediate, heads, vocab, getattr(torch, dtype), torch_device, seed)
             generator = torch.Generator().manual_seed(seed)
             tokens = torch.randint(3, vocab, (2 * windows, seqlen), generator=generator)
             removal = [layers // 2 - 1, layers // 2, layers - 3]

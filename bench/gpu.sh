@@ -9,6 +9,7 @@
 #    2048 tokens, 2 phases, fast vs reference);
 # 3. python -m latency on a random 7B-shape model (built from a config, cached in OUT_DIR) with 20% of
 #    its blocks removed: prompt 1 x 2048 and generation 64 x (64 + 128), eager and compiled;
+# 4. bench/guard.py at the 7B shape (fp16): the reload guard's seconds and peak memory above the model;
 # then one JSON summary line (also in OUT_DIR/summary.json). Logs and JSON files stay in OUT_DIR.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +30,10 @@ echo "tests: $(tail -n 1 "$out/tests.log")" >&2
   --windows 16 --seqlen 2048 --phases 2 --device cuda --dtype float16 > "$out/search_speed.json" 2> "$out/search_speed.log"
 echo "search: $(cat "$out/search_speed.json")" >&2
 
+"$PYTHON" bench/guard.py --cases random --layers 32 --hidden 4096 --intermediate 11008 --heads 32 --vocab 32000 \
+  --device cuda --dtype float16 > "$out/guard.json" 2> "$out/guard.log"
+echo "guard: $(cat "$out/guard.json")" >&2
+
 "$PYTHON" bench/random_model.py "$out/llama-7b-shape" > "$out/random_model.log" 2>&1
 for mode in prompt generation; do
   for compiled in False True; do
@@ -48,6 +53,10 @@ try:
     summary["search"] = json.load(open(os.path.join(out, "search_speed.json")))
 except (OSError, ValueError) as error:
     summary["search"] = f"failed: {error}"
+try:
+    summary["guard"] = json.load(open(os.path.join(out, "guard.json")))["cases"]
+except (OSError, ValueError, KeyError) as error:
+    summary["guard"] = f"failed: {error}"
 summary["latency"] = {}
 for path in sorted(glob.glob(os.path.join(out, "latency", "*.json"))):
     record = json.load(open(path))

@@ -15,21 +15,34 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import tiny  # noqa: E402  (the tests' word-level tokenizer: latency feeds random token ids anyway)
 
 
-def main(directory: str, layers: int = 32, hidden: int = 4096, intermediate: int = 11008, heads: int = 32,
-         vocab: int = 32000, dtype: str = "float16", seed: int = 0) -> None:
+def random_llama(layers: int, hidden: int, intermediate: int, heads: int, vocab: int, dtype, device, seed: int = 0,
+                 **config_fields):
+    """A random Llama of this shape in memory, in eval mode (initialised in `dtype`, on `device`); other
+    LlamaConfig fields as keywords."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=heads,
+                         **{"max_position_embeddings": 4096, **config_fields})
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # no float32 copy of a large model's weights
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(before)
+    return model.eval()
+
+
+def main(directory: str, layers: int = 32, hidden: int = 4096, intermediate: int = 11008, heads: int = 32,
+         vocab: int = 32000, dtype: str = "float16", seed: int = 0) -> None:
     if os.path.isfile(os.path.join(directory, "config.json")):
         print(f"{directory} holds a model already; kept")
         return
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0, dtype=dtype)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.set_default_dtype(getattr(torch, dtype))  # initialise in the saved dtype: no float32 copy of 7B weights
-    with torch.device(device):
-        model = LlamaForCausalLM(config)
+    model = random_llama(layers, hidden, intermediate, heads, vocab, getattr(torch, dtype), device, seed,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model.save_pretrained(directory)
     tiny.make_tokenizer().save_pretrained(directory)
     print(f"random {layers}-block Llama ({sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters) "

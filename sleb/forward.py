@@ -10,6 +10,7 @@ norm, LM head, Gemma's soft-capping) is applied in chunks of positions with the 
 full float32 logits for a large vocabulary (150k x batch x 2048) never exist at once.
 """
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -306,3 +307,43 @@ def _observing(run, watched: dict, stop_after, replace, keep_inputs: bool):
         for handle in handles:
             handle.remove()
     return result, Observation(outputs, inputs, finished)
+
+
+@dataclass
+class BlockOutputs:
+    """Each block's output in one forward, kept small: output @ projection (a fixed (hidden x k) matrix),
+    and the form a block returns (a tuple of this length, or None for a bare tensor)."""
+
+    fingerprints: dict
+    tuple_length: Optional[int] = None
+
+
+@contextlib.contextmanager
+def block_outputs(block_list, projection: torch.Tensor):
+    """Within the block, every forward through `block_list` records each block's output fingerprint."""
+    seen = BlockOutputs({})
+
+    def hook(index):
+        def keep(module, args, out):
+            if isinstance(out, tuple):
+                seen.tuple_length = len(out)
+            hidden = output_of(out)
+            if isinstance(hidden, torch.Tensor) and hidden.shape[-1] == len(projection):
+                seen.fingerprints[index] = (hidden.float() @ projection.to(hidden.device)).cpu()
+        return keep
+
+    handles = [block.register_forward_hook(hook(index)) for index, block in enumerate(block_list)]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def pass_over(block: nn.Module, tuple_length: Optional[int]) -> None:
+    """The block hands its input on unchanged, in the form its class returns (the model's own loop still
+    calls it and reads its attributes): a removed block, as the fast engine scores it."""
+    def passed(*args, **kwargs):
+        hidden = hidden_of(args, kwargs)
+        return hidden if tuple_length is None else (hidden,) + (None,) * (tuple_length - 1)
+    block.forward = passed

@@ -208,47 +208,13 @@ def _probe(model, length: int) -> torch.Tensor:
     return torch.randint(vocab, (1, length), generator=generator)
 
 
-class _Outputs:
-    """Hooks that keep each block's output as a small fingerprint (output @ R) and the output's form."""
-
-    def __init__(self, block_list, hidden: int):
-        self.fingerprints = {}
-        self.tuple_length = None  # a block returns a tuple of this length, or a bare tensor (None)
-        self.projection = torch.randn(hidden, FINGERPRINT_WIDTH, generator=torch.Generator().manual_seed(1))
-        self.handles = [block.register_forward_hook(self._hook(index)) for index, block in enumerate(block_list)]
-
-    def _hook(self, index):
-        def keep(module, args, out):
-            if isinstance(out, tuple):
-                self.tuple_length = len(out)
-            hidden = forward.output_of(out)
-            if isinstance(hidden, torch.Tensor) and hidden.shape[-1] == len(self.projection):
-                self.fingerprints[index] = (hidden.float() @ self.projection.to(hidden.device)).cpu()
-        return keep
-
-    def remove(self):
-        for handle in self.handles:
-            handle.remove()
-
-
 def _run(model, ids: torch.Tensor, hidden: int):
-    """(float32 logits of the last PROBE_LOGITS positions, _Outputs) of one probe forward."""
-    outputs = _Outputs(blocks.get_blocks(model), hidden)
+    """(float32 logits of the last PROBE_LOGITS positions, forward.BlockOutputs) of one probe forward."""
+    projection = torch.randn(hidden, FINGERPRINT_WIDTH, generator=torch.Generator().manual_seed(1))
     extra = {"logits_to_keep": PROBE_LOGITS} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    try:
-        with torch.inference_mode():
-            logits = model(input_ids=ids.to(models.input_device(model)), use_cache=False, **extra).logits
-    finally:
-        outputs.remove()
+    with forward.block_outputs(blocks.get_blocks(model), projection) as outputs, torch.inference_mode():
+        logits = model(input_ids=ids.to(models.input_device(model)), use_cache=False, **extra).logits
     return logits[:, -PROBE_LOGITS:].float().cpu(), outputs
-
-
-def _pass_over(block, tuple_length) -> None:
-    """The block hands its input on unchanged (the model's own loop still calls it, and reads its attributes)."""
-    def passed(*args, **kwargs):
-        hidden = forward.hidden_of(args, kwargs)
-        return hidden if tuple_length is None else (hidden,) + (None,) * (tuple_length - 1)
-    block.forward = passed
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -330,7 +296,7 @@ def _check(model, started: float) -> Verdict:
     else:
         reference_blocks = blocks.get_blocks(reference)
         for index in removed:
-            _pass_over(reference_blocks[index], candidate_outputs.tuple_length)
+            forward.pass_over(reference_blocks[index], candidate_outputs.tuple_length)
         reference_logits, reference_outputs = _run(reference, ids, hidden)
         reference_fingerprints = reference_outputs.fingerprints
 

@@ -97,6 +97,7 @@ def with_tensors(rebuilt: nn.Module, model: nn.Module, device: torch.device, ren
         target = rename(module_name)
         if target is not None:
             state[f"{target}.{leaf}" if target else leaf] = tensor
+    rebuilt.requires_grad_(False)  # a rebuild only runs forwards; offloaded weights arrive as inference tensors
     rebuilt.load_state_dict(state, strict=False, assign=True)
     if hasattr(rebuilt, "tie_weights"):
         rebuilt.tie_weights()  # as from_pretrained does after loading

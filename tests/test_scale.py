@@ -54,3 +54,26 @@ def test_model_spread_by_accelerate_gives_the_same_list_perplexity_and_accuracy(
     name = f"file:{text_file}"
     assert abs(b["ppl"][name]["ppl"] - a["ppl"][name]["ppl"]) <= 1e-5 * a["ppl"][name]["ppl"]
     assert b["zeroshot"]["tasks"]["demo_order"] == pytest.approx(a["zeroshot"]["tasks"]["demo_order"], rel=1e-6)
+
+
+def test_a_model_offloaded_to_disk_saves_after_the_output_guard(model_dirs, tmp_path):
+    """The guard's rebuilds take accelerate's hooks with the tensors, so blocks whose weights wait on disk load
+    there as they do in the model; the checkpoint equals the one saved from the model in one piece."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import sleb
+
+    whole, tokenizer = sleb.load(model_dirs["llama"], device="cpu")
+    spread, _ = sleb.load(model_dirs["llama"], device="cpu", device_map="auto", max_memory={"cpu": "150KB"})
+    assert "disk" in set(map(str, spread.hf_device_map.values()))
+    for model, name in ((whole, "whole"), (spread, "spread")):
+        sleb.remove_blocks(model, [1, 4])
+        sleb.save_pretrained(model, tokenizer, str(tmp_path / name))
+    ids = torch.arange(2, 40).unsqueeze(0)
+    logits = []
+    for name in ("whole", "spread"):
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / name).eval()
+        with torch.inference_mode():
+            logits.append(reloaded(ids, use_cache=False).logits)
+    torch.testing.assert_close(logits[1], logits[0])
