@@ -117,9 +117,10 @@ def _evaluating(model):
         model.train(training)
 
 
-def _build_engine(model, windows, name: str, batch_size: int, cache_gb: float):
-    """The fast engine where it can follow the model, else the reference engine (with a note); spread over
-    the ranks of an initialised torch.distributed group."""
+def _build_engine(model, windows, name: str, batch_size: int, cache_gb: float, compensated=None):
+    """The fast engine where it can follow the model, else the reference engine (with a note); wrapped to score
+    each candidate with its compensation map when `compensated` (its settings) is given; spread over the
+    ranks of an initialised torch.distributed group."""
     import sys
 
     from sleb import distributed
@@ -133,6 +134,10 @@ def _build_engine(model, windows, name: str, batch_size: int, cache_gb: float):
         if reason is not None:
             print(f"note: {reason}; using the reference engine", file=sys.stderr)
         engine = ReferenceEngine(model, windows)
+    if compensated is not None:
+        from sleb.recovery.compensated import CompensatedEngine
+
+        engine = CompensatedEngine(engine, model, windows, batch_size=batch_size, **compensated)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         if world > 1:
@@ -140,10 +145,20 @@ def _build_engine(model, windows, name: str, batch_size: int, cache_gb: float):
     return engine
 
 
+def check_compensable(model, windows: torch.Tensor, early_barrier: int = 1, latter_barrier: int = 1) -> None:
+    """Prove, on a 16-token probe, that every block which could stand before a removed candidate takes a
+    folded map exactly; else one UsageError naming the block and the cause (a norm after its last
+    sub-layer, a residual multiplier, an in-place add, offloaded or shared weights). Seconds, before any
+    long work; `search(metric="sleb_compensated")` and the commands' `--compensate linear` run it first."""
+    from sleb.recovery.compensated import prove_all
+
+    prove_all(model, windows, early_barrier, latter_barrier)
+
+
 def search(model, windows: torch.Tensor, num_remove_blocks: Optional[int] = None, metric: str = "sleb",
            engine: str = "fast", *, early_barrier: int = 1, latter_barrier: int = 1, batch_size: int = 4,
            cache_gb: float = 0.0, seed: int = 0, progress: bool = True, resume: Optional[SearchResult] = None,
-           on_phase=None, log=None, keep_block_kinds: bool = True) -> SearchResult:
+           on_phase=None, log=None, keep_block_kinds: bool = True, compensation_gb: float = 0.0) -> SearchResult:
     """Which blocks to remove: `metric` sleb (the paper's greedy metric 3), sleb_compensated (the same loop,
     each candidate scored with its linear map folded in: it leaves the chosen maps folded into the model,
     so `remove_blocks` then gives the compensated model), sleb_oneshot, cosine, angular or random;
@@ -151,7 +166,9 @@ def search(model, windows: torch.Tensor, num_remove_blocks: Optional[int] = None
     the blocks, rounded up. `resume` continues an unfinished sleb search; `on_phase(result)` is
     called after each finished phase (the commands save it). `keep_block_kinds`: a hybrid model (its
     config's per-block type list names several kinds: attention, Mamba, convolution, ...) keeps at
-    least one block of each kind, which stock transformers' hybrid caches need to generate."""
+    least one block of each kind, which stock transformers' hybrid caches need to generate.
+    `compensation_gb`: sleb_compensated's memory for the candidates' sums (2 x hidden² float64 each; 0:
+    a quarter of the free memory); it makes more statistics passes when that holds fewer than a phase."""
     from sleb.metrics import METRICS, SearchJob, SearchState, check_choices, check_resumable, check_shape
 
     check_choices(metric, engine, early_barrier, latter_barrier)
@@ -160,11 +177,16 @@ def search(model, windows: torch.Tensor, num_remove_blocks: Optional[int] = None
     depth = blocks.num_blocks(model)
     k = blocks.default_remove_count(depth) if num_remove_blocks is None else num_remove_blocks
     check_at_least("num_remove_blocks", k, 1)
+    check_at_least("compensation_gb", compensation_gb, 0)
     check_shape(depth, k, early_barrier, latter_barrier)
     guard.check_removable(model)
     log = log or (print if progress else (lambda *args, **kwargs: None))
     ran_on = identity.of_run(model, windows, num_remove_blocks=k, metric=metric, early_barrier=early_barrier,
                              latter_barrier=latter_barrier, seed=seed, keep_block_kinds=keep_block_kinds)
+    compensated = None
+    if metric == "sleb_compensated":
+        compensated = dict(early_barrier=early_barrier, latter_barrier=latter_barrier, budget_gb=compensation_gb,
+                           progress=progress, log=log)
     state = SearchState(depth)
     if resume is not None:
         check_resumable(metric, resume.status == "done", "the search result handed in", "search again without resume=")
@@ -185,7 +207,7 @@ def search(model, windows: torch.Tensor, num_remove_blocks: Optional[int] = None
 
     job = SearchJob(model, windows, k, early_barrier, latter_barrier, seed, batch_size, log=log, progress=progress,
                     on_phase=lambda current: on_phase(result(current, "searching")) if on_phase else None,
-                    build_engine=lambda: _build_engine(model, windows, engine, batch_size, cache_gb),
+                    build_engine=lambda: _build_engine(model, windows, engine, batch_size, cache_gb, compensated),
                     kinds=guard.binding_kinds(model) if keep_block_kinds else None)
     with _evaluating(model):
         if len(state.removal_list) < k:  # a finished search handed back in is returned as it is

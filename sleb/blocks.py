@@ -104,7 +104,7 @@ class Origin:
 
     config: object  # a copy of the config, taken before any block was removed
     kept: list  # original indices of the blocks the model holds, in order
-    weights_changed: list = field(default_factory=list)  # what changed weights since ("linear map into block 2")
+    weights_changed: list = field(default_factory=list)  # maps folded in since: {"map", "run", "into"}
 
     @property
     def removed(self) -> list:

@@ -47,25 +47,27 @@ class CandidateParallel:
         self.world = world
         self.name = f"{engine.name} x{world} ranks"
         self.tie_margin = engine.tie_margin
+        if hasattr(engine, "keep"):  # a compensated search folds the chosen map in, on every rank
+            self.keep = engine.keep
 
     def _gather(self, part):
         gathered = [None] * self.world
         dist.all_gather_object(gathered, part)
         return gathered
 
-    def phase(self, removal_list, positions, order_hint=None, complete=False, progress=None) -> PhaseResult:
+    def phase(self, removal_list, positions, order_hint=None, complete=False, progress=None, alter=None) -> PhaseResult:
         # A candidate abandoned against its rank's best may be below another rank's best: it still
         # cannot win, since its partial sum already exceeds a complete loss.
         mine = self.engine.phase(removal_list, list(positions)[self.rank :: self.world], order_hint=order_hint,
-                                 complete=complete, progress=progress)
+                                 complete=complete, progress=progress, alter=alter)
         merged = PhaseResult({})
         for part in self._gather(mine):
             merged.losses.update(part.losses)
             merged.lower_bounds.update(part.lower_bounds)
         return merged
 
-    def reference_losses(self, removal_list, positions) -> dict:
-        mine = self.engine.reference_losses(removal_list, list(positions)[self.rank :: self.world])
+    def reference_losses(self, removal_list, positions, alter=None) -> dict:
+        mine = self.engine.reference_losses(removal_list, list(positions)[self.rank :: self.world], alter)
         merged = {}
         for part in self._gather(mine):
             merged.update(part)

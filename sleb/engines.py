@@ -3,7 +3,10 @@
 An engine answers three questions. `phase` scores candidate positions (skipping each on top of the
 blocks already removed) and may abandon a candidate that can no longer win; `reference_losses`
 re-scores given candidates the reference way, batch-1, so the search loop can settle near ties; and
-`stats` reports what it did. `tie_margin` is the relative gap under which two of its losses could
+`stats` reports what it did. Both scoring calls take `alter`: position -> a context manager that
+changes the weights of the alive block before that candidate while it is scored (a compensation map
+folded in, sleb/recovery/compensated.py); the blocks before it are unchanged, so their outputs may
+be reused. `tie_margin` is the relative gap under which two of its losses could
 have been ordered by float rounding (0 for the reference engine itself).
 
 The reference engine is the paper's algorithm written as plainly as possible: for every candidate,
@@ -11,6 +14,7 @@ skip it, run every calibration window through the whole model as a batch-1 forwa
 cross-entropy x seqlen. The fast engine (sleb/fast_search.py) must return the same list.
 """
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
 
@@ -30,6 +34,11 @@ class PhaseResult:
 
 
 Progress = Optional[Callable[[int, Optional[float]], None]]
+Alter = Optional[Callable[[int], object]]  # position -> context manager changing block position - 1 meanwhile
+
+
+def altered(alter: Alter, position: int):
+    return alter(position) if alter is not None else contextlib.nullcontext()
 
 
 class Engine(Protocol):
@@ -37,10 +46,10 @@ class Engine(Protocol):
     tie_margin: float
 
     def phase(self, removal_list: list, positions: list, order_hint: Optional[list] = None,
-              complete: bool = False, progress: Progress = None) -> PhaseResult:
+              complete: bool = False, progress: Progress = None, alter: Alter = None) -> PhaseResult:
         """Score every position; `complete` forbids abandoning; `order_hint` is last phase's row."""
 
-    def reference_losses(self, removal_list: list, positions: list) -> dict:
+    def reference_losses(self, removal_list: list, positions: list, alter: Alter = None) -> dict:
         """{position: the reference engine's loss} for the given positions."""
 
     def stats(self) -> dict:
@@ -86,18 +95,19 @@ class ReferenceEngine:
                 total += window_loss(ce.item(), inputs.shape[1])
         return total
 
-    def phase(self, removal_list, positions, order_hint=None, complete=False, progress=None) -> PhaseResult:
+    def phase(self, removal_list, positions, order_hint=None, complete=False, progress=None, alter=None) -> PhaseResult:
+        losses = self.reference_losses(removal_list, positions, alter, progress)
+        return PhaseResult(losses)
+
+    def reference_losses(self, removal_list, positions, alter=None, progress=None) -> dict:
         alive = alive_blocks(self.num_blocks, removal_list)
         losses = {}
         for position in positions:
-            losses[position] = self.loss(removal_list + [alive[position]])
+            with altered(alter, position):
+                losses[position] = self.loss(removal_list + [alive[position]])
             if progress is not None:
                 progress(position, losses[position])
-        return PhaseResult(losses)
-
-    def reference_losses(self, removal_list, positions) -> dict:
-        alive = alive_blocks(self.num_blocks, removal_list)
-        return {position: self.loss(removal_list + [alive[position]]) for position in positions}
+        return losses
 
     def stats(self) -> dict:
         return {}

@@ -17,13 +17,12 @@ memory, else they are recomputed batch by batch (no abandonment then).
 """
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 
 from sleb import blocks, forward, memory
-from sleb.engines import PhaseResult, ReferenceEngine, alive_blocks, window_loss
+from sleb.engines import PhaseResult, ReferenceEngine, alive_blocks, altered, window_loss
 from sleb.models import input_device
 
 # Relative difference under which two losses count as a possible tie that rounding might decide:
@@ -93,11 +92,11 @@ class FastEngine:
                 free, _ = torch.cuda.mem_get_info(device)
                 cache_gb = 0.5 * free / 2**30
             else:
-                cache_gb = 0.25 * _total_memory_bytes() / 2**30
+                cache_gb = 0.25 * memory.total_bytes() / 2**30
         budget = cache_gb * 2**30
         if needed <= budget:
             return "device", budget
-        host_budget = 0.25 * _total_memory_bytes()
+        host_budget = 0.25 * memory.total_bytes()
         if device.type == "cuda" and needed <= host_budget:
             return "cpu", host_budget
         return None, 0
@@ -129,38 +128,46 @@ class FastEngine:
 
     def _forget(self, removal_list: list) -> None:
         """Drop cached states whose path ran a block that is now removed: no later path runs it."""
-        removed = set(removal_list)
-        for key in [key for key in self.cache if removed.intersection(key[1])]:
+        self.changed(removal_list)
+
+    def changed(self, changed_blocks) -> None:
+        """Drop cached states whose path ran any of these blocks (removed, or their weights changed)."""
+        changed_blocks = set(changed_blocks)
+        for key in [key for key in self.cache if changed_blocks.intersection(key[1])]:
             self.cached_bytes -= self.cache.pop(key).numel() * self.cache_itemsize
 
-    def _run_path(self, path: list, b: int, batch: _Batch) -> torch.Tensor:
+    def _run_path(self, path: list, b: int, batch: _Batch, trusted: int = None) -> torch.Tensor:
         """The hidden state after running blocks `path` in order on batch b.
 
         Starts from the longest cached prefix of the path and caches each new intermediate state
         while the budget allows. Keys are the exact block sequences run, so a hit is the very same
         computation: the prefix shared by all candidates of a phase, and, after block r is removed,
-        a candidate j < r's own path up to r, both come back from the cache.
+        a candidate j < r's own path up to r, both come back from the cache. Only the first `trusted`
+        blocks of the path run as cached (the block after them is altered meanwhile): no state from
+        them on is read or kept.
         """
-        start = len(path)
+        trusted = len(path) if trusted is None else trusted
+        start = trusted
         while start > 0 and (b, tuple(path[:start])) not in self.cache:
             start -= 1
         hidden = self._load(self.cache[(b, tuple(path[:start]))], batch.ids) if start else batch.inputs.hidden
         for k in range(start, len(path)):
             hidden = self._run([path[k]], hidden, batch)
-            if k + 1 < len(path):
+            if k + 1 < len(path) and k + 1 <= trusted:
                 self._keep(b, tuple(path[: k + 1]), hidden)
         return hidden
 
     @torch.inference_mode()
-    def phase(self, removal_list, positions, order_hint=None, complete=False, progress=None) -> PhaseResult:
+    def phase(self, removal_list, positions, order_hint=None, complete=False, progress=None, alter=None) -> PhaseResult:
         """Losses of the candidate positions; a candidate is abandoned (None, with its partial sum as
-        lower bound) once it cannot win, unless `complete`."""
+        lower bound) once it cannot win, unless `complete`. Under `alter`, a candidate reuses the states
+        before the block in front of it and runs that block (altered) and the rest."""
         alive = alive_blocks(self.num_blocks, removal_list)
         positions = list(positions)
         if not positions:
             return PhaseResult({})
         if self.storage is None:
-            return PhaseResult(self._streamed_losses(alive, positions, progress))
+            return PhaseResult(self._streamed_losses(alive, positions, progress, alter))
         self._forget(removal_list)
         # The prefix every candidate shares is cached first, so the budget never goes to suffixes instead.
         for b, batch in enumerate(self.batches):
@@ -173,12 +180,13 @@ class FastEngine:
             path = alive[:position] + alive[position + 1 :]
             total = 0.0
             abandoned = False
-            for b, batch in enumerate(self.batches):
-                hidden = self._run_path(path, b, batch)
-                total += sum(self._window_terms(hidden, batch))
-                if self.abandon and not complete and total > best * (1 + self.tie_margin):
-                    abandoned = b < len(self.batches) - 1
-                    break
+            with altered(alter, position):
+                for b, batch in enumerate(self.batches):
+                    hidden = self._run_path(path, b, batch, position - 1 if alter is not None else None)
+                    total += sum(self._window_terms(hidden, batch))
+                    if self.abandon and not complete and total > best * (1 + self.tie_margin):
+                        abandoned = b < len(self.batches) - 1
+                        break
             if abandoned:
                 losses[position] = None
                 lower_bounds[position] = total
@@ -189,25 +197,30 @@ class FastEngine:
                 progress(position, losses[position])
         return PhaseResult(losses, lower_bounds)
 
-    def _streamed_losses(self, alive, positions, progress):
-        """No cache: walk each batch through the alive blocks once, branching off every candidate."""
+    def _streamed_losses(self, alive, positions, progress, alter=None):
+        """No cache: walk each batch through the alive blocks once, branching off every candidate (under
+        `alter`, from the state before the block in front of it)."""
         losses = {p: 0.0 for p in positions}
         last = max(positions)
         for batch in self.batches:
-            hidden = batch.inputs.hidden
+            hidden, before = batch.inputs.hidden, None  # entering block `position`, and the one before it
             for position in range(last + 1):
                 if position in losses:
-                    out = self._run(alive[position + 1 :], hidden, batch)
-                    losses[position] += sum(self._window_terms(out, batch))
+                    with altered(alter, position):
+                        if alter is None:
+                            out = self._run(alive[position + 1 :], hidden, batch)
+                        else:
+                            out = self._run([alive[position - 1]] + alive[position + 1 :], before, batch)
+                        losses[position] += sum(self._window_terms(out, batch))
                 if position < last:
-                    hidden = self._run([alive[position]], hidden, batch)
+                    before, hidden = hidden, self._run([alive[position]], hidden, batch)
         if progress is not None:
             for position in positions:
                 progress(position, losses[position])
         return losses
 
-    def reference_losses(self, removal_list, positions) -> dict:
-        return self.reference.reference_losses(removal_list, positions)
+    def reference_losses(self, removal_list, positions, alter=None) -> dict:
+        return self.reference.reference_losses(removal_list, positions, alter)
 
     def stats(self) -> dict:
         return {"block_forwards": self.block_forwards, "batch_size": self.batch_size, "cache": self.storage,
@@ -218,10 +231,3 @@ def _previous_loss(previous, block: int) -> float:
     if previous is None or previous[block] is None:
         return math.inf
     return previous[block]
-
-
-def _total_memory_bytes() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 8 * 2**30

@@ -40,3 +40,13 @@ def peak_mb(device):
         return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     except ImportError:
         return None
+
+
+def total_bytes() -> int:
+    """The machine's physical memory (8 GiB where the system does not say)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30

@@ -179,8 +179,11 @@ def _allowed_positions(job: SearchJob, state: SearchState, alive: list) -> list:
 
 
 def sleb_iterative(job: SearchJob, state: SearchState) -> SearchState:
-    """SLEB metric 3: one block per phase, the one whose removal raises calibration loss least."""
+    """SLEB metric 3: one block per phase, the one whose removal raises calibration loss least. The same
+    loop is sleb_compensated: its engine (sleb/recovery/compensated.py) scores each candidate with its own
+    map folded in and, told which one was chosen (`keep`), folds that map in for good."""
     engine = job.get_engine()
+    keep = getattr(engine, "keep", None)
     k = job.num_remove_blocks
     while len(state.removal_list) < k:
         phase = len(state.removal_list)
@@ -202,12 +205,15 @@ def sleb_iterative(job: SearchJob, state: SearchState) -> SearchState:
         _check_phase(result, alive, state.removal_list, job.model)
         losses = settle_near_ties(engine, state, result.losses, count=1)
         position = choose({p: v for p, v in losses.items() if v is not None})
+        if keep is not None:
+            keep(state, position)
         seconds = time.perf_counter() - started
         state.scores.append(_by_block(state.num_blocks, alive, losses))
         state.lower_bounds.append(_by_block(state.num_blocks, alive, result.lower_bounds))
         state.phase_seconds.append(round(seconds, 3))
         state.removal_list.append(alive[position])
-        job.log(f"phase {phase + 1}/{k}: removed block {alive[position]} "
+        into = f" with its map folded into block {alive[position - 1]}" if keep is not None else ""
+        job.log(f"phase {phase + 1}/{k}: removed block {alive[position]}{into} "
                 f"(loss {losses[position]:.4f}, {seconds:.1f} s); removal list {state.removal_list}")
         job.on_phase(state)
     return state
@@ -313,77 +319,9 @@ def random_choice(job: SearchJob, state: SearchState) -> SearchState:
     return state
 
 
-def sleb_compensated(job: SearchJob, state: SearchState) -> SearchState:
-    """SLEB's greedy loop with training-free compensation inside it (Prune&Comp's idea): each candidate
-    is scored with its own least-squares map (recovery/linear.py) folded into the alive block before it,
-    and the chosen block's map is kept before the next phase. The model is left with the chosen maps
-    folded in (its blocks all there): `remove_blocks` then gives the compensated model that was scored.
-
-    The maps' statistics for every candidate come from one streaming pass per phase over the model as
-    it stands (chosen blocks skipped), two hidden x hidden float64 matrices per candidate; each
-    candidate's loss is the reference engine's (batch 1, the paper's loss) with its map folded in."""
-    from sleb.engines import ReferenceEngine
-    from sleb.recovery import linear
-
-    if job.early_barrier < 1:
-        raise UsageError("--metric sleb_compensated folds each map into the block before the removed one; "
-                         "keep --early_barrier at least 1")
-    model, k = job.model, job.num_remove_blocks
-    engine = job.engine = job.engine if isinstance(job.engine, ReferenceEngine) else ReferenceEngine(model, job.windows)
-    probe = job.windows[:1, :linear.PROBE_TOKENS].to(input_device(model))
-    proven = {}  # block index -> its Sublayer, proven once
-    while len(state.removal_list) < k:
-        phase = len(state.removal_list)
-        alive = state.alive
-        positions = _allowed_positions(job, state, alive)
-        started = time.perf_counter()
-        with torch.inference_mode(), blocks.skipping(model, state.removal_list):
-            for position in positions:
-                before = alive[position - 1]
-                if before not in proven:
-                    proven[before] = linear.last_sublayer(model, position - 1, probe, str(before))
-                proven[before].block_index = position - 1
-            normals = linear.normal_equations_for_candidates(
-                model, job.windows, {p: proven[alive[p - 1]] for p in positions}, job.batch_size, job.progress,
-                desc=f"phase {phase + 1}/{k} statistics")
-        losses, maps = {}, {}
-        bar = tqdm(total=len(positions), desc=f"phase {phase + 1}/{k}", leave=False, disable=not job.progress)
-        for position in positions:
-            targets = proven[alive[position - 1]].targets
-            maps[position] = normals[position].solve(0.0)
-            with linear.folded(targets, maps[position]):
-                losses[position] = engine.loss(state.removal_list + [alive[position]])
-            check_finite(losses[position], f"the calibration loss with block {alive[position]} removed and "
-                                           "compensated", model)
-            bar.update(1)
-        bar.close()
-        position = choose(losses)
-        with torch.no_grad():
-            for target in proven[alive[position - 1]].targets:
-                linear.fold(target, maps[position])
-        blocks.origin(model).weights_changed.append(f"linear map for block {alive[position]} folded into block "
-                                                    f"{alive[position - 1]}")
-        normal = normals[position]
-        state.fits.append(linear.RunFit([alive[position]], alive[position - 1], normal.tokens,
-                                        normal.residual(maps[position]), normal.identity_residual(),
-                                        round(time.perf_counter() - started, 3),
-                                        [f"{proven[alive[position - 1]].name}.{t.name}"
-                                         for t in proven[alive[position - 1]].targets]))
-        seconds = time.perf_counter() - started
-        state.scores.append(_by_block(state.num_blocks, alive, losses))
-        state.lower_bounds.append(_by_block(state.num_blocks, alive, {}))
-        state.phase_seconds.append(round(seconds, 3))
-        state.removal_list.append(alive[position])
-        job.log(f"phase {phase + 1}/{k}: removed block {alive[position]} with its map folded into block "
-                f"{alive[position - 1]} (loss {losses[position]:.4f}, {seconds:.1f} s); "
-                f"removal list {state.removal_list}")
-        job.on_phase(state)
-    return state
-
-
 METRICS = {
     "sleb": sleb_iterative,
-    "sleb_compensated": sleb_compensated,
+    "sleb_compensated": sleb_iterative,  # with a CompensatedEngine (api.search builds it)
     "sleb_oneshot": sleb_oneshot,
     "cosine": cosine,
     "angular": angular,

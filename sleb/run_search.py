@@ -71,6 +71,8 @@ def run_search(settings) -> dict:
             f"tokens; {settings.metric} removes {k} of {depth} blocks")
         base = stages.record("sleb", settings, model, depth, calibration_windows=len(windows), seqlen=seqlen)
 
+        if settings.compensate == "linear" or settings.metric == "sleb_compensated":  # refused before any long work
+            api.check_compensable(model, windows, settings.early_barrier, settings.latter_barrier)
         eval_windows = stages.tokenize_eval_texts(model, tokenizer, eval_data, settings.seqlen)
         changes_weights = settings.metric in CHANGES_WEIGHTS  # its dense perplexity must come first
         dense = stages.perplexity(model, eval_windows, settings.batch_size) if main_rank and changes_weights else {}
@@ -88,7 +90,7 @@ def run_search(settings) -> dict:
                                early_barrier=settings.early_barrier, latter_barrier=settings.latter_barrier,
                                batch_size=settings.search_batch_size, cache_gb=settings.cache_gb, seed=settings.seed,
                                progress=main_rank, resume=resumed, on_phase=save_partial, log=log,
-                               keep_block_kinds=settings.keep_block_kinds)
+                               keep_block_kinds=settings.keep_block_kinds, compensation_gb=settings.compensation_gb)
         except KeyboardInterrupt:
             if saved[0] is not None and saved[0].removal_list and main_rank:
                 print(f"interrupted after phase {len(saved[0].removal_list)}; partial result in {path}; "

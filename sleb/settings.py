@@ -108,10 +108,26 @@ class KindFlags:
 
 
 @dataclass
+class CalibrationFlags:
+    dataset: Optional[str] = flag(None, "calibration data: wikitext2, c4, ptb, demo or file:PATH (.txt/.jsonl); default "
+                                        "wikitext2 (demo for the demo model; heal: c4)")
+    nsamples: int = flag(128, "calibration rows taken from the shuffled train split")
+    seed: int = flag(0, "seed of the calibration shuffle (and of --metric random, and of healing)")
+
+    def check_calibration(self, paper_default: str = "wikitext2") -> None:
+        """Fill the data set that follows the model, then check the three flags."""
+        check_at_least("nsamples", self.nsamples, 1)
+        if self.dataset is None:
+            self.dataset = follows_model(self.model_name, "demo", paper_default)
+        data.check_dataset_name(self.dataset)
+
+
+@dataclass
 class CompensateFlags:
     compensate: Optional[str] = flag(None, "linear: after removal, fold a least-squares map for each removed run "
                                            "into the block before it (no training, same parameters); default none")
-    ridge: float = flag(0.0, "with --compensate linear: the ridge penalty on the map, ridge x ||T||^2 (>= 0)")
+    ridge: float = flag(0.0, "with --compensate linear: the ridge penalty ridge x ||T - I||^2 (>= 0), which shrinks the "
+                             "map toward plain removal")
 
     def check_compensate(self) -> None:
         if self.compensate not in (None, "none", "linear"):
@@ -136,23 +152,16 @@ class OutputFlags:
 
 
 @dataclass
-class EvalSettings(OutputFlags, SaveFlags, CompensateFlags, KindFlags, EvalFlags, ModelFlags):
-    """`python -m eval`: evaluate a model with given blocks removed."""
+class EvalSettings(OutputFlags, SaveFlags, CompensateFlags, CalibrationFlags, KindFlags, EvalFlags, ModelFlags):
+    """`python -m eval`: evaluate a model with given blocks removed (calibration flags: --compensate linear)."""
 
     removal_list: list = flag([], "original indices of the blocks to remove, e.g. '[5, 4, 9]'; [] = dense")
-    dataset: Optional[str] = flag(None, "with --compensate linear: calibration data, as python -m sleb's (default "
-                                        "wikitext2, demo for the demo model)")
-    nsamples: int = flag(128, "with --compensate linear: calibration rows taken from the shuffled train split")
-    seed: int = flag(0, "with --compensate linear: seed of the calibration shuffle")
 
     def check(self) -> None:
         self.removal_list = blocks.check_removal_list(self.removal_list)
         self.check_compensate()
         if self.compensate is not None:
-            check_at_least("nsamples", self.nsamples, 1)
-            if self.dataset is None:
-                self.dataset = follows_model(self.model_name, "demo", "wikitext2")
-            data.check_dataset_name(self.dataset)
+            self.check_calibration()
             if not self.removal_list:
                 raise UsageError("--compensate linear needs blocks to remove; pass --removal_list '[..]'")
         self.check_eval()
@@ -169,23 +178,21 @@ class EvalSettings(OutputFlags, SaveFlags, CompensateFlags, KindFlags, EvalFlags
 
 
 @dataclass
-class SearchSettings(OutputFlags, SaveFlags, CompensateFlags, KindFlags, EvalFlags, ModelFlags):
+class SearchSettings(OutputFlags, SaveFlags, CompensateFlags, CalibrationFlags, KindFlags, EvalFlags, ModelFlags):
     """`python -m sleb`: find which blocks to remove, then evaluate the pruned model."""
 
     num_blocks: Optional[int] = flag(None, "the model's depth (default: read from the model); a mismatch is an error")
     num_remove_blocks: Optional[int] = flag(None, "blocks to remove (default: ceil(0.2 x num_blocks))")
     early_barrier: int = flag(1, "the first this-many alive blocks are never candidates")
     latter_barrier: int = flag(1, "the last this-many alive blocks are never candidates")
-    dataset: Optional[str] = flag(None, "calibration data: wikitext2, c4, ptb, demo or file:PATH; default wikitext2 "
-                                        "(demo for the demo model)")
-    nsamples: int = flag(128, "calibration rows taken from the shuffled train split")
-    seed: int = flag(0, "seed of the calibration shuffle (and of --metric random)")
     metric: str = flag("sleb", "sleb (iterative, metric 3), sleb_compensated (the same loop, each candidate scored with "
                                "its linear map folded in, the chosen maps kept), sleb_oneshot (metric 2), cosine, "
                                "angular or random")
     engine: str = flag("fast", "fast (exact, prefix reuse + abandonment) or reference (the paper's loop)")
     search_batch_size: int = flag(4, "calibration windows per forward in the fast engine")
     cache_gb: float = flag(0.0, "memory for cached hidden states in the fast engine (0: automatic)")
+    compensation_gb: float = flag(0.0, "sleb_compensated: memory for the candidates' sums, 2 x hidden^2 float64 each "
+                                       "(0: a quarter of the free memory); more statistics passes when it is small")
     resume: bool = flag(False, "continue an interrupted search from its results file")
     plot: bool = flag(False, "write PNGs: candidate-loss heatmap and loss vs blocks removed")
 
@@ -199,13 +206,11 @@ class SearchSettings(OutputFlags, SaveFlags, CompensateFlags, KindFlags, EvalFla
         if self.compensate is not None and self.early_barrier < 1:
             raise UsageError("--compensate linear folds each run's map into the block before it; keep "
                              "--early_barrier at least 1 so block 0 is never removed")
-        for name, minimum in (("nsamples", 1), ("search_batch_size", 1), ("cache_gb", 0)):
+        for name, minimum in (("search_batch_size", 1), ("cache_gb", 0), ("compensation_gb", 0)):
             check_at_least(name, getattr(self, name), minimum)
         if self.num_remove_blocks is not None:
             check_at_least("num_remove_blocks", self.num_remove_blocks, 1)
-        if self.dataset is None:
-            self.dataset = follows_model(self.model_name, "demo", "wikitext2")
-        data.check_dataset_name(self.dataset)
+        self.check_calibration()
         self.check_eval()
         self.check_save()
         self.check_model()
@@ -226,14 +231,12 @@ RECIPE = LoraRecipe()  # the recipe's defaults are the flags' defaults
 
 
 @dataclass
-class HealSettings(OutputFlags, KindFlags, EvalFlags, ModelFlags):
+class HealSettings(OutputFlags, CalibrationFlags, KindFlags, EvalFlags, ModelFlags):
     """`python -m sleb.heal`: LoRA-heal a pruned model and save the merged checkpoint."""
 
     output_dir: Optional[str] = flag(None, "where the healed (merged) checkpoint is written; must be new or empty")
     removal_list: Optional[list] = flag(None, "blocks to remove first, e.g. '[7, 3, 5]'; leave out for a pruned "
                                               "checkpoint written by --save_model (its model card names them)")
-    dataset: Optional[str] = flag(None, "training text: c4, wikitext2, ptb, demo or file:PATH (.txt/.jsonl); "
-                                        "default c4 (demo for the demo model)")
     nsamples: int = flag(20000, "training rows taken from the shuffled train split, then cut into --seqlen windows")
     seqlen: int = flag(256, "tokens per training window (Shortened LLaMA: 256)")
     eval_seqlen: int = flag(2048, "tokens per perplexity window (capped at the model's maximum positions)")
@@ -248,7 +251,6 @@ class HealSettings(OutputFlags, KindFlags, EvalFlags, ModelFlags):
     grad_accum: int = flag(RECIPE.grad_accum, "forwards per optimizer step (effective batch: train_batch_size x "
                                               "grad_accum x devices)")
     weight_decay: float = flag(RECIPE.weight_decay, "AdamW weight decay")
-    seed: int = flag(RECIPE.seed, "seed of the data shuffle, LoRA initialisation and dropout")
     logging_steps: int = flag(RECIPE.logging_steps, "log the training loss every this many steps")
     save_steps: int = flag(RECIPE.save_steps, "write a Trainer checkpoint (for --resume) every this many steps")
     save_adapter: Optional[str] = flag(None, "also write the LoRA adapter alone (peft format) to this directory")
@@ -263,7 +265,7 @@ class HealSettings(OutputFlags, KindFlags, EvalFlags, ModelFlags):
         if self.resume and self.overwrite:
             raise UsageError("--resume True continues the training and --overwrite True starts it again; pass one")
         self.recipe().check()
-        for name, minimum in (("nsamples", 1), ("seqlen", 2), ("eval_seqlen", 2)):
+        for name, minimum in (("seqlen", 2), ("eval_seqlen", 2)):
             check_at_least(name, getattr(self, name), minimum)
         if self.removal_list is not None:
             self.removal_list = blocks.check_removal_list(self.removal_list)
@@ -276,9 +278,7 @@ class HealSettings(OutputFlags, KindFlags, EvalFlags, ModelFlags):
                 raise UsageError("--load_in_4bit True needs a CUDA GPU (bitsandbytes); train in full precision on CPU")
             if importlib.util.find_spec("bitsandbytes") is None:
                 raise UsageError("--load_in_4bit True needs bitsandbytes: pip install bitsandbytes")
-        if self.dataset is None:
-            self.dataset = follows_model(self.model_name, "demo", "c4")
-        data.check_dataset_name(self.dataset)
+        self.check_calibration("c4")
         self.check_eval()
         self.check_model()
         self.check_output()

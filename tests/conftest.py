@@ -35,7 +35,7 @@ class _Built(dict):
 @pytest.fixture(scope="session")
 def family_dirs(tmp_path_factory):
     """One saved tiny model per family of the architectures table, built once per test session."""
-    return _Built(tmp_path_factory.mktemp("families"), tiny.FAMILIES + tuple(tiny.REFUSED_FAMILIES))
+    return _Built(tmp_path_factory.mktemp("families"), tiny.FAMILIES + tuple(tiny.REFUSED_FAMILIES) + tiny.COMPENSATION_FAMILIES)
 
 
 @pytest.fixture(scope="session")

@@ -66,7 +66,7 @@ def _collected(model, windows, before, last):
     return torch.cat(Ms), torch.cat(Ds)
 
 
-def test_the_fit_is_the_least_squares_solution_and_a_large_ridge_shrinks_it(model_dirs, text_file):
+def test_the_fit_is_the_least_squares_solution_and_the_ridge_shrinks_it_toward_plain_removal(model_dirs, text_file):
     model, tokenizer = sleb.load(model_dirs["llama"], device="cpu")
     windows = _windows(tokenizer, text_file, model)
     with torch.inference_mode():
@@ -80,10 +80,11 @@ def test_the_fit_is_the_least_squares_solution_and_a_large_ridge_shrinks_it(mode
     assert normal.residual(T) == pytest.approx(((M @ T - D).norm() / D.norm()).item(), rel=1e-6)
     assert normal.residual(torch.eye(32, dtype=torch.float64)) == pytest.approx(((M - D).norm() / D.norm()).item(),
                                                                                rel=1e-9)
-    ridge = 1.0
-    with_ridge = torch.linalg.solve(M.T @ M + ridge * torch.eye(32, dtype=torch.float64), M.T @ D)
+    ridge, eye = 1.0, torch.eye(32, dtype=torch.float64)
+    with_ridge = torch.linalg.solve(M.T @ M + ridge * eye, M.T @ D + ridge * eye)  # argmin |MT-D|^2 + r|T-I|^2
     torch.testing.assert_close(normal.solve(ridge), with_ridge, rtol=1e-5, atol=1e-6)
-    assert normal.solve(1e12).norm() < 1e-4 * T.norm()  # ridge -> infinity: T -> 0
+    # ridge -> infinity: T -> I, plain removal (shrinking toward 0 would also delete block l's sub-layer)
+    assert (normal.solve(1e12) - eye).norm() < 1e-4 * (T - eye).norm()
 
 
 def test_a_run_that_is_a_linear_map_of_m_is_recovered_exactly(model_dirs, text_file):

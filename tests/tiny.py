@@ -63,7 +63,7 @@ def make_config(arch: str, layers: int = 6):
                              max_position_embeddings=256, **common)
     if arch == "gpt2":
         return GPT2Config(n_embd=32, n_layer=layers, n_head=4, n_positions=256, **common)
-    if arch in FAMILIES or arch in REFUSED_FAMILIES:
+    if arch in FAMILIES or arch in REFUSED_FAMILIES or arch in COMPENSATION_FAMILIES:
         return _family_config(arch, layers)
     raise ValueError(arch)
 
@@ -77,6 +77,9 @@ FAMILIES = ("qwen3_moe", "qwen2_moe", "deepseek_v3", "glm4_moe", "llama4", "gpt_
             # issue 29: per-layer config overrides (transformers 5's heterogeneous configs)
             "gemma4")
 VISION_FAMILIES = ("gemma3_vl", "qwen2_5_vl")
+# Dense families the compensation tests add (issue 30): blocks that end in a dropout, an in-place add and a
+# residual multiplier.
+COMPENSATION_FAMILIES = ("stablelm", "phi", "falcon", "granite")
 # Families whose blocks sleb cannot remove, each refused in one line before any search (issue 29).
 REFUSED_FAMILIES = {"zamba2": "with block 1 skipped its forward fails",  # shared attention mapped by block index
                     "gemma3n": "holds per-block weights outside the blocks",  # per-layer input embeddings
@@ -177,6 +180,15 @@ def _family_config(arch: str, layers: int):
         return t.Zamba2Config(layers_block_type=["mamba", "hybrid"] * (layers // 2), mamba_d_state=8, n_mamba_heads=4,
                               mamba_expand=2, num_mem_blocks=2, chunk_size=16, intermediate_size=64, adapter_rank=4,
                               use_shared_attention_adapter=True, **attention, **common)
+    if arch == "stablelm":  # a dropout after the MLP, LayerNorm, partial rotary
+        return t.StableLmConfig(intermediate_size=64, **attention, **common)
+    if arch == "phi":  # Phi-2: attention and MLP in parallel off one norm, one residual dropout for both
+        return t.PhiConfig(intermediate_size=64, **attention, **common)
+    if arch == "falcon":  # attention and MLP in parallel; the MLP output is added to in place
+        return t.FalconConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=layers, new_decoder_architecture=False,
+                              parallel_attn=True, alibi=False, max_position_embeddings=256, **common)
+    if arch == "granite":  # each sub-layer's output scaled by residual_multiplier before the add
+        return t.GraniteConfig(intermediate_size=64, residual_multiplier=0.22, **attention, **common)
     if arch == "gemma3_vl":  # Gemma3ForConditionalGeneration: SigLIP tower + projector + text model
         text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
                     num_key_value_heads=2, head_dim=8, max_position_embeddings=256, sliding_window=8, **common)

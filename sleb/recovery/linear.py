@@ -147,17 +147,49 @@ class Sublayer:
     targets: list
 
 
+def _hands_on(seen, name: str) -> bool:
+    """The module's last call handed its input on unchanged (a dropout in eval mode, an identity)."""
+    args, kwargs = seen.inputs.get(name, ((), {}))
+    given = forward.hidden_of(args, kwargs) if args or kwargs else None
+    out = seen.outputs[name]
+    return isinstance(given, torch.Tensor) and given.shape == out.shape and torch.equal(given, out)
+
+
+def _exact_copy(block: nn.Module, call):
+    """(copy of the block, its call, dtype) in float64 for the proofs (half precision would round them away),
+    else float32 where a kernel refuses float64, else the block itself."""
+    for dtype in (torch.float64, torch.float32):
+        try:
+            copied = copy.deepcopy(block).to(dtype)
+            converted = _as_dtype(call, dtype)
+            copied(*converted[0], **converted[1])
+            return copied, converted, dtype
+        except Exception:  # a kernel without this dtype, or a block whose weights a hook holds elsewhere
+            continue
+    return block, call, next(block.parameters()).dtype
+
+
 def last_sublayer(model, block_index: int, probe: torch.Tensor, label: str) -> Sublayer:
-    """Find, and prove on the probe, what block `block_index` adds last and where a map folds in."""
+    """Find, and prove on the probe, what block `block_index` adds last and where a map folds in. Each
+    refusal names its own cause: a norm after the sub-layer, a residual multiplier, an in-place add, weights
+    held elsewhere (offloaded), shared weights."""
     block = blocks.get_blocks(model)[block_index]
     cls = type(block).__name__
+    offloaded = [name for name, parameter in block.named_parameters() if parameter.is_meta]
+    if offloaded:
+        raise UsageError(f"--compensate linear: the weights of {cls} (block {label}) are offloaded ({offloaded[0]} "
+                         "is on the meta device until the block runs), so no map can be folded into them; give the "
+                         "model devices that hold that block (a larger --max_memory); no blocks removed")
     children = dict(block.named_children())
     watched = {**children, "__block__": block}
     seen = forward.observe(model, probe, watched, stop_after=block, keep_inputs=True)
     out = seen.outputs["__block__"]
-    # The residual stream's values, perhaps flattened to (tokens, hidden) as OPT's MLP holds them.
+    # The residual stream's values, perhaps flattened to (tokens, hidden) as OPT's MLP holds them; modules
+    # that hand their input on (dropout in eval mode) stand between a sub-layer and the add, and are passed.
     order = [name for name in seen.finished if name != "__block__" and isinstance(seen.outputs[name], torch.Tensor)
              and seen.outputs[name].shape[-1] == out.shape[-1] and seen.outputs[name].numel() == out.numel()]
+    while order and _hands_on(seen, order[-1]):
+        order.pop()
     if not order:
         raise UsageError(f"--compensate linear: no sub-layer of {cls} (block {label}) outputs the residual "
                          "stream's shape; the map has nowhere to go")
@@ -166,37 +198,44 @@ def last_sublayer(model, block_index: int, probe: torch.Tensor, label: str) -> S
     if "Norm" in type(sublayer).__name__:
         raise UsageError(f"--compensate linear: {cls} (block {label}) applies a norm ({name}) between its last "
                          "sub-layer and the residual add, so a folded map would not be exact; no blocks removed")
-    # The proofs run on a float32 copy of the block: half precision would round them away.
-    checked, call, dtype = block, seen.inputs["__block__"], seen.outputs[name].dtype
-    try:
-        checked, call, dtype = copy.deepcopy(block).float(), _float32(call), torch.float32
-    except Exception:  # a block whose weights an offload hook holds elsewhere: checked as it is
-        pass
+    checked, call, dtype = _exact_copy(block, seen.inputs["__block__"])
     part = dict(checked.named_children())[name]
-    out, first = forward.observe_call(checked, *call, {name: part}, keep_inputs=True)
+    kept = []
+    out, first = forward.observe_call(checked, *call, {name: part}, keep_inputs=True,
+                                      replace={name: lambda m: kept.append(m.clone()) or m})
     M = first.outputs[name]
-    # Doubling M must move the block's output by exactly M: nothing (a norm, a post-norm) stands after it.
+    if not torch.equal(kept[0], M):  # the block changed M after the sub-layer returned it
+        raise UsageError(f"--compensate linear: {cls} (block {label}) adds to its last sub-layer's output ({name}) in "
+                         "place, so what reaches the stream is not the sub-layer's own output and a folded map would "
+                         "not be exact; no blocks removed")
+    # Doubling M must move the block's output by exactly M: nothing (a norm, a multiplier) stands after it.
     doubled, _ = forward.observe_call(checked, *call, {name: part}, replace={name: lambda m: 2 * m})
-    if not _close(doubled - out, M.reshape(out.shape), dtype):
-        raise UsageError(f"--compensate linear: {cls} (block {label}) does not add its last sub-layer ({name}) "
-                         "to the residual stream as it is (a norm after it, or post-norm); a folded map would not "
-                         "be exact; no blocks removed")
+    moved, M = (doubled - out).double(), M.reshape(out.shape).double()
+    if not _close(moved, M, dtype):
+        scale = float((moved * M).sum() / (M * M).sum().clamp_min(1e-300))
+        if abs(scale - 1) > 1e-3 and _close(moved, scale * M, dtype):
+            raise UsageError(f"--compensate linear: {cls} (block {label}) scales its last sub-layer's output ({name}) "
+                             f"by {scale:.4g} before adding it (a residual multiplier), so the fit's M is not what "
+                             "the stream receives; no blocks removed")
+        raise UsageError(f"--compensate linear: {cls} (block {label}) does not add its last sub-layer ({name}) to "
+                         "the residual stream as it is (a norm or another non-linear step after it, or post-norm); "
+                         "a folded map would not be exact; no blocks removed")
     where = f"{cls}.{name} (block {label})"
-    proven = _proven_targets(part, first.inputs[name], M, dtype, where)
+    proven = _proven_targets(part, first.inputs[name], first.outputs[name], dtype, where)
     real = dict(sublayer.named_parameters())
     targets = [Target(target.name, real[target.name], target.how) for target in proven]
     _check_not_shared(model, targets, where)
     return Sublayer(block_index, sublayer, name, targets)
 
 
-def _float32(value):
-    """Floating tensors (hidden states, position embeddings, additive masks) as float32, the rest as is."""
+def _as_dtype(value, dtype):
+    """Floating tensors (hidden states, position embeddings, additive masks) in `dtype`, the rest as is."""
     if isinstance(value, torch.Tensor):
-        return value.float() if value.is_floating_point() else value
+        return value.to(dtype) if value.is_floating_point() else value
     if isinstance(value, (tuple, list)):
-        return type(value)(_float32(item) for item in value)
+        return type(value)(_as_dtype(item, dtype) for item in value)
     if isinstance(value, dict):
-        return {key: _float32(item) for key, item in value.items()}
+        return {key: _as_dtype(item, dtype) for key, item in value.items()}
     return value
 
 
@@ -247,8 +286,10 @@ def _check_not_shared(model, targets: list, where: str) -> None:
                              "it would change the other uses; no blocks removed")
 
 
-class _Normal:
-    """Running MᵀM, Mᵀ(H - Y), ||H - Y||² and ||M - (H - Y)||² in float64 on block l's device."""
+class Normal:
+    """Running MᵀM, MᵀD, ||D||² and ||M - D||² in float64 on block l's device (D = H - Y = H - (O - M), formed
+    in float64 from the stored tensors, each first moved to that device: a model split over GPUs keeps
+    block l and the run's last block apart). Memory: 2 x hidden² float64 (2 x 128 MiB at hidden 4096)."""
 
     def __init__(self, hidden: int, device):
         self.gram = torch.zeros(hidden, hidden, dtype=torch.float64, device=device)
@@ -257,31 +298,41 @@ class _Normal:
         self.identity_sq = 0.0
         self.tokens = 0
 
-    def add(self, M: torch.Tensor, D: torch.Tensor) -> None:
-        M = M.reshape(-1, M.shape[-1]).to(self.gram.device, torch.float64)
-        D = D.reshape(-1, D.shape[-1]).to(self.gram.device, torch.float64)
+    @staticmethod
+    def bytes(hidden: int) -> int:
+        return 2 * hidden * hidden * 8
+
+    def add(self, M: torch.Tensor, O: torch.Tensor, H: torch.Tensor) -> None:
+        """One batch: M (what block l adds last), O (block l's output), H (the run's output)."""
+        as64 = lambda t: t.reshape(-1, t.shape[-1]).to(self.gram.device, torch.float64)  # noqa: E731
+        M, O, H = as64(M), as64(O), as64(H)
+        D = H - (O - M)
         self.gram.addmm_(M.T, M)
         self.cross.addmm_(M.T, D)
         self.target_sq += D.pow(2).sum().item()
         self.identity_sq += (M - D).pow(2).sum().item()
         self.tokens += M.shape[0]
 
-    def solve(self, ridge: float) -> torch.Tensor:
-        """T from the normal equations (MᵀM + ridge I) T = Mᵀ(H - Y), solved, not inverted; a singular
-        system (fewer tokens than dimensions, ridge 0) takes the least-norm solution."""
-        system = self.gram + ridge * torch.eye(len(self.gram), dtype=torch.float64, device=self.gram.device)
+    def solve(self, ridge: float) -> Optional[torch.Tensor]:
+        """T = argmin ||M T - D||² + ridge ||T - I||², from (MᵀM + ridge I) T = MᵀD + ridge I, solved, not
+        inverted: the ridge shrinks T toward the identity (plain removal), never toward 0 (which would also
+        delete block l's own sub-layer). A singular system (fewer tokens than dimensions, ridge 0) takes the
+        least-norm solution; a map that is not finite is None (the run cannot be compensated)."""
+        eye = torch.eye(len(self.gram), dtype=torch.float64, device=self.gram.device)
+        system, right = self.gram + ridge * eye, self.cross + ridge * eye
         if ridge > 0 or self.tokens >= len(self.gram):
-            solution, info = torch.linalg.solve_ex(system, self.cross)
+            solution, info = torch.linalg.solve_ex(system, right)
             if info.item() == 0 and torch.isfinite(solution).all():
                 return solution
-        return torch.linalg.lstsq(system.cpu(), self.cross.cpu(), driver="gelsd").solution.to(self.gram.device)
+        solution = torch.linalg.lstsq(system.cpu(), right.cpu(), driver="gelsd").solution.to(self.gram.device)
+        return solution if torch.isfinite(solution).all() else None
 
     def identity_residual(self) -> float:
         """The relative residual of T = I: plain removal."""
         return math.sqrt(self.identity_sq / self.target_sq) if self.target_sq else 0.0
 
     def residual(self, T: torch.Tensor) -> float:
-        """||M T - (H - Y)|| / ||H - Y|| from the accumulated sums alone."""
+        """||M T - D|| / ||D|| from the accumulated sums alone."""
         fitted = (T * (self.gram @ T)).sum() - 2 * (T * self.cross).sum() + self.target_sq
         return math.sqrt(max(fitted.item(), 0.0) / self.target_sq) if self.target_sq else 0.0
 
@@ -299,46 +350,35 @@ def check(ridge: float, removal_list: list, depth: int) -> list:
 
 
 def normal_equations(model, windows: torch.Tensor, sublayer: Sublayer, last_index: int, batch_size: int = 4,
-                     progress: bool = True, desc: str = "compensate") -> _Normal:
+                     progress: bool = True, desc: str = "compensate") -> Normal:
     """Stream the windows through the model as it stands up to block `last_index` (in its current
     list) and accumulate the sums for the sub-layer's M against that block's output."""
-    block_list = blocks.get_blocks(model)
-    block, last = block_list[sublayer.block_index], block_list[last_index]
-    device = input_device(model)
-    normal = None
-    with torch.inference_mode():
-        for start in tqdm(range(0, len(windows), batch_size), desc=desc, leave=False, disable=not progress):
-            batch = windows[start:start + batch_size].to(device)
-            seen = forward.observe(model, batch, {"M": sublayer.module, "Y+M": block, "H": last}, stop_after=last)
-            output = seen.outputs["Y+M"]
-            M = seen.outputs["M"].reshape(output.shape)
-            if normal is None:
-                normal = _Normal(M.shape[-1], M.device)
-            normal.add(M, seen.outputs["H"] - (output - M))
-    return normal
+    return normal_equations_for_runs(model, windows, {last_index: sublayer}, batch_size, progress, desc)[last_index]
 
 
-def normal_equations_for_candidates(model, windows: torch.Tensor, sublayers: dict, batch_size: int = 4,
-                                    progress: bool = True, desc: str = "statistics") -> dict:
-    """{position: sums} for removing the single alive block at each position, its map going into the
-    block before it (`sublayers[position]`, at position - 1): one streaming pass for all of them."""
+def normal_equations_for_runs(model, windows: torch.Tensor, sublayers: dict, batch_size: int = 4,
+                              progress: bool = True, desc: str = "statistics") -> dict:
+    """{last: sums} for each run that ends at block `last` of the model as it stands, its map going into
+    `sublayers[last]` (whose block_index is the block before the run): one streaming pass for all, stopped
+    after the deepest block any of them needs."""
     block_list = blocks.get_blocks(model)
     watched = {}
-    for position, sublayer in sublayers.items():
-        watched[f"M{position}"] = sublayer.module
-        watched[f"O{position - 1}"] = block_list[position - 1]
-        watched[f"O{position}"] = block_list[position]
+    for last, sublayer in sublayers.items():
+        watched[f"M{last}"] = sublayer.module
+        watched[f"O{last}"] = block_list[sublayer.block_index]
+        watched[f"H{last}"] = block_list[last]
+    deepest = block_list[max(sublayers)]
     device = input_device(model)
     normals = {}
     with torch.inference_mode():
         for start in tqdm(range(0, len(windows), batch_size), desc=desc, leave=False, disable=not progress):
-            seen = forward.observe(model, windows[start:start + batch_size].to(device), watched)
-            for position in sublayers:
-                output = seen.outputs[f"O{position - 1}"]
-                M = seen.outputs[f"M{position}"].reshape(output.shape)
-                if position not in normals:
-                    normals[position] = _Normal(M.shape[-1], M.device)
-                normals[position].add(M, seen.outputs[f"O{position}"] - (output - M))
+            seen = forward.observe(model, windows[start:start + batch_size].to(device), watched, stop_after=deepest)
+            for last in sublayers:
+                O = seen.outputs[f"O{last}"]
+                M = seen.outputs[f"M{last}"].reshape(O.shape)
+                if last not in normals:
+                    normals[last] = Normal(M.shape[-1], M.device)
+                normals[last].add(M, O, seen.outputs[f"H{last}"])
     return normals
 
 
@@ -356,35 +396,57 @@ def folded(targets: list, T: torch.Tensor):
             target.parameter.data.copy_(original)
 
 
+def record_change(model, run: list, before: int) -> None:
+    """The model's origin notes what its weights now hold: a map for `run` in block `before` (indices of
+    the model as it stands, recorded as the original ones). A map already in a block of the run is gone
+    with the block, and this map stands for both."""
+    kept = blocks.origin(model).kept
+    run, before = [kept[i] for i in run], kept[before]
+    changes = blocks.origin(model).weights_changed
+    merged = sorted(set(run).union(*[change["run"] for change in changes if change["into"] in run]))
+    changes[:] = [change for change in changes if change["into"] not in run]
+    changes.append({"map": "linear", "run": merged, "into": before})
+
+
 def compensate(model, windows: torch.Tensor, removal_list: list, ridge: float = 0.0, batch_size: int = 4,
                progress: bool = True) -> list:
     """Fit, fold and delete: afterwards the model is what `blocks.remove_blocks` leaves, with each
-    run's map folded into the block before it. Returns one RunFit per run, in depth order."""
+    run's map folded into the block before it. Returns one RunFit per run, in depth order. If any run
+    fails (a map that is not finite), every weight is put back and nothing is removed."""
     depth = blocks.num_blocks(model)
     runs = check(ridge, removal_list, depth)
     probe = windows[:1, :PROBE_TOKENS].to(input_device(model))
     with torch.inference_mode():
         sublayers = [last_sublayer(model, run[0] - 1, probe, str(run[0] - 1)) for run in runs]  # all proven first
+    originals = [(target.parameter, target.parameter.data.clone()) for sublayer in sublayers
+                 for target in sublayer.targets]
     fits, done = [], []
-    for run, sublayer in zip(runs, sublayers):
-        started = time.perf_counter()
-        with blocks.skipping(model, done):
-            alive = [i for i in range(depth) if i not in set(done)]
-            current = alive.index(run[0] - 1)
-            sublayer.block_index = current
-            normal = normal_equations(model, windows, sublayer, alive.index(run[-1]), batch_size, progress,
-                                      desc=f"compensate {run[0]}..{run[-1]}")
-        T = normal.solve(ridge)
-        residual = normal.residual(T)
+    try:
+        for run, sublayer in zip(runs, sublayers):
+            started = time.perf_counter()
+            with blocks.skipping(model, done):
+                alive = [i for i in range(depth) if i not in set(done)]
+                sublayer.block_index = alive.index(run[0] - 1)
+                normal = normal_equations(model, windows, sublayer, alive.index(run[-1]), batch_size, progress,
+                                          desc=f"compensate {run[0]}..{run[-1]}")
+            T = normal.solve(ridge)
+            if T is None:
+                raise UsageError(f"--compensate linear: the map for blocks {run} is not finite (the statistics "
+                                 "overflowed: try --dtype float32 or a --ridge above 0); the model is unchanged")
+            with torch.no_grad():
+                for target in sublayer.targets:
+                    fold(target, T)
+            done += run
+            fits.append(RunFit(run, run[0] - 1, normal.tokens, normal.residual(T), normal.identity_residual(),
+                               round(time.perf_counter() - started, 3),
+                               [f"{sublayer.name}.{target.name}" for target in sublayer.targets]))
+            del normal
+    except BaseException:
         with torch.no_grad():
-            for target in sublayer.targets:
-                fold(target, T)
-        blocks.origin(model).weights_changed.append(f"linear map for blocks {run} folded into block {run[0] - 1}")
-        done += run
-        fits.append(RunFit(run, run[0] - 1, normal.tokens, residual,
-                           normal.identity_residual(),
-                           round(time.perf_counter() - started, 3),
-                           [f"{sublayer.name}.{target.name}" for target in sublayer.targets]))
-        del normal
+            for parameter, original in originals:
+                parameter.data.copy_(original)
+        raise
+    for fit in fits:
+        record_change(model, fit.run, fit.before)
     blocks.remove_blocks(model, sorted(removal_list))
     return fits
