@@ -10,6 +10,7 @@
 # 3. python -m latency on a random 7B-shape model (built from a config, cached in OUT_DIR) with 20% of
 #    its blocks removed: prompt 1 x 2048 and generation 64 x (64 + 128), eager and compiled;
 # 4. bench/guard.py at the 7B shape (fp16): the reload guard's seconds and peak memory above the model;
+# 5. bench/compensate.py at the 7B shape (fp16): --compensate linear and sleb_compensated, time and memory;
 # then one JSON summary line (also in OUT_DIR/summary.json). Logs and JSON files stay in OUT_DIR.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +35,10 @@ echo "search: $(cat "$out/search_speed.json")" >&2
   --device cuda --dtype float16 > "$out/guard.json" 2> "$out/guard.log"
 echo "guard: $(cat "$out/guard.json")" >&2
 
+"$PYTHON" bench/compensate.py --cases random --layers 32 --hidden 4096 --intermediate 11008 --heads 32 \
+  --vocab 32000 --windows 8 --seqlen 2048 --device cuda --dtype float16 > "$out/compensate.json" 2> "$out/compensate.log"
+echo "compensate: $(cat "$out/compensate.json")" >&2
+
 "$PYTHON" bench/random_model.py "$out/llama-7b-shape" > "$out/random_model.log" 2>&1
 for mode in prompt generation; do
   for compiled in False True; do
@@ -53,10 +58,11 @@ try:
     summary["search"] = json.load(open(os.path.join(out, "search_speed.json")))
 except (OSError, ValueError) as error:
     summary["search"] = f"failed: {error}"
-try:
-    summary["guard"] = json.load(open(os.path.join(out, "guard.json")))["cases"]
-except (OSError, ValueError, KeyError) as error:
-    summary["guard"] = f"failed: {error}"
+for name in ("guard", "compensate"):
+    try:
+        summary[name] = json.load(open(os.path.join(out, f"{name}.json")))["cases"]
+    except (OSError, ValueError, KeyError) as error:
+        summary[name] = f"failed: {error}"
 summary["latency"] = {}
 for path in sorted(glob.glob(os.path.join(out, "latency", "*.json"))):
     record = json.load(open(path))

@@ -97,8 +97,9 @@ def test_import_sleb_loads_no_heavy_library():
     seconds, loaded = out.stdout.split(" ", 1)
     assert loaded.strip() == "[]", out.stdout
     assert sorted(sleb.__all__) == sorted(["load", "calibration_windows", "evaluation_windows", "search",
-                                           "SearchResult", "remove_blocks", "skipping", "compensate", "CompensationResult", "serving_problems",
-                                           "perplexity", "zeroshot_tasks",
+                                           "SearchResult", "remove_blocks", "skipping", "check_compensable",
+                                           "compensate", "CompensationResult", "serving_problems", "perplexity",
+                                           "zeroshot_tasks",
                                            "zeroshot", "heal", "LoraRecipe", "HealResult", "save_pretrained",
                                            "UsageError", "__version__"])
 

@@ -95,3 +95,21 @@ def test_bf16_lora_healing_lowers_the_loss(gpu_model_dirs, text_file, tmp_path):
     assert record["loss_curve"][-1]["loss"] < record["loss_curve"][0]["loss"]
     name = f"file:{text_file}"
     assert record["ppl_healed"][name]["ppl"] < record["ppl_pruned"][name]["ppl"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_compensation_of_a_model_split_over_two_gpus_equals_one_gpu(gpu_model_dirs):
+    """Block l on one GPU, the run's last block on the other: every tensor of the fit meets on M's device."""
+    import sleb
+
+    one, tokenizer = sleb.load(gpu_model_dirs["llama"], dtype="float32", device="cuda:0")
+    windows = _windows(tokenizer)
+    sleb.compensate(one, windows, [2, 3], progress=False)
+    split = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": 1, "lm_head": 1,
+             **{f"model.layers.{i}": 0 if i < 3 else 1 for i in range(6)}}
+    two, _ = sleb.load(gpu_model_dirs["llama"], dtype="float32", device_map=split)
+    sleb.compensate(two, windows, [2, 3], progress=False)
+    ids = windows[:2].to("cuda:0")
+    with torch.inference_mode():
+        torch.testing.assert_close(two(input_ids=ids).logits.to("cuda:0"), one(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-4)

@@ -16,18 +16,21 @@ def _search_args(model_dir, text_file, folder, name):
             "--result_file", name]
 
 
-def test_torchrun_two_ranks_equals_single_process(model_dirs, text_file, tmp_path):
-    single = invoke("sleb", *_search_args(model_dirs["llama"], text_file, tmp_path, "single.json"))
+@pytest.mark.parametrize("metric", ["sleb", "sleb_compensated"])
+def test_torchrun_two_ranks_equals_single_process(metric, model_dirs, text_file, tmp_path):
+    """Each rank scores its slice of the candidates (a compensated search, each with its own map)."""
+    extra = ["--metric", metric]
+    single = invoke("sleb", *_search_args(model_dirs["llama"], text_file, tmp_path, "single.json"), *extra)
     assert single.returncode == 0, single.stderr
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
     launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                                "--master_port", "29533", "-m", "sleb",
-                               *_search_args(model_dirs["llama"], text_file, tmp_path, "ranks.json")],
+                               *_search_args(model_dirs["llama"], text_file, tmp_path, "ranks.json"), *extra],
                               cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert launched.returncode == 0, launched.stderr[-2000:]
     one = json.loads((tmp_path / "single.json").read_text())
     two = json.loads((tmp_path / "ranks.json").read_text())
-    assert two["search"]["engine"] == "fast x2 ranks"
+    assert two["search"]["engine"] == ("fast x2 ranks" if metric == "sleb" else "fast, compensated x2 ranks")
     assert two["search"]["removal_list"] == one["search"]["removal_list"]
     for row_one, row_two in zip(one["search"]["losses"], two["search"]["losses"]):
         for a, b in zip(row_one, row_two):
