@@ -278,28 +278,9 @@ def _check(model, started: float) -> Verdict:
     candidate.generation_config = copy.deepcopy(model.generation_config)  # saved beside the weights
     candidate_logits, candidate_outputs = _run(candidate, ids, hidden)
 
-    prefix = blocks.block_path(model) + "."
+    reference_logits, reference_fingerprints = _as_scored(model, known, ids, hidden, device,
+                                                          candidate_outputs.tuple_length)
     kept = known.kept
-
-    def original_name(name: str):
-        if name == prefix[:-1] or not name.startswith(prefix):
-            return name
-        index, _, rest = name[len(prefix):].partition(".")
-        return prefix + ".".join(filter(None, (str(kept[int(index)]), rest)))
-
-    reference = rebuild.with_tensors(_build(model, copy.deepcopy(known.config)), model, device, original_name)
-    removed = known.removed
-    if blocks.index_derived(model):  # scored as deleted, the kept blocks renumbered (the reference engine's way)
-        with blocks.skipping(reference, removed):
-            reference_logits, reference_outputs = _run(reference, ids, hidden)
-        reference_fingerprints = {kept[j]: value for j, value in reference_outputs.fingerprints.items()}
-    else:
-        reference_blocks = blocks.get_blocks(reference)
-        for index in removed:
-            forward.pass_over(reference_blocks[index], candidate_outputs.tuple_length)
-        reference_logits, reference_outputs = _run(reference, ids, hidden)
-        reference_fingerprints = reference_outputs.fingerprints
-
     tolerance = _tolerance(blocks.compute_dtype(model))
     scale = float(reference_logits.abs().max().clamp_min(1.0))
     gap = float((candidate_logits - reference_logits).abs().max()) / scale
@@ -319,6 +300,30 @@ def _check(model, started: float) -> Verdict:
             f"changed since load, not by sleb: {_named(changed)}; no checkpoint written")
     check_generates(candidate)
     return Verdict(_warnings(changed), int(ids.shape[1]), gap, round(time.perf_counter() - started, 3))
+
+
+def _as_scored(model, known: blocks.Origin, ids: torch.Tensor, hidden: int, device, tuple_length):
+    """(logits, {original block index: output fingerprint}) of the reference rebuild: the config at load, the
+    kept blocks' tensors at their original indices, the removed ones passed over (or, for blocks that
+    derive settings from their index, skipped and the kept ones renumbered)."""
+    prefix = blocks.block_path(model) + "."
+
+    def original_name(name: str):
+        if not name.startswith(prefix):
+            return name
+        index, _, rest = name[len(prefix):].partition(".")
+        return prefix + ".".join(filter(None, (str(known.kept[int(index)]), rest)))
+
+    reference = rebuild.with_tensors(_build(model, copy.deepcopy(known.config)), model, device, original_name)
+    if blocks.index_derived(model):  # scored as deleted, the kept blocks renumbered (the reference engine's way)
+        with blocks.skipping(reference, known.removed):
+            logits, outputs = _run(reference, ids, hidden)
+        return logits, {known.kept[j]: value for j, value in outputs.fingerprints.items()}
+    reference_blocks = blocks.get_blocks(reference)
+    for index in known.removed:
+        forward.pass_over(reference_blocks[index], tuple_length)
+    logits, outputs = _run(reference, ids, hidden)
+    return logits, outputs.fingerprints
 
 
 def _warnings(changed: list) -> list:

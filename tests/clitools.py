@@ -5,6 +5,7 @@ import contextlib
 import importlib
 import io
 import os
+import signal
 import subprocess
 import sys
 import traceback
@@ -51,8 +52,11 @@ def invoke(module, *args, timeout=None) -> subprocess.CompletedProcess:
 
 def start(module, *args, stderr=subprocess.DEVNULL) -> subprocess.Popen:
     """The entry module running in the background (to be killed or interrupted by the test)."""
+    # A shell's background job ignores SIGINT, and children inherit that: give this one the default back,
+    # so a test's Ctrl-C reaches it however the suite itself was started.
     return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=OFFLINE,
-                            stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+                            stdout=subprocess.DEVNULL, stderr=stderr, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def assert_bad_input(module, flags: dict, overrides: list, message: str, result_folder) -> None:

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import time
 
-import tiny
 from clitools import invoke, start
 
 
@@ -39,11 +38,8 @@ def test_sigkill_then_resume_gives_the_same_list_and_losses(model_dirs, text_fil
     assert [f for f in os.listdir(tmp_path) if f.startswith(".")] == []
 
 
-def test_ctrl_c_says_where_the_partial_result_is(model_dirs, tmp_path):
-    # Ten times the usual text, so the phases after the first last seconds, not the 0.6 s a loaded CI
-    # machine could let pass before the signal lands.
-    text_file = tiny.write_text(tmp_path / "long.txt", lines=3000)
-    args = ["--model_name", model_dirs["llama"], "--dataset", f"file:{text_file}", "--nsamples", "2000",
+def test_ctrl_c_says_where_the_partial_result_is(model_dirs, text_file, tmp_path):
+    args = ["--model_name", model_dirs["llama"], "--dataset", f"file:{text_file}", "--nsamples", "200",
             "--seqlen", "64", "--num_remove_blocks", "3", "--engine", "reference", "--eval_ppl", "False",
             "--result_folder", str(tmp_path), "--result_file", "int.json"]
     process = start("sleb", *args, stderr=subprocess.PIPE)
