@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sleb import data, memory, models, metrics as search  # noqa: E402
+from sleb import data, memory, models, search_algorithms  # noqa: E402
 from sleb.engines import ReferenceEngine  # noqa: E402
 from sleb.fast_search import FastEngine  # noqa: E402
 from sleb.results import environment  # noqa: E402
@@ -38,8 +38,8 @@ def _timed(engine, model, calibration, phases, device):
     if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
-    job = search.SearchJob(model, calibration, phases, 1, 1, build_engine=lambda: engine, log=lambda *_: None)
-    state = search.sleb_iterative(job, search.SearchState(model.config.num_hidden_layers))
+    job = search_algorithms.SearchJob(model, calibration, phases, 1, 1, build_engine=lambda: engine, log=lambda *_: None)
+    state = search_algorithms.sleb_iterative(job, search_algorithms.SearchState(model.config.num_hidden_layers))
     if device.type == "cuda":
         torch.cuda.synchronize()
     return state, time.perf_counter() - started

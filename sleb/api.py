@@ -169,7 +169,7 @@ def search(model, windows: torch.Tensor, num_remove_blocks: Optional[int] = None
     least one block of each kind, which stock transformers' hybrid caches need to generate.
     `compensation_gb`: sleb_compensated's memory for the candidates' sums (2 x hidden² float64 each; 0:
     a quarter of the free memory); it makes more statistics passes when that holds fewer than a phase."""
-    from sleb.metrics import METRICS, SearchJob, SearchState, check_choices, check_resumable, check_shape
+    from sleb.search_algorithms import METRICS, SearchJob, SearchState, check_choices, check_resumable, check_shape
 
     check_choices(metric, engine, early_barrier, latter_barrier)
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype != torch.long:

@@ -72,28 +72,42 @@ class ReferenceEngine:
     name = "reference"
     tie_margin = 0.0
 
-    def __init__(self, model, windows: torch.Tensor):
+    def __init__(self, model, windows: torch.Tensor, objective=None):
         self.model = model
         self.windows = windows
+        self.objective = objective  # None: the paper's cross-entropy, computed as its code computes it
         self.blocks = list(blocks.get_blocks(model))
         self.num_blocks = len(self.blocks)
 
     @torch.inference_mode()
-    def loss(self, skipped: list) -> float:
+    def loss(self, skipped: list, rows=None) -> float:
+        """The objective's sum of per-window terms with `skipped` removed, over windows `rows` (default all)."""
         current = blocks.get_blocks(self.model)
         if len(current) != self.num_blocks or any(a is not b for a, b in zip(current, self.blocks)):
             raise RuntimeError("the model's blocks changed after this engine was built; build a new engine")
         device = input_device(self.model)
         total = 0.0
         with blocks.skipping(self.model, skipped):
-            for window in self.windows:
-                inputs = window.unsqueeze(0).to(device)
+            for row in range(len(self.windows)) if rows is None else rows:
+                inputs = self.windows[row].unsqueeze(0).to(device)
                 logits = self.model(input_ids=inputs, use_cache=False).logits
                 shift_logits = logits[:, :-1, :].contiguous()
-                ce = nn.CrossEntropyLoss()(shift_logits.reshape(-1, shift_logits.size(-1)).float(),
-                                           inputs[:, 1:].reshape(-1).to(logits.device))
-                total += window_loss(ce.item(), inputs.shape[1])
+                if self.objective is None:
+                    ce = nn.CrossEntropyLoss()(shift_logits.reshape(-1, shift_logits.size(-1)).float(),
+                                               inputs[:, 1:].reshape(-1).to(logits.device))
+                    total += window_loss(ce.item(), inputs.shape[1])
+                else:
+                    position_sum = self.objective.chunk_sums(shift_logits.float(), [row], 0, inputs.shape[1] - 1)
+                    total += window_loss(position_sum.item() / (inputs.shape[1] - 1), inputs.shape[1])
         return total
+
+    @property
+    def batch_count(self) -> int:
+        return len(self.windows)  # batch-1: one window per batch
+
+    def set_loss(self, skipped: list, batches: list) -> float:
+        """The loss with the blocks `skipped` (original indices) removed, over the given batches of windows."""
+        return self.loss(list(skipped), rows=batches)
 
     def phase(self, removal_list, positions, order_hint=None, complete=False, progress=None, alter=None) -> PhaseResult:
         losses = self.reference_losses(removal_list, positions, alter, progress)

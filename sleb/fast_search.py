@@ -1,5 +1,9 @@
 """The fast engine: the reference engine's losses and removal list with far fewer block forwards.
 
+Three parts: `Storage` (where cached hidden states live, and how many bytes they may take),
+`PrefixCache` (states keyed by the exact blocks run), and `FastEngine`, which captures the windows on
+its first scoring call (never in its constructor) and scores phases and removal sets from the cache.
+
 Exact tricks only:
 - Prefix reuse: the hidden state entering alive block j does not depend on which candidate is
   skipped, so it is computed once per phase, kept across phases, and after a removal recomputed
@@ -18,6 +22,7 @@ memory, else they are recomputed batch by batch (no abandonment then).
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -35,6 +40,7 @@ HALF_TIE_MARGIN = 1e-3
 class _Batch:
     ids: torch.Tensor  # (b, seqlen) on the model's input device
     inputs: forward.BlockInputs
+    rows: list  # the windows' indices in the calibration tensor
 
 
 def cache_bytes(model, windows: torch.Tensor, positions: int) -> int:
@@ -42,6 +48,73 @@ def cache_bytes(model, windows: torch.Tensor, positions: int) -> int:
     hidden = model.config.get_text_config().hidden_size
     itemsize = next(model.parameters()).element_size()
     return positions * windows.numel() * hidden * itemsize
+
+
+@dataclass
+class Storage:
+    """Where cached hidden states live ("device", "cpu": pinned host memory, or None: recomputed) and how
+    many bytes they may take."""
+
+    where: Optional[str]
+    budget_bytes: float
+
+    @classmethod
+    def choose(cls, model, windows: torch.Tensor, num_blocks: int, cache_gb: float) -> "Storage":
+        """The prefix states of a phase (one per block) must fit; states of candidates' paths use the rest."""
+        needed = cache_bytes(model, windows, num_blocks)
+        device = input_device(model)
+        if cache_gb <= 0:  # auto: a share of what the device (or, on CPU, the machine) has free
+            if device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(device)
+                cache_gb = 0.5 * free / 2**30
+            else:
+                cache_gb = 0.25 * memory.total_bytes() / 2**30
+        budget = cache_gb * 2**30
+        if needed <= budget:
+            return cls("device", budget)
+        host_budget = 0.25 * memory.total_bytes()
+        if device.type == "cuda" and needed <= host_budget:
+            return cls("cpu", host_budget)
+        return cls(None, 0)
+
+    def store(self, tensor):
+        if self.where == "cpu" and tensor.device.type == "cuda":
+            return tensor.to("cpu", non_blocking=True).pin_memory()
+        return tensor
+
+    @staticmethod
+    def load(tensor, like):
+        return tensor.to(like.device, non_blocking=True) if tensor.device != like.device else tensor
+
+
+class PrefixCache:
+    """Hidden states keyed by (batch index, the exact blocks run in order), within a Storage's budget: a hit
+    is the very same computation."""
+
+    def __init__(self, storage: Storage, itemsize: int):
+        self.storage, self.itemsize = storage, itemsize
+        self.states = {}
+        self.bytes = 0
+
+    def keep(self, b: int, path: tuple, hidden) -> None:
+        """Cache the state after `path` on batch b while the budget allows."""
+        size = hidden.numel() * self.itemsize
+        if self.bytes + size <= self.storage.budget_bytes:
+            self.states[(b, path)] = self.storage.store(hidden)
+            self.bytes += size
+
+    def longest(self, b: int, path: list, limit: int, like) -> tuple:
+        """(k, the state after path[:k]) for the longest cached prefix of at most `limit` blocks; (0, None)."""
+        k = limit
+        while k > 0 and (b, tuple(path[:k])) not in self.states:
+            k -= 1
+        return (k, self.storage.load(self.states[(b, tuple(path[:k]))], like)) if k else (0, None)
+
+    def forget(self, changed_blocks) -> None:
+        """Drop the states whose path ran any of these blocks (removed, or their weights changed)."""
+        changed_blocks = set(changed_blocks)
+        for key in [key for key in self.states if changed_blocks.intersection(key[1])]:
+            self.bytes -= self.states.pop(key).numel() * self.itemsize
 
 
 class FastEngine:
@@ -54,87 +127,55 @@ class FastEngine:
         return forward.cannot_follow(model)
 
     def __init__(self, model, windows: torch.Tensor, batch_size: int = 4, cache_gb: float = 0.0,
-                 abandon: bool = True):
+                 abandon: bool = True, objective=None):
+        """Nothing runs here: the windows are captured on the first scoring call."""
         self.model = model
         self.windows = windows
         self.batch_size = max(1, batch_size)
         self.abandon = abandon
+        self.objective = objective  # None: the paper's cross-entropy
         self.tie_margin = TIE_MARGINS.get(blocks.compute_dtype(model), HALF_TIE_MARGIN)
-        self.reference = ReferenceEngine(model, windows)
+        self.reference = ReferenceEngine(model, windows, objective)
         self.blocks = self.reference.blocks  # its own references: a later change to the model's list is not followed
         self.num_blocks = len(self.blocks)
-        self.storage, self.budget_bytes = self._choose_storage(cache_gb)
-        self.cache = {}  # (batch index, blocks run in order) -> hidden state after them
-        self.cached_bytes = 0
-        self.cache_itemsize = next(model.parameters()).element_size()
+        self.storage = Storage.choose(model, windows, self.num_blocks, cache_gb)
+        self.cache = PrefixCache(self.storage, next(model.parameters()).element_size())
         self.block_forwards = 0
-        device = input_device(model)
-        self.batches = []
-        with torch.inference_mode():
-            for start in range(0, len(windows), self.batch_size):
-                ids = windows[start : start + self.batch_size].to(device)
-                # The capture runs the dense model once; its block outputs are the first phase's prefix states.
-                inputs = forward.capture(model, ids, keep_outputs=self.storage is not None)
-                self.block_forwards += self.num_blocks * len(ids)
-                self.batches.append(_Batch(ids, inputs))
-                for depth, hidden in enumerate((inputs.outputs or [])[:-1]):
-                    self._keep(len(self.batches) - 1, tuple(range(depth + 1)), hidden)
-                inputs.outputs = None
+        self._captured = None
 
-    def _choose_storage(self, cache_gb: float):
-        """(where cached hidden states live: 'device', 'cpu' or None = recompute, bytes they may take).
-
-        The prefix states of a phase (one per block) must fit; states of candidates' paths use the rest."""
-        needed = cache_bytes(self.model, self.windows, self.num_blocks)
-        device = input_device(self.model)
-        if cache_gb <= 0:  # auto: a share of what the device (or, on CPU, the machine) has free
-            if device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(device)
-                cache_gb = 0.5 * free / 2**30
-            else:
-                cache_gb = 0.25 * memory.total_bytes() / 2**30
-        budget = cache_gb * 2**30
-        if needed <= budget:
-            return "device", budget
-        host_budget = 0.25 * memory.total_bytes()
-        if device.type == "cuda" and needed <= host_budget:
-            return "cpu", host_budget
-        return None, 0
-
-    def _store(self, tensor):
-        if self.storage == "cpu" and tensor.device.type == "cuda":
-            return tensor.to("cpu", non_blocking=True).pin_memory()
-        return tensor
-
-    def _load(self, tensor, like):
-        return tensor.to(like.device, non_blocking=True) if tensor.device != like.device else tensor
-
-    def _keep(self, b: int, path: tuple, hidden) -> None:
-        """Cache the state after `path` on batch b while the budget allows."""
-        size = hidden.numel() * self.cache_itemsize
-        if self.cached_bytes + size <= self.budget_bytes:
-            self.cache[(b, path)] = self._store(hidden)
-            self.cached_bytes += size
+    @property
+    def batches(self) -> list:
+        """The windows in batches with what the model hands each block (captured once, by one dense
+        forward per batch, whose block outputs are the first phase's prefix states)."""
+        if self._captured is None:
+            self._captured = []
+            device = input_device(self.model)
+            with torch.inference_mode():
+                for start in range(0, len(self.windows), self.batch_size):
+                    ids = self.windows[start : start + self.batch_size].to(device)
+                    inputs = forward.capture(self.model, ids, keep_outputs=self.storage.where is not None)
+                    self.block_forwards += self.num_blocks * len(ids)
+                    self._captured.append(_Batch(ids, inputs, list(range(start, start + len(ids)))))
+                    for depth, hidden in enumerate((inputs.outputs or [])[:-1]):
+                        self.cache.keep(len(self._captured) - 1, tuple(range(depth + 1)), hidden)
+                    inputs.outputs = None
+        return self._captured
 
     def _run(self, indices, hidden, batch):
         self.block_forwards += len(indices) * len(batch.ids)
         return forward.run_blocks(self.blocks, indices, hidden, batch.inputs)
 
     def _window_terms(self, hidden, batch) -> list:
-        """The paper's per-window term, mean CE x seqlen, for each window of the batch."""
+        """The per-window term (mean over predicted positions x seqlen) of the objective, for each window."""
         seqlen = batch.ids.shape[1]
-        sums = forward.tail_nll_sums(self.model, hidden, batch.inputs, batch.ids)
+        term = None if self.objective is None else (
+            lambda logits, start, stop: self.objective.chunk_sums(logits, batch.rows, start, stop))
+        sums = forward.tail_nll_sums(self.model, hidden, batch.inputs, batch.ids, term)
         return [window_loss(float(s) / (seqlen - 1), seqlen) for s in sums.double().cpu()]
 
-    def _forget(self, removal_list: list) -> None:
-        """Drop cached states whose path ran a block that is now removed: no later path runs it."""
-        self.changed(removal_list)
-
     def changed(self, changed_blocks) -> None:
-        """Drop cached states whose path ran any of these blocks (removed, or their weights changed)."""
-        changed_blocks = set(changed_blocks)
-        for key in [key for key in self.cache if changed_blocks.intersection(key[1])]:
-            self.cached_bytes -= self.cache.pop(key).numel() * self.cache_itemsize
+        """Blocks removed, or whose weights changed: no cached state that ran them is used again."""
+        self.cache.forget(changed_blocks)
 
     def _run_path(self, path: list, b: int, batch: _Batch, trusted: int = None) -> torch.Tensor:
         """The hidden state after running blocks `path` in order on batch b.
@@ -147,14 +188,12 @@ class FastEngine:
         them on is read or kept.
         """
         trusted = len(path) if trusted is None else trusted
-        start = trusted
-        while start > 0 and (b, tuple(path[:start])) not in self.cache:
-            start -= 1
-        hidden = self._load(self.cache[(b, tuple(path[:start]))], batch.ids) if start else batch.inputs.hidden
+        start, hidden = self.cache.longest(b, path, trusted, batch.ids)
+        hidden = hidden if start else batch.inputs.hidden
         for k in range(start, len(path)):
             hidden = self._run([path[k]], hidden, batch)
             if k + 1 < len(path) and k + 1 <= trusted:
-                self._keep(b, tuple(path[: k + 1]), hidden)
+                self.cache.keep(b, tuple(path[: k + 1]), hidden)
         return hidden
 
     @torch.inference_mode()
@@ -166,9 +205,9 @@ class FastEngine:
         positions = list(positions)
         if not positions:
             return PhaseResult({})
-        if self.storage is None:
+        if self.storage.where is None:
             return PhaseResult(self._streamed_losses(alive, positions, progress, alter))
-        self._forget(removal_list)
+        self.changed(removal_list)
         # The prefix every candidate shares is cached first, so the budget never goes to suffixes instead.
         for b, batch in enumerate(self.batches):
             self._run_path(alive[: max(positions) + 1], b, batch)
@@ -222,8 +261,24 @@ class FastEngine:
     def reference_losses(self, removal_list, positions, alter=None) -> dict:
         return self.reference.reference_losses(removal_list, positions, alter)
 
+    @property
+    def batch_count(self) -> int:
+        return len(self.batches)
+
+    @torch.inference_mode()
+    def set_loss(self, skipped, batches: list) -> float:
+        """The loss with the blocks `skipped` (original indices) removed, over the given batches: each batch
+        resumes from the longest cached prefix its path shares with paths run before."""
+        removed = set(skipped)
+        path = [i for i in range(self.num_blocks) if i not in removed]
+        total = 0.0
+        for b in batches:
+            batch = self.batches[b]
+            total += sum(self._window_terms(self._run_path(path, b, batch), batch))
+        return total
+
     def stats(self) -> dict:
-        return {"block_forwards": self.block_forwards, "batch_size": self.batch_size, "cache": self.storage,
+        return {"block_forwards": self.block_forwards, "batch_size": self.batch_size, "cache": self.storage.where,
                 "peak_mem_mb": memory.peak_mb(input_device(self.model))}
 
 

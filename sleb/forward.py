@@ -82,8 +82,9 @@ def head_matches_forward(model) -> bool:
     return matches
 
 
-def nll_sums_from_hidden(model, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Per window: sum of next-token NLL over positions 0..T-2, float32, head applied in chunks."""
+def nll_sums_from_hidden(model, hidden: torch.Tensor, input_ids: torch.Tensor, term=None) -> torch.Tensor:
+    """Per window: sum of next-token NLL over positions 0..T-2, float32, head applied in chunks; or, given
+    `term(logits, start, stop) -> per-window sums`, that objective's sums (sleb/objectives.py)."""
     vocab = model.get_output_embeddings().weight.shape[0]
     batch, length = input_ids.shape
     chunk = max(1, LOGITS_PER_CHUNK // (vocab * batch))
@@ -91,9 +92,12 @@ def nll_sums_from_hidden(model, hidden: torch.Tensor, input_ids: torch.Tensor) -
     for start in range(0, length - 1, chunk):
         stop = min(start + chunk, length - 1)
         logits = head_logits(model, hidden[:, start:stop])
-        labels = input_ids[:, start + 1 : stop + 1].to(logits.device)
-        nll = F.cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1), reduction="none")
-        part = nll.view(batch, -1).sum(dim=1)
+        if term is not None:
+            part = term(logits, start, stop)
+        else:
+            labels = input_ids[:, start + 1 : stop + 1].to(logits.device)
+            nll = F.cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1), reduction="none")
+            part = nll.view(batch, -1).sum(dim=1)
         total = part if total is None else total + part
     return total
 
@@ -203,13 +207,15 @@ def _after_blocks(model, tail: nn.Module, hidden: torch.Tensor, input_ids: torch
         handle.remove()
 
 
-def tail_nll_sums(model, hidden: torch.Tensor, inputs: BlockInputs, input_ids: torch.Tensor) -> torch.Tensor:
-    """Per window: next-token NLL sum (float32) of what follows the blocks (final norm, head) applied to `hidden`."""
+def tail_nll_sums(model, hidden: torch.Tensor, inputs: BlockInputs, input_ids: torch.Tensor,
+                  term=None) -> torch.Tensor:
+    """Per window: next-token NLL sum (float32), or `term`'s sums, of what follows the blocks (final norm,
+    head) applied to `hidden`."""
     if inputs.tail is None:
         raise RuntimeError("the capture did not see where the last block's output goes")
     if inputs.tail is not model.get_output_embeddings():
         hidden = _after_blocks(model, inputs.tail, hidden, input_ids)
-    return nll_sums_from_hidden(model, hidden, input_ids)
+    return nll_sums_from_hidden(model, hidden, input_ids, term)
 
 
 def cannot_follow(model) -> Optional[str]:

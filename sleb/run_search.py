@@ -9,7 +9,7 @@ import time
 from sleb import api, data, distributed, models, results, stages
 from sleb.api import SearchResult
 from sleb.errors import UsageError
-from sleb.metrics import CHANGES_WEIGHTS, check_resumable
+from sleb.search_algorithms import CHANGES_WEIGHTS, check_resumable
 
 # Settings that define a search's answer: a resumed run must match them.
 _RESUME_KEYS = ("model_name", "num_blocks", "num_remove_blocks", "early_barrier", "latter_barrier", "dataset",

@@ -17,7 +17,7 @@ from sleb import blocks, data, models
 from sleb.checkpoint import check_new_directory
 from sleb.cli import flag
 from sleb.errors import UsageError, check_at_least, comma_list
-from sleb.metrics import check_choices, check_shape
+from sleb.search_algorithms import check_choices, check_shape
 from sleb.recovery.lora import LoraRecipe
 
 PAPER_PPL_DATASETS = "wikitext2,c4"

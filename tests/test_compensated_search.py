@@ -152,7 +152,7 @@ def test_a_map_in_a_block_a_later_phase_removes_is_merged_into_the_new_record(mo
     """Block 3 removed (its map into block 2), then block 2 removed (map into block 1): the model holds one map,
     for the run [2, 3], in block 1, and that is what the record says."""
     from sleb.engines import ReferenceEngine as Inner
-    from sleb.metrics import SearchState
+    from sleb.search_algorithms import SearchState
 
     model, tokenizer = sleb.load(model_dirs["llama"], device="cpu")
     windows = _windows(tokenizer, text_file, model)

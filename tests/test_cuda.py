@@ -11,7 +11,7 @@ from clitools import run
 from sleb import blocks, models
 from sleb.engines import ReferenceEngine
 from sleb.fast_search import FastEngine
-from sleb.metrics import SearchJob, SearchState, sleb_iterative
+from sleb.search_algorithms import SearchJob, SearchState, sleb_iterative
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -52,7 +52,7 @@ def test_pinned_cpu_cache_gives_the_same_list(gpu_model_dirs):
         return engines[-1]
 
     fast = _search(model, windows, build)
-    assert engines[0].storage == "cpu"
+    assert engines[0].storage.where == "cpu"
     assert fast.removal_list == _search(model, windows, lambda: ReferenceEngine(model, windows)).removal_list
 
 

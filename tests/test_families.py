@@ -20,7 +20,7 @@ from sleb import blocks, checkpoint, forward, models
 from sleb.engines import ReferenceEngine
 from sleb.errors import UsageError
 from sleb.fast_search import FastEngine
-from sleb.metrics import SearchJob, SearchState, sleb_iterative
+from sleb.search_algorithms import SearchJob, SearchState, sleb_iterative
 
 REMOVAL = [1, 4]  # touches every family's layout: a dense/MoE, attention/Mamba or index-listed block
 # Families the fast engine cannot split at their blocks, and the reason it gives.

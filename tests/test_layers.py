@@ -150,3 +150,23 @@ def test_every_package_is_installed():
     listed = set(tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["tool"]["setuptools"]["packages"])
     found = {name for name, path in MODULES.items() if path.endswith("__init__.py")}
     assert found == listed
+
+
+def test_tests_and_benchmarks_bind_no_public_name_to_another_module():
+    """`from sleb import metrics as search` in a test read as if it were sleb.search: tests and benchmarks
+    import our modules under their own names."""
+    public = set(sleb.__all__)
+    found = []
+    for folder in ("tests", "bench"):
+        for file in sorted(os.listdir(os.path.join(ROOT, folder))):
+            if not file.endswith(".py"):
+                continue
+            tree = ast.parse(open(os.path.join(ROOT, folder, file)).read())
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    source = node.module if isinstance(node, ast.ImportFrom) else None
+                    for alias in node.names:
+                        target = f"{source}.{alias.name}" if source else alias.name
+                        if target.split(".")[0] in PACKAGES and alias.asname in public and alias.asname != alias.name:
+                            found.append(f"{folder}/{file}:{node.lineno} imports {target} as {alias.asname}")
+    assert not found

@@ -4,12 +4,12 @@
 import pytest
 import torch
 
-from sleb import blocks, data, metrics as search
+from sleb import blocks, data, search_algorithms
 from sleb.engines import ReferenceEngine
 from sleb.errors import UsageError
 from sleb.fast_search import FastEngine
 from sleb.models import load_model
-from sleb.metrics import SearchJob, SearchState, candidate_positions
+from sleb.search_algorithms import SearchJob, SearchState, candidate_positions
 from sleb.settings import SearchSettings
 
 
@@ -20,7 +20,7 @@ def quiet(*args, **kwargs):
 def run_metric(metric, engine, model, windows, k, early=1, latter=1, seed=0):
     """Run a registered metric on a fresh state, as the pipeline does."""
     job = SearchJob(model, windows, k, early, latter, seed, build_engine=lambda: engine, log=quiet)
-    return search.METRICS[metric](job, SearchState(blocks.num_blocks(model)))
+    return search_algorithms.METRICS[metric](job, SearchState(blocks.num_blocks(model)))
 
 
 def greedy(engine, model, windows, k):
@@ -119,9 +119,9 @@ def test_abandonment_keeps_the_winner_among_near_ties(model_dirs, calibration):
     previous = [None, None, 3.0, 2.0, 1.0, None]
     engine = FastEngine(model, windows, batch_size=1)
     fast = engine.phase([], positions, order_hint=previous).losses
-    settled = search.settle_near_ties(engine, SearchState(6), fast, count=1)
+    settled = search_algorithms.settle_near_ties(engine, SearchState(6), fast, count=1)
     assert reference[2] == reference[4]
-    assert search.choose(reference) == search.choose({p: v for p, v in settled.items() if v is not None}) == 2
+    assert search_algorithms.choose(reference) == search_algorithms.choose({p: v for p, v in settled.items() if v is not None}) == 2
     full = greedy(FastEngine(model, windows, batch_size=1), model, windows, 2)
     assert full.removal_list == greedy(ReferenceEngine(model, windows), model, windows, 2).removal_list
 
@@ -130,7 +130,7 @@ def test_memory_fallback_gives_the_same_answer(model_dirs, calibration):
     model, windows = calibration(model_dirs["qwen2"])
     cached = FastEngine(model, windows, batch_size=2)
     streamed = FastEngine(model, windows, batch_size=2, cache_gb=1e-9)
-    assert cached.storage == "device" and streamed.storage is None
+    assert cached.storage.where == "device" and streamed.storage.where is None
     a = greedy(cached, model, windows, 3)
     b = greedy(streamed, model, windows, 3)
     assert a.removal_list == b.removal_list

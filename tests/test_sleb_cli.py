@@ -6,7 +6,7 @@ import json
 import pytest
 
 from sleb import run_search as run_search_module
-from sleb import metrics as search
+from sleb import search_algorithms
 from sleb.settings import SearchSettings
 from clitools import invoke
 
@@ -32,7 +32,7 @@ def test_resume_after_interruption_reaches_the_same_answer(model_dirs, text_file
                     result_folder=str(tmp_path))
     whole = run_search_module.run_search(SearchSettings(**settings, result_file="whole.json"))
 
-    real_greedy = search.METRICS["sleb"]
+    real_greedy = search_algorithms.METRICS["sleb"]
 
     def interrupted_greedy(job, state):
         save = job.on_phase
@@ -44,13 +44,13 @@ def test_resume_after_interruption_reaches_the_same_answer(model_dirs, text_file
         job.on_phase = save_then_stop
         return real_greedy(job, state)
 
-    monkeypatch.setitem(search.METRICS, "sleb", interrupted_greedy)
+    monkeypatch.setitem(search_algorithms.METRICS, "sleb", interrupted_greedy)
     with pytest.raises(KeyboardInterrupt):
         run_search_module.run_search(SearchSettings(**settings, result_file="part.json"))
     partial = json.loads((tmp_path / "part.json").read_text())
     assert partial["search"]["status"] == "searching" and len(partial["search"]["removal_list"]) == 2
 
-    monkeypatch.setitem(search.METRICS, "sleb", real_greedy)
+    monkeypatch.setitem(search_algorithms.METRICS, "sleb", real_greedy)
     resumed = run_search_module.run_search(SearchSettings(**settings, result_file="part.json", resume=True))
     assert resumed["search"]["removal_list"] == whole["search"]["removal_list"]
     assert resumed["search"]["losses"] == whole["search"]["losses"]

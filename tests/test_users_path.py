@@ -16,12 +16,12 @@ import torch
 
 import tiny
 from clitools import ROOT, invoke, run, start
-from sleb import blocks, data, metrics as search
+from sleb import blocks, data, search_algorithms
 from sleb.engines import ReferenceEngine
 from sleb.errors import UsageError
 from sleb.fast_search import FastEngine
 from sleb.models import load_model
-from sleb.metrics import SearchJob, SearchState
+from sleb.search_algorithms import SearchJob, SearchState
 
 
 def _one_line(out, *fragments):
@@ -69,7 +69,7 @@ def test_nan_in_a_later_phase_keeps_the_finished_phases(model_dirs, text_file, t
     from sleb import run_search as pipeline
     from sleb.settings import SearchSettings
 
-    real = search.METRICS["sleb"]
+    real = search_algorithms.METRICS["sleb"]
 
     def poison_after_first_phase(job, state):
         save = job.on_phase
@@ -81,7 +81,7 @@ def test_nan_in_a_later_phase_keeps_the_finished_phases(model_dirs, text_file, t
         job.on_phase = on_phase
         return real(job, state)
 
-    monkeypatch.setitem(search.METRICS, "sleb", poison_after_first_phase)
+    monkeypatch.setitem(search_algorithms.METRICS, "sleb", poison_after_first_phase)
     # The reference engine: the fast one would reuse states it cached before the weights were poisoned.
     settings = SearchSettings(model_name=model_dirs["llama"], dataset=f"file:{text_file}", nsamples=60, seqlen=32,
                               num_remove_blocks=3, eval_ppl=False, engine="reference", result_folder=str(tmp_path), result_file="p.json")
@@ -104,7 +104,7 @@ def test_fast_equals_reference_in_half_precision(arch, dtype, model_dirs, text_f
         lists = []
         for engine in (ReferenceEngine(model, windows), FastEngine(model, windows, 4)):
             job = SearchJob(model, windows, 3, 1, 1, build_engine=lambda: engine, log=lambda *a: None)
-            state = search.METRICS[metric](job, SearchState(6))
+            state = search_algorithms.METRICS[metric](job, SearchState(6))
             lists.append(state.removal_list)
             if state.max_rescore_gap is not None:
                 assert state.max_rescore_gap < engine.tie_margin / 10  # the margin is not too small
@@ -113,10 +113,10 @@ def test_fast_equals_reference_in_half_precision(arch, dtype, model_dirs, text_f
 
 def test_near_ties_cover_the_cut_and_its_chain():
     losses = {1: 10.0, 2: 20.0, 3: 20.0 + 1e-8, 4: 20.0 + 2e-8, 5: 30.0, 6: None}
-    assert search.near_ties(losses, 1, 1e-6) == []  # the best stands alone
-    assert search.near_ties(losses, 2, 1e-6) == [2, 3, 4]  # the cut after rank 2 falls inside a chain
-    assert search.near_ties({1: 10.0, 2: 10.0, 3: 11.0}, 1, 1e-6) == [1, 2]
-    assert search.near_ties(losses, 2, 0.0) == []  # the reference engine settles nothing
+    assert search_algorithms.near_ties(losses, 1, 1e-6) == []  # the best stands alone
+    assert search_algorithms.near_ties(losses, 2, 1e-6) == [2, 3, 4]  # the cut after rank 2 falls inside a chain
+    assert search_algorithms.near_ties({1: 10.0, 2: 10.0, 3: 11.0}, 1, 1e-6) == [1, 2]
+    assert search_algorithms.near_ties(losses, 2, 0.0) == []  # the reference engine settles nothing
 
 
 def test_engine_keeps_running_its_own_blocks_after_a_removal_elsewhere(model_dirs, text_file):

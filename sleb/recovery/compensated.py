@@ -1,7 +1,7 @@
 """Scoring candidates with their compensation folded in (Prune&Comp's idea inside SLEB's greedy loop).
 
 `CompensatedEngine` is an engine (sleb/engines.py) around another one, the fast or the reference
-engine: the greedy loop of sleb/metrics.py is the same, only a candidate's score differs. Removing
+engine: the greedy loop of sleb/search_algorithms.py is the same, only a candidate's score differs. Removing
 the alive block at position p, its least-squares map (sleb/recovery/linear.py) goes into the block
 at p - 1; the candidate is scored by the inner engine with that map folded in meanwhile (`alter`),
 so the fast engine reuses every state before block p - 1, and under torchrun each rank scores its own
