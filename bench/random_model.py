@@ -23,8 +23,8 @@ def random_llama(layers: int, hidden: int, intermediate: int, heads: int, vocab:
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=heads,
-                         **{"max_position_embeddings": 4096, **config_fields})
+                         num_attention_heads=heads,
+                         **{"num_key_value_heads": heads, "max_position_embeddings": 4096, **config_fields})
     before = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # no float32 copy of a large model's weights
     try:

@@ -14,11 +14,13 @@ Importing sleb loads torch, not lm-eval, peft or datasets: each function imports
 from sleb.version import __version__
 
 from sleb.api import (CompensationResult, HealResult, SearchResult, calibration_windows, check_compensable,  # noqa: E402
-                      compensate, evaluation_windows, heal, load, perplexity, remove_blocks, save_pretrained, search,
+                      compensate, dense_distributions, evaluation_windows, heal, kl_to_dense, load,
+                      perplexity, remove_blocks, save_pretrained, search,
                       serving_problems, skipping, zeroshot, zeroshot_tasks)
 from sleb.errors import UsageError  # noqa: E402
 from sleb.recovery.lora import LoraRecipe  # noqa: E402
 
 __all__ = ["load", "calibration_windows", "evaluation_windows", "search", "SearchResult", "remove_blocks",
            "skipping", "check_compensable", "compensate", "CompensationResult", "serving_problems", "perplexity",
+           "dense_distributions", "kl_to_dense",
            "zeroshot_tasks", "zeroshot", "heal", "LoraRecipe", "HealResult", "save_pretrained", "UsageError", "__version__"]

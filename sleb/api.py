@@ -84,19 +84,20 @@ class SearchResult:
     losses: list = field(default_factory=list)  # per phase, one score per original block (None: not a candidate)
     lower_bounds: list = field(default_factory=list)  # per phase: partial losses of abandoned candidates
     phase_seconds: list = field(default_factory=list)
-    total_seconds: float = 0.0
+    total_seconds: float = 0.0  # seconds searched, those of the runs it resumed included
     engine: Optional[str] = None
     status: str = "done"
     rescored: int = 0
     max_rescore_gap: Optional[float] = None
     stats: dict = field(default_factory=dict)  # the engine's counters (block forwards, cache, peak memory)
     fits: list = field(default_factory=list)  # sleb_compensated: each chosen block's map (where it went, residuals)
+    generations: list = field(default_factory=list)  # evopress: each generation's best set and value
+    objective: dict = field(default_factory=dict)  # what was minimised (kl: the vocabulary kept, its memory)
     identity: dict = field(default_factory=dict)  # what it ran on (identity.of_run): a resume must match it
 
     def to_dict(self) -> dict:
         record = dataclasses.asdict(self)
-        return {**{k: v for k, v in record.items() if k not in ("stats", "fits") or (k == "fits" and v)},
-                **self.stats}
+        return {**{k: v for k, v in record.items() if k not in ("stats", "fits", "generations") or v}, **self.stats}
 
     @classmethod
     def from_dict(cls, record: dict) -> "SearchResult":
@@ -117,7 +118,7 @@ def _evaluating(model):
         model.train(training)
 
 
-def _build_engine(model, windows, name: str, batch_size: int, cache_gb: float, compensated=None):
+def _build_engine(model, windows, name: str, batch_size: int, cache_gb: float, compensated=None, objective=None):
     """The fast engine where it can follow the model, else the reference engine (with a note); wrapped to score
     each candidate with its compensation map when `compensated` (its settings) is given; spread over the
     ranks of an initialised torch.distributed group."""
@@ -129,11 +130,11 @@ def _build_engine(model, windows, name: str, batch_size: int, cache_gb: float, c
 
     reason = FastEngine.cannot_follow(model) if name == "fast" else None
     if name == "fast" and reason is None:
-        engine = FastEngine(model, windows, batch_size, cache_gb)
+        engine = FastEngine(model, windows, batch_size, cache_gb, objective=objective)
     else:
         if reason is not None:
             print(f"note: {reason}; using the reference engine", file=sys.stderr)
-        engine = ReferenceEngine(model, windows)
+        engine = ReferenceEngine(model, windows, objective)
     if compensated is not None:
         from sleb.recovery.compensated import CompensatedEngine
 
@@ -158,7 +159,8 @@ def check_compensable(model, windows: torch.Tensor, early_barrier: int = 1, latt
 def search(model, windows: torch.Tensor, num_remove_blocks: Optional[int] = None, metric: str = "sleb",
            engine: str = "fast", *, early_barrier: int = 1, latter_barrier: int = 1, batch_size: int = 4,
            cache_gb: float = 0.0, seed: int = 0, progress: bool = True, resume: Optional[SearchResult] = None,
-           on_phase=None, log=None, keep_block_kinds: bool = True, compensation_gb: float = 0.0) -> SearchResult:
+           on_phase=None, log=None, keep_block_kinds: bool = True, compensation_gb: float = 0.0,
+           objective: str = "ce", kl_top_k: int = 512, kl_gb: float = 0.0, evolution=None) -> SearchResult:
     """Which blocks to remove: `metric` sleb (the paper's greedy metric 3), sleb_compensated (the same loop,
     each candidate scored with its linear map folded in: it leaves the chosen maps folded into the model,
     so `remove_blocks` then gives the compensated model), sleb_oneshot, cosine, angular or random;
@@ -168,8 +170,14 @@ def search(model, windows: torch.Tensor, num_remove_blocks: Optional[int] = None
     config's per-block type list names several kinds: attention, Mamba, convolution, ...) keeps at
     least one block of each kind, which stock transformers' hybrid caches need to generate.
     `compensation_gb`: sleb_compensated's memory for the candidates' sums (2 x hidden² float64 each; 0:
-    a quarter of the free memory); it makes more statistics passes when that holds fewer than a phase."""
-    from sleb.search_algorithms import METRICS, SearchJob, SearchState, check_choices, check_resumable, check_shape
+    a quarter of the free memory); it makes more statistics passes when that holds fewer than a phase.
+    `objective`: ce (the paper's loss) or kl (mean KL from the dense model's next-token distributions,
+    kept whole within `kl_gb`, else their top `kl_top_k` and the rest; sleb/objectives.py), for every
+    metric that scores by calibration loss (sleb, sleb_oneshot, sleb_compensated, evopress). `metric`
+    evopress is EvoPress's evolutionary search; `evolution` (a search_algorithms.Evolution) its settings."""
+    from sleb import objectives
+    from sleb.search_algorithms import (BY_LOSS, METRICS, Evolution, SearchJob, SearchState, check_choices,
+                                        check_resumable, check_shape)
 
     check_choices(metric, engine, early_barrier, latter_barrier)
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype != torch.long:
@@ -178,11 +186,19 @@ def search(model, windows: torch.Tensor, num_remove_blocks: Optional[int] = None
     k = blocks.default_remove_count(depth) if num_remove_blocks is None else num_remove_blocks
     check_at_least("num_remove_blocks", k, 1)
     check_at_least("compensation_gb", compensation_gb, 0)
+    objectives.check(objective, kl_top_k, kl_gb)
+    if objective != "ce" and metric not in BY_LOSS:
+        raise UsageError(f"--objective {objective} applies to the metrics that score by calibration loss "
+                         f"({', '.join(BY_LOSS)}), not to {metric}")
+    evolution = evolution or Evolution()
+    evolution.check()
     check_shape(depth, k, early_barrier, latter_barrier)
     guard.check_removable(model)
     log = log or (print if progress else (lambda *args, **kwargs: None))
     ran_on = identity.of_run(model, windows, num_remove_blocks=k, metric=metric, early_barrier=early_barrier,
-                             latter_barrier=latter_barrier, seed=seed, keep_block_kinds=keep_block_kinds)
+                             latter_barrier=latter_barrier, seed=seed, keep_block_kinds=keep_block_kinds,
+                             objective=objective, kl_top_k=kl_top_k if objective == "kl" else None,
+                             evolution=dataclasses.asdict(evolution) if metric == "evopress" else None)
     compensated = None
     if metric == "sleb_compensated":
         compensated = dict(early_barrier=early_barrier, latter_barrier=latter_barrier, budget_gb=compensation_gb,
@@ -195,19 +211,33 @@ def search(model, windows: torch.Tensor, num_remove_blocks: Optional[int] = None
             raise UsageError(f"cannot resume this search: {changed}; resume on the same model, data, settings "
                              "and libraries, or start again (--overwrite True)")
         state = SearchState(depth, list(resume.removal_list), list(resume.losses), list(resume.lower_bounds),
-                            list(resume.phase_seconds), resume.rescored, resume.max_rescore_gap)
-    started = time.perf_counter()
+                            list(resume.phase_seconds), resume.rescored, resume.max_rescore_gap,
+                            generations=list(resume.generations))
+    started = time.perf_counter() - (resume.total_seconds if resume is not None else 0.0)  # the resumed run's time counts
 
     def result(current, status: str) -> SearchResult:
         used = job.engine
         return SearchResult(current.removal_list, current.scores, current.lower_bounds, current.phase_seconds,
                             round(time.perf_counter() - started, 3), used.name if used else None, status,
                             current.rescored, current.max_rescore_gap,
-                            used.stats() if used and status == "done" else {}, list(current.fits), ran_on)
+                            used.stats() if used and status == "done" else {}, list(current.fits),
+                            list(current.generations), goal_record, ran_on)
+
+    goal, goal_record = None, {"objective": objective}
+
+    def build():
+        nonlocal goal, goal_record
+        with _evaluating(model):
+            goal = objectives.build(objective, model, windows, kl_top_k, kl_gb, batch_size, progress)
+        goal_record = goal.record() if goal is not None else {"objective": objective}
+        if goal is not None:
+            log(f"objective kl: dense distributions, {goal_record['kl_vocabulary']}, "
+                f"{goal_record['kl_memory_mb']} MB")
+        return _build_engine(model, windows, engine, batch_size, cache_gb, compensated, goal)
 
     job = SearchJob(model, windows, k, early_barrier, latter_barrier, seed, batch_size, log=log, progress=progress,
                     on_phase=lambda current: on_phase(result(current, "searching")) if on_phase else None,
-                    build_engine=lambda: _build_engine(model, windows, engine, batch_size, cache_gb, compensated),
+                    build_engine=build, evolution=evolution,
                     kinds=guard.binding_kinds(model) if keep_block_kinds else None)
     with _evaluating(model):
         if len(state.removal_list) < k:  # a finished search handed back in is returned as it is
@@ -263,6 +293,31 @@ def perplexity(model, tokenizer=None, dataset: Data = "wikitext2", seqlen: int =
         windows = evaluation_windows(tokenizer, dataset, seqlen, model=model)
     with _evaluating(model):
         return measure(model, windows, batch_size, desc=label, progress=progress)
+
+
+def dense_distributions(model, windows: torch.Tensor, top_k: int = 512, budget_gb: float = 0.0, batch_size: int = 1,
+                        progress: bool = True):
+    """The model's next-token distributions on `windows` (token ids), taken now, for `kl_to_dense` after the
+    model is pruned: the whole vocabulary where it fits `budget_gb` (0: a quarter of the machine's
+    memory), else the top `top_k` log-probabilities per token and the rest as one bucket. Its `record()`
+    says which and the memory held."""
+    from sleb.objectives import KLToDense
+
+    check_at_least("batch_size", batch_size, 1)
+    with _evaluating(model):
+        return KLToDense(model, windows, top_k, budget_gb, batch_size, progress)
+
+
+def kl_to_dense(model, dense, batch_size: int = 1, progress: bool = True, label: str = "KL to dense") -> float:
+    """Mean KL(p_dense || p_model) per predicted token, in nats, on the windows `dense`
+    (`dense_distributions`, taken before the model was pruned) holds."""
+    from sleb.errors import check_finite
+
+    check_at_least("batch_size", batch_size, 1)
+    with _evaluating(model):
+        value = dense.mean_kl(model, batch_size, desc=label, progress=progress)
+    check_finite(value, f"the {label}", model)
+    return value
 
 
 def zeroshot_tasks(tasks: Union[str, Sequence[str]]):

@@ -66,7 +66,10 @@ def compensated_metric(record: dict) -> str:
     """How a search or eval run's blocks were chosen, with "+ linear" where --compensate linear followed
     (sleb_compensated compensates inside the search and says so itself)."""
     metric = _settings(record).get("metric", "given") if record["command"] == "sleb" else "given"
-    if record.get("compensation") and metric != "sleb_compensated":
+    objective = _settings(record).get("objective", "ce")
+    if record["command"] == "sleb" and (objective != "ce" or metric == "evopress"):
+        metric = f"{metric} ({objective})"  # evopress's own paper scores by KL: its ce runs say so too
+    if record.get("compensation") and not metric.startswith("sleb_compensated"):
         return f"{metric} + linear"
     return metric
 

@@ -10,9 +10,12 @@ numbers of either objective read on the same scale as the paper's loss:
   as one bucket, which is the exact KL of the two distributions coarsened to those K tokens plus one
   (EvoPress's authors find K >= 512 about as good as the full vocabulary).
 
-An objective hands the engines `chunk_sums(logits, rows, start, stop)`: per window, the sum of its
-per-position terms for positions start..stop-1 of windows `rows` (float32 logits of those positions),
-so the fast engine's head can apply it chunk by chunk, as it applies the cross-entropy.
+The cross-entropy is what the engines compute by default, exactly as the paper's code does (`build`
+returns None for it). Another objective hands them `chunk_sums(logits, rows, start, stop)`: per window,
+the sum of its per-position terms for positions start..stop-1 of windows `rows` (float32 logits of
+those positions), so the fast engine's head applies it chunk by chunk, as it applies the cross-entropy;
+prefix reuse and every other exact trick of the fast engine are untouched. The dense distributions are
+kept in CPU memory (as EvoPress keeps them), a chunk moved to the logits' device when it is needed.
 """
 
 import math
@@ -28,30 +31,7 @@ from sleb.models import input_device
 
 OBJECTIVES = ("ce", "kl")
 DEFAULT_TOP_K = 512
-AUTO_SHARE = 0.25  # of the free device (CUDA) or machine (CPU) memory, when no budget is given
-
-
-def window_term(position_sum: float, seqlen: int) -> float:
-    """The paper's per-window term, mean over the seqlen - 1 predicted positions x seqlen."""
-    return position_sum / (seqlen - 1) * seqlen
-
-
-class CrossEntropy:
-    """The paper's loss."""
-
-    name = "ce"
-
-    def __init__(self, windows: torch.Tensor):
-        self.windows = windows
-
-    def chunk_sums(self, logits: torch.Tensor, rows, start: int, stop: int) -> torch.Tensor:
-        labels = self.windows[rows, start + 1 : stop + 1].to(logits.device)
-        vocab = logits.shape[-1]
-        nll = F.cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1), reduction="none")
-        return nll.view(len(rows), -1).sum(dim=1)
-
-    def record(self) -> dict:
-        return {"objective": "ce"}
+AUTO_SHARE = 0.25  # of the machine's memory, when no budget is given
 
 
 @dataclass
@@ -74,8 +54,7 @@ class KLToDense:
             raise UsageError(f"--kl_top_k must be a positive number of tokens, got {top_k!r}")
         vocab = model.get_output_embeddings().weight.shape[0]
         positions = len(windows) * (windows.shape[1] - 1)
-        device = input_device(model)
-        budget = budget_gb * 2**30 if budget_gb > 0 else AUTO_SHARE * _free_bytes(device)
+        budget = budget_gb * 2**30 if budget_gb > 0 else AUTO_SHARE * memory.total_bytes()
         full = positions * vocab * 4
         self.top_k = None if full <= budget else min(top_k, vocab - 1)
         needed = full if self.top_k is None else positions * (self.top_k * (4 + 8) + 4)
@@ -85,6 +64,7 @@ class KLToDense:
                              "or lower --kl_top_k or --nsamples")
         self.bytes = needed
         self.vocab = vocab
+        self.windows = windows
         self.dense = self._dense(model, windows, batch_size, progress)
 
     def _dense(self, model, windows, batch_size, progress) -> _Dense:
@@ -119,6 +99,21 @@ class KLToDense:
             kl = (log_p.exp() * (log_p - log_q_top)).sum(dim=-1) + rest_p.exp() * (rest_p - _log_rest(log_q_top))
         return kl.clamp_min(0).sum(dim=1)
 
+    def mean_kl(self, model, batch_size: int = 1, desc: str = "KL to dense", progress: bool = True) -> float:
+        """The mean over predicted tokens of KL(p_dense || p_model) on the windows the dense distributions
+        were taken on, in nats per token: how far `model` (pruned, compensated, healed) moved from them."""
+        from tqdm import tqdm
+
+        device = input_device(model)
+        total = 0.0
+        with torch.inference_mode():
+            for start in tqdm(range(0, len(self.windows), batch_size), desc=desc, leave=False, disable=not progress):
+                ids = self.windows[start:start + batch_size].to(device)
+                logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+                rows = list(range(start, start + len(ids)))
+                total += float(self.chunk_sums(logits, rows, 0, logits.shape[1]).double().sum())
+        return total / (len(self.windows) * (self.windows.shape[1] - 1))
+
     def record(self) -> dict:
         return {"objective": "kl", "kl_vocabulary": "full" if self.top_k is None else f"top {self.top_k} + rest",
                 "kl_memory_mb": round(self.bytes / 2**20, 1)}
@@ -130,20 +125,13 @@ def _log_rest(log_top: torch.Tensor) -> torch.Tensor:
     return torch.log(-torch.expm1(kept.clamp_max(-1e-7)))  # log(1 - e^kept), stable near kept = 0
 
 
-def _free_bytes(device) -> int:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    return memory.total_bytes()
-
-
 def build(name: str, model, windows: torch.Tensor, top_k: int = DEFAULT_TOP_K, budget_gb: float = 0.0,
           batch_size: int = 4, progress: bool = True):
-    """The objective named `name` for these calibration windows."""
-    if name not in OBJECTIVES:
-        raise UsageError(f"unknown --objective {name!r}; use ce (the paper's loss) or kl (KL to the dense model)")
+    """The objective named `name` for these calibration windows: None for the paper's cross-entropy (the
+    engines' own computation), else an object with chunk_sums."""
+    check(name, top_k, budget_gb)
     if name == "ce":
-        return CrossEntropy(windows)
+        return None
     return KLToDense(model, windows, top_k, budget_gb, batch_size, progress)
 
 

@@ -77,13 +77,16 @@ def _group(record) -> tuple:
 def quality_rows(records: list):
     """One row per experiment (see _group); random runs averaged over their seeds."""
     groups = defaultdict(list)
-    datasets, tasks = [], []
+    datasets, kl_datasets, tasks = [], [], []
     for record in records:
         if record["command"] == "latency":
             continue
         for name in (record.get("ppl") or {}):
             if name not in datasets:
                 datasets.append(name)
+        for name in (record.get("kl_to_dense") or {}):
+            if name not in kl_datasets:
+                kl_datasets.append(name)
         for name in (record.get("zeroshot") or {}).get("tasks", {}):
             if name not in tasks:
                 tasks.append(name)
@@ -98,10 +101,15 @@ def quality_rows(records: list):
         for name in datasets:
             values = [r["ppl"][name]["ppl"] for r in group if name in (r.get("ppl") or {})]
             row.append(f"{statistics.mean(values):.2f}" if values else "-")
+        for name in kl_datasets:
+            values = [r["kl_to_dense"][name]["kl"] for r in group if name in (r.get("kl_to_dense") or {})]
+            row.append(f"{statistics.mean(values):.4f}" if values else "-")
         for name in accuracy_columns:
             accs = [_accuracy(r["zeroshot"], name) for r in group if r.get("zeroshot")]
             accs = [a for a in accs if a is not None]
             row.append(f"{100 * statistics.mean(accs):.2f}" if accs else "-")
+        seconds = [r["times"]["search_s"] for r in group if "search_s" in r.get("times", {})]
+        row.append(f"{statistics.mean(seconds):.1f}" if seconds else "-")
         lists = []
         for record in group:
             if record["removal_list"] and record["removal_list"] not in lists:
@@ -109,8 +117,9 @@ def quality_rows(records: list):
         row.append("; ".join(str(blocks) for blocks in lists) or "-")
         rows.append(row)
     headers = ["model", "removed", "metric", "calibration"] + [f"ppl {name}" for name in datasets]
+    headers += [f"KL to dense {name} (nats/token)" for name in kl_datasets]
     headers += [f"{name} acc (%)" if name != "mean" else "zero-shot mean acc (%)" for name in accuracy_columns]
-    headers += ["removed blocks"]
+    headers += ["search (s)", "removed blocks"]
     return headers, rows
 
 

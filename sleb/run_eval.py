@@ -25,6 +25,8 @@ def run_eval(settings) -> dict:
         eval_data = stages.fetch_eval_data(settings)
         model, tokenizer = stages.load(settings)
         load_seconds = time.perf_counter() - started
+        eval_windows = stages.tokenize_eval_texts(model, tokenizer, eval_data, settings.seqlen)
+        dense = stages.dense_distributions(model, eval_windows, settings)  # before any block goes
         # prune (and compensate) and evaluate
         compensation = None
         if settings.compensate == "linear":
@@ -36,9 +38,10 @@ def run_eval(settings) -> dict:
             api.remove_blocks(model, settings.removal_list, keep_block_kinds=settings.keep_block_kinds)
         print(f"model {settings.model_name}: {depth} blocks, removed {settings.removal_list or 'none'} -> "
               f"{blocks.num_blocks(model)} blocks" + (" (linear compensation folded in)" if compensation else ""))
-        eval_windows = stages.tokenize_eval_texts(model, tokenizer, eval_data, settings.seqlen)
         record = stages.record("eval", settings, model, depth, removal_list=settings.removal_list,
                                ppl=stages.perplexity(model, eval_windows, settings.batch_size))
+        if dense:
+            record["kl_to_dense"] = stages.kl_to_dense(model, dense, settings.batch_size)
         if compensation:
             record["compensation"] = compensation
         if settings.removal_list:
@@ -54,6 +57,6 @@ def run_eval(settings) -> dict:
 
             stages.save_checkpoint(model, tokenizer, settings.save_model, record, path, pruned_card)
     if record["ppl"]:
-        print(stages.ppl_table(record["ppl"]))
+        print(stages.ppl_table(record["ppl"], kl=record.get("kl_to_dense")))
     print(f"results written to {path}")
     return record

@@ -13,13 +13,16 @@ from sleb.search_algorithms import CHANGES_WEIGHTS, check_resumable
 
 # Settings that define a search's answer: a resumed run must match them.
 _RESUME_KEYS = ("model_name", "num_blocks", "num_remove_blocks", "early_barrier", "latter_barrier", "dataset",
-                "nsamples", "seed", "seqlen", "metric", "dtype", "keep_block_kinds")  # --compensate runs after the search
+                "nsamples", "seed", "seqlen", "metric", "dtype", "keep_block_kinds", "objective", "kl_top_k",
+                "evo_generations", "evo_offspring", "evo_survivors", "evo_first_stage_share", "evo_max_mutations",
+                "evo_initial", "evo_greedy_start")  # --compensate runs after the search
 
 
 def default_result_file(settings) -> str:
     dataset = results.slug(settings.dataset.replace("file:", ""))
-    return (f"sleb_{results.slug(settings.model_name)}_{settings.metric}_remove{settings.num_remove_blocks}of"
-            f"{settings.num_blocks}_{dataset}_n{settings.nsamples}_seed{settings.seed}.json")
+    objective = "" if settings.objective == "ce" else f"_{settings.objective}"  # the paper's loss keeps its old names
+    return (f"sleb_{results.slug(settings.model_name)}_{settings.metric}{objective}_remove{settings.num_remove_blocks}"
+            f"of{settings.num_blocks}_{dataset}_n{settings.nsamples}_seed{settings.seed}.json")
 
 
 def _resumed(path: str, settings) -> SearchResult:
@@ -75,7 +78,10 @@ def run_search(settings) -> dict:
             api.check_compensable(model, windows, settings.early_barrier, settings.latter_barrier)
         eval_windows = stages.tokenize_eval_texts(model, tokenizer, eval_data, settings.seqlen)
         changes_weights = settings.metric in CHANGES_WEIGHTS  # its dense perplexity must come first
-        dense = stages.perplexity(model, eval_windows, settings.batch_size) if main_rank and changes_weights else {}
+        dense, dense_kl = {}, {}
+        if main_rank and changes_weights:
+            dense = stages.perplexity(model, eval_windows, settings.batch_size)
+            dense_kl = stages.dense_distributions(model, eval_windows, settings)
 
         # search (saved after every phase, so an interrupted run can resume)
         saved = [resumed]
@@ -90,7 +96,9 @@ def run_search(settings) -> dict:
                                early_barrier=settings.early_barrier, latter_barrier=settings.latter_barrier,
                                batch_size=settings.search_batch_size, cache_gb=settings.cache_gb, seed=settings.seed,
                                progress=main_rank, resume=resumed, on_phase=save_partial, log=log,
-                               keep_block_kinds=settings.keep_block_kinds, compensation_gb=settings.compensation_gb)
+                               keep_block_kinds=settings.keep_block_kinds, compensation_gb=settings.compensation_gb,
+                               objective=settings.objective, kl_top_k=settings.kl_top_k, kl_gb=settings.kl_gb,
+                               evolution=settings.evolution())
         except KeyboardInterrupt:
             if saved[0] is not None and saved[0].removal_list and main_rank:
                 print(f"interrupted after phase {len(saved[0].removal_list)}; partial result in {path}; "
@@ -105,6 +113,7 @@ def run_search(settings) -> dict:
         record = {**base, "search": found.to_dict()}
         if not changes_weights:
             dense = stages.perplexity(model, eval_windows, settings.batch_size)
+            dense_kl = stages.dense_distributions(model, eval_windows, settings)
         if dense:
             record["ppl_dense"] = dense
         if found.fits:  # sleb_compensated left each chosen block's map folded in
@@ -121,6 +130,9 @@ def run_search(settings) -> dict:
         record["serving_warnings"] = stages.serving_warnings(model)
         if eval_windows:
             record["ppl"] = stages.perplexity(model, eval_windows, settings.batch_size)
+        if dense_kl:
+            record["kl_to_dense"] = stages.kl_to_dense(model, dense_kl, settings.batch_size)
+        del dense_kl  # the dense distributions are not needed past here
         zeroshot = stages.zeroshot_accuracy(model, tokenizer, eval_data, settings)
         if zeroshot is not None:
             record["zeroshot"] = zeroshot
@@ -135,10 +147,11 @@ def run_search(settings) -> dict:
 
             stages.save_checkpoint(model, tokenizer, settings.save_model, record, path, pruned_card)
     if dense:
-        rows = [[name, f"{dense[name]['ppl']:.3f}", f"{record['ppl'][name]['ppl']:.3f}", record["ppl"][name]["windows"]]
-                for name in dense]
-        print(results.table(["data set", f"ppl dense ({depth} blocks)", f"ppl pruned ({depth - k} blocks)",
-                             "windows"], rows))
+        kl = record.get("kl_to_dense", {})
+        rows = [[name, f"{dense[name]['ppl']:.3f}", f"{record['ppl'][name]['ppl']:.3f}"]
+                + ([f"{kl[name]['kl']:.4f}"] if kl else []) + [record["ppl"][name]["windows"]] for name in dense]
+        print(results.table(["data set", f"ppl dense ({depth} blocks)", f"ppl pruned ({depth - k} blocks)"]
+                            + (["KL to dense (nats/token)"] if kl else []) + ["windows"], rows))
     if settings.plot:
         from sleb.plots import plot_search
 

@@ -17,7 +17,7 @@ from sleb import blocks, data, models
 from sleb.checkpoint import check_new_directory
 from sleb.cli import flag
 from sleb.errors import UsageError, check_at_least, comma_list
-from sleb.search_algorithms import check_choices, check_shape
+from sleb.search_algorithms import BY_LOSS, Evolution, check_choices, check_shape
 from sleb.recovery.lora import LoraRecipe
 
 PAPER_PPL_DATASETS = "wikitext2,c4"
@@ -141,6 +141,22 @@ class CompensateFlags:
 
 
 @dataclass
+class DivergenceFlags:
+    eval_kl: bool = flag(False, "also measure the mean KL from the dense model's next-token distributions on each "
+                                "--ppl_datasets set (nats per token)")
+    kl_top_k: int = flag(512, "KL's dense distributions where the whole vocabulary does not fit --kl_gb: the top "
+                              "log-probabilities kept per token (the rest as one bucket)")
+    kl_gb: float = flag(0.0, "memory for KL's dense distributions (0: a quarter of the machine's)")
+
+    def check_divergence(self) -> None:
+        from sleb import objectives
+
+        objectives.check("kl", self.kl_top_k, self.kl_gb)
+        if self.eval_kl and not self.ppl_dataset_names():
+            raise UsageError("--eval_kl True measures KL on the --ppl_datasets sets; name one or drop --eval_kl")
+
+
+@dataclass
 class OutputFlags:
     result_folder: str = flag("sleb_results", "where the results JSON is written")
     result_file: Optional[str] = flag(None, "file name of the results JSON (default: derived from the settings)")
@@ -152,7 +168,8 @@ class OutputFlags:
 
 
 @dataclass
-class EvalSettings(OutputFlags, SaveFlags, CompensateFlags, CalibrationFlags, KindFlags, EvalFlags, ModelFlags):
+class EvalSettings(OutputFlags, SaveFlags, CompensateFlags, DivergenceFlags, CalibrationFlags, KindFlags, EvalFlags,
+                   ModelFlags):
     """`python -m eval`: evaluate a model with given blocks removed (calibration flags: --compensate linear)."""
 
     removal_list: list = flag([], "original indices of the blocks to remove, e.g. '[5, 4, 9]'; [] = dense")
@@ -165,6 +182,7 @@ class EvalSettings(OutputFlags, SaveFlags, CompensateFlags, CalibrationFlags, Ki
             if not self.removal_list:
                 raise UsageError("--compensate linear needs blocks to remove; pass --removal_list '[..]'")
         self.check_eval()
+        self.check_divergence()
         self.check_save()
         self.check_model()
         self.check_output()
@@ -178,7 +196,8 @@ class EvalSettings(OutputFlags, SaveFlags, CompensateFlags, CalibrationFlags, Ki
 
 
 @dataclass
-class SearchSettings(OutputFlags, SaveFlags, CompensateFlags, CalibrationFlags, KindFlags, EvalFlags, ModelFlags):
+class SearchSettings(OutputFlags, SaveFlags, CompensateFlags, DivergenceFlags, CalibrationFlags, KindFlags, EvalFlags,
+                     ModelFlags):
     """`python -m sleb`: find which blocks to remove, then evaluate the pruned model."""
 
     num_blocks: Optional[int] = flag(None, "the model's depth (default: read from the model); a mismatch is an error")
@@ -186,8 +205,18 @@ class SearchSettings(OutputFlags, SaveFlags, CompensateFlags, CalibrationFlags, 
     early_barrier: int = flag(1, "the first this-many alive blocks are never candidates")
     latter_barrier: int = flag(1, "the last this-many alive blocks are never candidates")
     metric: str = flag("sleb", "sleb (iterative, metric 3), sleb_compensated (the same loop, each candidate scored with "
-                               "its linear map folded in, the chosen maps kept), sleb_oneshot (metric 2), cosine, "
-                               "angular or random")
+                               "its linear map folded in, the chosen maps kept), evopress (EvoPress's evolutionary "
+                               "search, started from the sleb list), sleb_oneshot (metric 2), cosine, angular or random")
+    objective: str = flag("ce", "what the loss-scored metrics minimise: ce (the paper's cross-entropy) or kl (mean KL "
+                                "from the dense model's next-token distributions)")
+    evo_generations: Optional[int] = flag(None, "evopress: generations (default k (n - k) / 1.5, rounded up)")
+    evo_offspring: int = flag(32, "evopress: children per generation")
+    evo_survivors: int = flag(2, "evopress: children scored on every calibration batch after the first stage")
+    evo_first_stage_share: float = flag(1 / 16, "evopress: share of the calibration batches the first stage scores on")
+    evo_max_mutations: int = flag(3, "evopress: level-switch swaps per child, 1 to this many")
+    evo_initial: int = flag(64, "evopress: random valid sets beside the sleb list in the first population")
+    evo_greedy_start: bool = flag(True, "evopress: put the sleb list (same objective) in the first population; False: "
+                                        "random sets only, as EvoPress's code starts")
     engine: str = flag("fast", "fast (exact, prefix reuse + abandonment) or reference (the paper's loop)")
     search_batch_size: int = flag(4, "calibration windows per forward in the fast engine")
     cache_gb: float = flag(0.0, "memory for cached hidden states in the fast engine (0: automatic)")
@@ -208,13 +237,26 @@ class SearchSettings(OutputFlags, SaveFlags, CompensateFlags, CalibrationFlags, 
                              "--early_barrier at least 1 so block 0 is never removed")
         for name, minimum in (("search_batch_size", 1), ("cache_gb", 0), ("compensation_gb", 0)):
             check_at_least(name, getattr(self, name), minimum)
+        from sleb import objectives
+
+        objectives.check(self.objective, self.kl_top_k, self.kl_gb)
+        if self.objective != "ce" and self.metric not in BY_LOSS:
+            raise UsageError(f"--objective {self.objective} applies to the metrics that score by calibration loss "
+                             f"({', '.join(BY_LOSS)}), not to {self.metric}")
+        self.evolution().check()
         if self.num_remove_blocks is not None:
             check_at_least("num_remove_blocks", self.num_remove_blocks, 1)
         self.check_calibration()
         self.check_eval()
+        self.check_divergence()
         self.check_save()
         self.check_model()
         self.check_output()
+
+    def evolution(self) -> Evolution:
+        """EvoPress's settings these flags describe."""
+        return Evolution(self.evo_generations, self.evo_offspring, self.evo_survivors, self.evo_first_stage_share,
+                         self.evo_max_mutations, self.evo_initial, self.evo_greedy_start)
 
     def check_depth(self, depth: int) -> None:
         """Fill num_blocks and num_remove_blocks from the depth; check that the search has candidates."""

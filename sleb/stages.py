@@ -57,6 +57,27 @@ def perplexity(model, eval_windows: dict, batch_size: int) -> dict:
     return out
 
 
+def dense_distributions(model, eval_windows: dict, settings) -> dict:
+    """{data set: the dense model's next-token distributions on its windows} when --eval_kl, else {}:
+    taken before the model is pruned or compensated, for kl_to_dense after."""
+    if not settings.eval_kl:
+        return {}
+    return {name: api.dense_distributions(model, windows, settings.kl_top_k, settings.kl_gb, settings.batch_size)
+            for name, windows in eval_windows.items()}
+
+
+def kl_to_dense(model, dense: dict, batch_size: int) -> dict:
+    """{data set: {"kl": mean nats per predicted token, the vocabulary kept, its memory, seconds}}."""
+    out = {}
+    for name, distributions in dense.items():
+        started = time.perf_counter()
+        value = api.kl_to_dense(model, distributions, batch_size, label=f"KL to dense {name}")
+        kept = distributions.record()
+        out[name] = {"kl": value, "unit": "nats per token", "vocabulary": kept["kl_vocabulary"],
+                     "memory_mb": kept["kl_memory_mb"], "seconds": round(time.perf_counter() - started, 3)}
+    return out
+
+
 def zeroshot_accuracy(model, tokenizer, eval_data: EvalData, settings):
     """lm-eval's accuracy on the settings' tasks (printed as a table), or None when zero-shot is off."""
     if eval_data.tasks is None:
@@ -98,6 +119,9 @@ def serving_warnings(model) -> list:
     return found
 
 
-def ppl_table(ppl: dict, label: str = "pruned") -> str:
-    rows = [[name, f"{entry['ppl']:.3f}", entry["windows"], entry["seqlen"]] for name, entry in ppl.items()]
-    return results.table(["data set", f"perplexity ({label})", "windows", "seqlen"], rows)
+def ppl_table(ppl: dict, label: str = "pruned", kl: dict = None) -> str:
+    kl = kl or {}
+    rows = [[name, f"{entry['ppl']:.3f}"] + ([f"{kl[name]['kl']:.4f}" if name in kl else "-"] if kl else [])
+            + [entry["windows"], entry["seqlen"]] for name, entry in ppl.items()]
+    return results.table(["data set", f"perplexity ({label})"] + (["KL to dense (nats/token)"] if kl else [])
+                         + ["windows", "seqlen"], rows)

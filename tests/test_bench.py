@@ -23,3 +23,25 @@ def test_gpu_bench_refuses_in_one_line_without_a_gpu(tmp_path):
 def test_gpu_bench_needs_an_output_directory():
     out = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu.sh")], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "usage: bash bench/gpu.sh OUT_DIR" in out.stderr
+
+
+def test_metric_bench_times_every_metric_and_counts_block_forwards():
+    import json
+
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "metric_speed.py"), "--model_name", "random",
+                          "--layers", "6", "--hidden", "32", "--intermediate", "64", "--heads", "2", "--vocab", "300",
+                          "--windows", "4", "--seqlen", "32", "--num_remove_blocks", "2",
+                          "--metrics", "sleb,evopress,cosine", "--evo_generations", "2"],
+                         capture_output=True, text=True, env=OFFLINE, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1
+    runs = {(run["metric"], run["objective"]): run for run in json.loads(lines[0])["runs"]}
+    assert set(runs) == {("sleb", "ce"), ("sleb", "kl"), ("evopress", "ce"), ("evopress", "kl"), ("cosine", None)}
+    sleb_run = runs[("sleb", "ce")]
+    # The hook sees what the engine ran and the short probes before it (can the engine follow this model?)
+    assert 0 < sleb_run["engine_block_forwards"] < sleb_run["block_forwards"] < 2 * sleb_run["engine_block_forwards"]
+    assert runs[("cosine", None)]["block_forwards"] == 6 * 4  # one dense pass over the windows
+    evo = runs[("evopress", "kl")]
+    assert evo["generations"] == 2 and evo["loss"] <= evo["greedy_loss"] and evo["kl_vocabulary"] == "full"
+    assert evo["block_forwards"] > runs[("sleb", "kl")]["block_forwards"]  # the greedy list, then the generations

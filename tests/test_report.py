@@ -13,7 +13,7 @@ from sleb.cli import parse_settings
 from sleb.settings import EvalSettings, HealSettings, LatencySettings, SearchSettings
 
 SETTINGS = {"sleb": SearchSettings, "eval": EvalSettings, "latency": LatencySettings, "sleb.heal": HealSettings}
-SCRIPTS = ["ppl.sh", "zeroshot.sh", "latency.sh", "metrics.sh", "demo_table.sh", "heal.sh"]
+SCRIPTS = ["ppl.sh", "zeroshot.sh", "latency.sh", "metrics.sh", "objectives.sh", "demo_table.sh", "heal.sh"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -62,7 +62,10 @@ def test_report_tables_plots_and_skipped_files(model_dirs, text_file, tmp_path):
                  ["sleb", "--dataset", f"file:{text_file}", "--nsamples", "40", "--num_remove_blocks", "1"],
                  ["sleb", "--dataset", f"file:{text_file}", "--nsamples", "20", "--num_remove_blocks", "1"],
                  ["sleb", "--dataset", f"file:{text_file}", "--nsamples", "40", "--num_remove_blocks", "2",
-                  "--metric", "cosine"]):
+                  "--metric", "cosine"],
+                 ["sleb", "--dataset", f"file:{text_file}", "--nsamples", "20", "--num_remove_blocks", "2",
+                  "--metric", "evopress", "--objective", "kl", "--evo_generations", "2", "--evo_offspring", "4",
+                  "--evo_initial", "4", "--eval_kl", "True"]):
         assert invoke(args[0], *args[1:], *common).returncode == 0
     latency = invoke("latency", "--model_name", model_dirs["llama"], "--prompt_len", "16", "--repeats", "1",
                   "--warmup", "0", "--result_folder", str(results))
@@ -78,9 +81,16 @@ def test_report_tables_plots_and_skipped_files(model_dirs, text_file, tmp_path):
     assert len(warnings) == 2 and all(w.startswith("warning: skipping") for w in warnings)
     report = (tmp_path / "report" / "report.md").read_text()
     assert "demo_order acc (%) | zero-shot mean acc (%) |" in report
+    assert "| KL to dense " in report and "| search (s) | removed blocks |" in report
     dense_row = next(line for line in report.splitlines() if line.startswith("| llama | 0/6 (0%) | dense |"))
-    assert dense_row.split("|")[-3].strip() == dense_row.split("|")[-4].strip() != "-"  # one task: mean == task
-    assert dense_row.split("|")[-2].strip() == "-"  # nothing removed
+    assert dense_row.split("|")[-4].strip() == dense_row.split("|")[-5].strip() != "-"  # one task: mean == task
+    assert dense_row.split("|")[-2].strip() == dense_row.split("|")[-3].strip() == "-"  # nothing removed or searched
+    evo_row = next(line for line in report.splitlines() if line.startswith("| llama | 2/6 (33%) | evopress (kl) |"))
+    evo_result = json.loads(next(results.glob("sleb_*_evopress_kl_remove2of6_*.json")).read_text())
+    cells = [cell.strip() for cell in evo_row.split("|")]
+    assert cells[-2] == str(evo_result["removal_list"]) and float(cells[-3]) == pytest.approx(
+        evo_result["times"]["search_s"], abs=0.06)
+    assert f"{evo_result['kl_to_dense'][f'file:{text_file}']['kl']:.4f}" in cells  # the KL column
     # Two searches that differ only in their calibration rows are two rows, not one average.
     sleb_rows = [line for line in report.splitlines() if line.startswith("| llama | 1/6 (17%) | sleb |")]
     assert len(sleb_rows) == 2 and "mean of" not in report
