@@ -11,6 +11,9 @@
 #    its blocks removed: prompt 1 x 2048 and generation 64 x (64 + 128), eager and compiled;
 # 4. bench/guard.py at the 7B shape (fp16): the reload guard's seconds and peak memory above the model;
 # 5. bench/compensate.py at the 7B shape (fp16): --compensate linear and sleb_compensated, time and memory;
+# 6. bench/metric_speed.py at a Llama-3-8B shape (bf16, vocabulary 128256, 16 windows of 2048 tokens):
+#    sleb --objective kl (2 phases) and evopress --objective kl (3 generations: seconds per generation),
+#    the dense distributions held as the top 512 per token (--kl_gb 1 keeps the full vocabulary out);
 # then one JSON summary line (also in OUT_DIR/summary.json). Logs and JSON files stay in OUT_DIR.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +42,11 @@ echo "guard: $(cat "$out/guard.json")" >&2
   --vocab 32000 --windows 8 --seqlen 2048 --device cuda --dtype float16 > "$out/compensate.json" 2> "$out/compensate.log"
 echo "compensate: $(cat "$out/compensate.json")" >&2
 
+"$PYTHON" bench/metric_speed.py --model_name random --layers 32 --hidden 4096 --intermediate 14336 --heads 32 \
+  --kv_heads 8 --vocab 128256 --windows 16 --seqlen 2048 --device cuda --dtype bfloat16 --num_remove_blocks 2 \
+  --metrics sleb,evopress --objectives kl --kl_gb 1 --evo_generations 3 > "$out/objectives.json" 2> "$out/objectives.log"
+echo "objectives: $(cat "$out/objectives.json")" >&2
+
 "$PYTHON" bench/random_model.py "$out/llama-7b-shape" > "$out/random_model.log" 2>&1
 for mode in prompt generation; do
   for compiled in False True; do
@@ -58,9 +66,9 @@ try:
     summary["search"] = json.load(open(os.path.join(out, "search_speed.json")))
 except (OSError, ValueError) as error:
     summary["search"] = f"failed: {error}"
-for name in ("guard", "compensate"):
+for name, key in (("guard", "cases"), ("compensate", "cases"), ("objectives", "runs")):
     try:
-        summary[name] = json.load(open(os.path.join(out, f"{name}.json")))["cases"]
+        summary[name] = json.load(open(os.path.join(out, f"{name}.json")))[key]
     except (OSError, ValueError, KeyError) as error:
         summary[name] = f"failed: {error}"
 summary["latency"] = {}

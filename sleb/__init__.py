@@ -19,8 +19,9 @@ from sleb.api import (CompensationResult, HealResult, SearchResult, calibration_
                       serving_problems, skipping, zeroshot, zeroshot_tasks)
 from sleb.errors import UsageError  # noqa: E402
 from sleb.recovery.lora import LoraRecipe  # noqa: E402
+from sleb.search_algorithms import Evolution  # noqa: E402
 
 __all__ = ["load", "calibration_windows", "evaluation_windows", "search", "SearchResult", "remove_blocks",
            "skipping", "check_compensable", "compensate", "CompensationResult", "serving_problems", "perplexity",
-           "dense_distributions", "kl_to_dense",
+           "dense_distributions", "kl_to_dense", "Evolution",
            "zeroshot_tasks", "zeroshot", "heal", "LoraRecipe", "HealResult", "save_pretrained", "UsageError", "__version__"]

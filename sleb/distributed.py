@@ -1,6 +1,7 @@
 """Candidate-parallel search over torch.distributed (launched with torchrun; NCCL on GPUs, gloo on CPU).
 
-Every rank holds the model and the calibration windows and scores a slice of the phase's candidates;
+Every rank holds the model and the calibration windows and scores a slice of the phase's candidates
+(or of an evopress stage's sets);
 the losses are gathered, and near ties are re-scored across the ranks and gathered too, so every
 rank removes the same block. Each rank's abandonment uses only its own best loss, which is never below the global
 best, so no candidate that could win is abandoned. Only rank 0 writes or prints.
@@ -71,6 +72,18 @@ class CandidateParallel:
         merged = {}
         for part in self._gather(mine):
             merged.update(part)
+        return merged
+
+    @property
+    def batch_count(self) -> int:
+        return self.engine.batch_count
+
+    def set_losses(self, sets: list, batches: list) -> list:
+        """Each set's loss over `batches`: this rank scores sets[rank::world]; every rank gets every loss."""
+        mine = self.engine.set_losses(list(sets)[self.rank :: self.world], batches)
+        merged = [None] * len(sets)
+        for rank, part in enumerate(self._gather(mine)):
+            merged[rank :: self.world] = part
         return merged
 
     def stats(self) -> dict:

@@ -1,9 +1,10 @@
 """What a search engine is: it scores the candidates of one phase; the reference engine is the paper's loop.
 
-An engine answers three questions. `phase` scores candidate positions (skipping each on top of the
+An engine answers four questions. `phase` scores candidate positions (skipping each on top of the
 blocks already removed) and may abandon a candidate that can no longer win; `reference_losses`
-re-scores given candidates the reference way, batch-1, so the search loop can settle near ties; and
-`stats` reports what it did. Both scoring calls take `alter`: position -> a context manager that
+re-scores given candidates the reference way, batch-1, so the search loop can settle near ties;
+`set_losses` scores whole removal sets on some of the calibration batches (evopress); and `stats`
+reports what it did. Both scoring calls take `alter`: position -> a context manager that
 changes the weights of the alive block before that candidate while it is scored (a compensation map
 folded in, sleb/recovery/compensated.py); the blocks before it are unchanged, so their outputs may
 be reused. `tie_margin` is the relative gap under which two of its losses could
@@ -51,6 +52,11 @@ class Engine(Protocol):
 
     def reference_losses(self, removal_list: list, positions: list, alter: Alter = None) -> dict:
         """{position: the reference engine's loss} for the given positions."""
+
+    batch_count: int  # how many batches of windows `set_losses` can be asked about
+
+    def set_losses(self, sets: list, batches: list) -> list:
+        """Each set's loss (blocks given by original index skipped) over the given batches (evopress)."""
 
     def stats(self) -> dict:
         """Counters for the results file (empty when there is nothing to say)."""
@@ -108,6 +114,9 @@ class ReferenceEngine:
     def set_loss(self, skipped: list, batches: list) -> float:
         """The loss with the blocks `skipped` (original indices) removed, over the given batches of windows."""
         return self.loss(list(skipped), rows=batches)
+
+    def set_losses(self, sets: list, batches: list) -> list:
+        return [self.set_loss(skipped, batches) for skipped in sets]
 
     def phase(self, removal_list, positions, order_hint=None, complete=False, progress=None, alter=None) -> PhaseResult:
         losses = self.reference_losses(removal_list, positions, alter, progress)

@@ -277,6 +277,9 @@ class FastEngine:
             total += sum(self._window_terms(self._run_path(path, b, batch), batch))
         return total
 
+    def set_losses(self, sets: list, batches: list) -> list:
+        return [self.set_loss(skipped, batches) for skipped in sets]
+
     def stats(self) -> dict:
         return {"block_forwards": self.block_forwards, "batch_size": self.batch_size, "cache": self.storage.where,
                 "peak_mem_mb": memory.peak_mb(input_device(self.model))}

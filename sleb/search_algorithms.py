@@ -372,24 +372,27 @@ def evopress(job: SearchJob, state: SearchState) -> SearchState:
     def valid(removed) -> bool:
         return len(set(removed)) == k and blocks.keeps_every_kind(list(removed), job.kinds)
 
-    def loss(removed, batches) -> float:
-        value = engine.set_loss(sorted(removed), batches)
-        check_finite(value, f"the calibration loss with blocks {sorted(removed)} removed", job.model)
-        return value
+    def losses(sets, batches) -> list:
+        """Each set's loss over `batches` (under torchrun the ranks split the sets)."""
+        values = engine.set_losses([sorted(removed) for removed in sets], batches)
+        for removed, value in zip(sets, values):
+            check_finite(value, f"the calibration loss with blocks {sorted(removed)} removed", job.model)
+        return values
 
-    def on_all(removed) -> float:
-        key = tuple(sorted(removed))
-        if key not in full:
-            full[key] = loss(key, every)
-        return full[key]
+    def on_all(sets) -> list:
+        """Each set's loss on every batch, each set scored once in the whole search."""
+        missing = list(dict.fromkeys(c for c in sets if c not in full))
+        full.update(zip(missing, losses(missing, every)))
+        return [full[c] for c in sets]
 
     def select(children, rng, kept) -> tuple:
         """The best of `children` after the two stages, `kept` (the parent or the greedy list; None: no such
         set) always in the last."""
         children = list(dict.fromkeys(tuple(sorted(c)) for c in children if tuple(sorted(c)) != kept))
         sample = sorted(rng.sample(every, first))
-        stage = sorted(children, key=lambda c: (loss(c, sample), c))[:evolution.survivors]
-        return min(([kept] if kept is not None else []) + stage, key=lambda c: (on_all(c), c))
+        stage = [c for _, c in sorted(zip(losses(children, sample), children))][:evolution.survivors]
+        finalists = ([kept] if kept is not None else []) + stage
+        return min(zip(on_all(finalists), finalists))[1]
 
     started = time.perf_counter()
     if not state.generations:
@@ -404,9 +407,9 @@ def evopress(job: SearchJob, state: SearchState) -> SearchState:
             raise UsageError(f"evopress drew no valid set in {evolution.initial} tries (every one breaks a block "
                              "kind); raise --evo_initial or keep --evo_greedy_start True")
         parent = select(population, rng, greedy)
-        state.generations.append({"generation": 0, "best": list(parent), "value": on_all(parent),
+        state.generations.append({"generation": 0, "best": list(parent), "value": on_all([parent])[0],
                                   "greedy": list(greedy) if greedy else None,
-                                  "greedy_value": on_all(greedy) if greedy else None,
+                                  "greedy_value": on_all([greedy])[0] if greedy else None,
                                   "seconds": round(time.perf_counter() - started, 3)})
         job.on_phase(state)
     parent = tuple(state.generations[-1]["best"])
@@ -428,16 +431,16 @@ def evopress(job: SearchJob, state: SearchState) -> SearchState:
                     children.append(child)
                     break
         parent = select(children, rng, parent)
-        state.generations.append({"generation": generation, "best": list(parent), "value": on_all(parent),
+        state.generations.append({"generation": generation, "best": list(parent), "value": full[parent],
                                   "seconds": round(time.perf_counter() - started, 3)})
         bar.update(1)
-        bar.set_postfix_str(f"best {list(parent)} loss {on_all(parent):.3f}")
+        bar.set_postfix_str(f"best {list(parent)} loss {full[parent]:.3f}")
         job.on_phase(state)
     bar.close()
     state.removal_list = list(parent)
     start = state.generations[0]
     job.log(f"evopress: {generations} generations of {evolution.offspring}; removal list {state.removal_list} "
-            f"(loss {on_all(parent):.4f}" + (f"; the greedy list {start['greedy']} had {start['greedy_value']:.4f})"
+            f"(loss {full[parent]:.4f}" + (f"; the greedy list {start['greedy']} had {start['greedy_value']:.4f})"
                                             if start["greedy"] else ")"))
     return state
 

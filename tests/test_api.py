@@ -99,7 +99,7 @@ def test_import_sleb_loads_no_heavy_library():
     assert sorted(sleb.__all__) == sorted(["load", "calibration_windows", "evaluation_windows", "search",
                                            "SearchResult", "remove_blocks", "skipping", "check_compensable",
                                            "compensate", "CompensationResult", "serving_problems", "perplexity",
-                                           "zeroshot_tasks",
+                                           "zeroshot_tasks", "dense_distributions", "kl_to_dense", "Evolution",
                                            "zeroshot", "heal", "LoraRecipe", "HealResult", "save_pretrained",
                                            "UsageError", "__version__"])
 

@@ -80,3 +80,23 @@ def test_a_model_offloaded_to_disk_saves_after_the_output_guard(model_dirs, tmp_
         with torch.inference_mode():
             logits.append(reloaded(ids, use_cache=False).logits)
     torch.testing.assert_close(logits[1], logits[0])
+
+
+def test_torchrun_splits_evopress_stages_and_finds_the_same_set(model_dirs, text_file, tmp_path):
+    """Each rank scores its slice of every selection stage's sets; all ranks take the same parent."""
+    extra = ["--metric", "evopress", "--objective", "kl", "--evo_generations", "3", "--evo_offspring", "6",
+             "--evo_initial", "6"]
+    single = invoke("sleb", *_search_args(model_dirs["llama"], text_file, tmp_path, "single.json"), *extra)
+    assert single.returncode == 0, single.stderr
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--master_port", "29534", "-m", "sleb",
+                               *_search_args(model_dirs["llama"], text_file, tmp_path, "ranks.json"), *extra],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    one = json.loads((tmp_path / "single.json").read_text())["search"]
+    two = json.loads((tmp_path / "ranks.json").read_text())["search"]
+    assert two["engine"] == "fast x2 ranks" and two["removal_list"] == one["removal_list"]
+    assert [g["best"] for g in two["generations"]] == [g["best"] for g in one["generations"]]
+    for a, b in zip(one["generations"], two["generations"]):
+        assert b["value"] == pytest.approx(a["value"], rel=1e-6)
