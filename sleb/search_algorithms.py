@@ -1,10 +1,12 @@
-"""Which blocks to remove: SLEB's greedy search (metric 3) and the baselines it is compared with.
+"""Which blocks to remove: SLEB's greedy search (metric 3), EvoPress's evolutionary search, and the
+baselines they are compared with.
 
 Every metric has one signature, `metric(job, state) -> state`, and is registered in METRICS. The
-metrics that compare calibration losses get an engine from the job (sleb/engines.py); after an
-engine has scored a phase, the loop settles near ties in a step of its own: candidates whose order
-float rounding could have decided are re-scored the reference way, so every engine returns the
-reference engine's list. Removal lists are original block indices in removal order.
+metrics that compare calibration losses get an engine from the job (sleb/engines.py), whose loss is
+the job's objective (sleb/objectives.py); after an engine has scored a phase, the greedy loop settles
+near ties in a step of its own: candidates whose order float rounding could have decided are
+re-scored the reference way, so every engine returns the reference engine's list. Removal lists are
+original block indices in removal order (evopress's: sorted, it has no order).
 """
 
 import dataclasses
@@ -357,9 +359,11 @@ def evopress(job: SearchJob, state: SearchState) -> SearchState:
     `survivors` and the parent (elitism) on all of them, and the best becomes the parent. The first
     population is SLEB's greedy list on the same objective plus `initial` random valid sets, with the
     greedy list always in the last stage, so the answer is never worse than the greedy list on the
-    calibration data (`greedy_start` False: random sets only, as EvoPress's own code starts). Each generation's best set and value is recorded (and saved: a resumed run goes on
-    from the last one); the generator of generation g is seeded with (seed, g), so a run is reproducible
-    and a resumed one follows the same path."""
+    calibration data (`greedy_start` False: random sets only, as EvoPress's own code starts). Each
+    generation's best set and value is recorded (and saved: a resumed run goes on from the last one);
+    the generator of generation g is seeded with (seed, g), so a run is reproducible and a resumed one
+    follows the same path. The fast engine resumes each set's batches from the longest cached prefix
+    of blocks it shares with sets scored before (a child shares its parent's path up to its first swap)."""
     engine = job.get_engine()
     evolution = job.evolution or Evolution()
     n, k = state.num_blocks, job.num_remove_blocks

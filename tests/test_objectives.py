@@ -196,3 +196,63 @@ def test_kl_without_an_evaluation_set_is_one_line(model_dirs, tmp_path):
                  "--eval_kl", "True", "--result_folder", str(tmp_path))
     assert out.returncode == 2 and "--eval_kl True measures KL on the --ppl_datasets" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and not list(tmp_path.iterdir())
+
+
+def _single_removal_kl(model, windows) -> dict:
+    """Each candidate's KL sum (mean over positions x seqlen, summed over windows) with only it removed."""
+    dense = _dense_log_probs(model, windows)
+    scores = {}
+    for block in range(1, 7):
+        with sleb.skipping(model, [block]):
+            log_q = _dense_log_probs(model, windows)
+        scores[block] = float(((dense.exp() * (dense - log_q)).sum(-1).mean(dim=1) * windows.shape[1]).sum())
+    return scores
+
+
+def test_oneshot_and_compensated_searches_take_the_kl_objective(eight_blocks):
+    model, tokenizer = sleb.load(eight_blocks["llama"], device="cpu")
+    windows = _windows(tokenizer, seed=3)
+    scores = _single_removal_kl(model, windows)
+    oneshot = sleb.search(model, windows, K, metric="sleb_oneshot", objective="kl", progress=False)
+    assert oneshot.removal_list == sorted(scores, key=lambda b: (scores[b], b))[:K]
+    assert oneshot.losses[0][1:7] == pytest.approx([scores[b] for b in range(1, 7)], rel=1e-4)
+    lists = []
+    for engine in ("fast", "reference"):
+        fresh, _ = sleb.load(eight_blocks["llama"], device="cpu")  # a compensated search folds maps in
+        lists.append(sleb.search(fresh, windows, K, metric="sleb_compensated", objective="kl", engine=engine,
+                                 progress=False).removal_list)
+    assert lists[0] == lists[1]
+    ce, _ = sleb.load(eight_blocks["llama"], device="cpu")
+    fresh, _ = sleb.load(eight_blocks["llama"], device="cpu")
+    first_kl = sleb.search(fresh, windows, 1, metric="sleb_compensated", objective="kl", progress=False).losses[0]
+    first_ce = sleb.search(ce, windows, 1, metric="sleb_compensated", progress=False).losses[0]
+    assert first_kl != pytest.approx(first_ce)  # the objective reached the compensated scoring
+
+
+def test_evopress_resumes_from_its_results_file(model_dirs, text_file, tmp_path):
+    flags = ["--model_name", model_dirs["llama"], "--dataset", f"file:{text_file}", "--nsamples", "40", "--seqlen",
+             "32", "--num_remove_blocks", "2", "--metric", "evopress", "--evo_generations", "4", "--evo_offspring", "6",
+             "--eval_ppl", "False", "--result_folder", str(tmp_path), "--result_file", "evo.json"]
+    assert invoke("sleb", *flags).returncode == 0
+    whole = json.loads((tmp_path / "evo.json").read_text())
+    cut = {key: whole[key] for key in ("command", "settings", "environment", "dtype", "placement", "num_blocks",
+                                       "calibration_windows", "seqlen")}
+    cut["search"] = {**whole["search"], "status": "searching", "removal_list": [],
+                     "generations": whole["search"]["generations"][:2]}  # as saved after generation 1
+    (tmp_path / "evo.json").write_text(json.dumps(cut))
+    resumed = invoke("sleb", *flags, "--resume", "True")
+    assert resumed.returncode == 0, resumed.stderr
+    again = json.loads((tmp_path / "evo.json").read_text())["search"]
+    assert again["removal_list"] == whole["search"]["removal_list"]
+    assert [g["best"] for g in again["generations"]] == [g["best"] for g in whole["search"]["generations"]]
+    assert again["generations"][:2] == whole["search"]["generations"][:2]  # the saved generations are kept as they were
+
+    # A saved parent the run itself never had is taken up as it stands: the resume reads the file.
+    other = next([a, b] for a, b in itertools.combinations(range(1, 5), 2)
+                 if [a, b] != whole["search"]["generations"][1]["best"])
+    cut["search"]["generations"] = [dict(g) for g in whole["search"]["generations"][:2]]
+    cut["search"]["generations"][1].update(best=other, value=1e9)
+    (tmp_path / "evo.json").write_text(json.dumps(cut))
+    assert invoke("sleb", *flags, "--resume", "True").returncode == 0
+    taken = json.loads((tmp_path / "evo.json").read_text())["search"]["generations"]
+    assert taken[1]["best"] == other and taken[2]["value"] < 1e9
