@@ -152,6 +152,9 @@ class DivergenceFlags:
         from sleb import objectives
 
         objectives.check("kl", self.kl_top_k, self.kl_gb)
+        uses_kl = self.eval_kl or getattr(self, "objective", "ce") == "kl"
+        if not uses_kl and (self.kl_top_k, self.kl_gb) != (objectives.DEFAULT_TOP_K, 0.0):
+            raise UsageError("--kl_top_k and --kl_gb apply to --objective kl or --eval_kl True; add one or drop them")
         if self.eval_kl and not self.ppl_dataset_names():
             raise UsageError("--eval_kl True measures KL on the --ppl_datasets sets; name one or drop --eval_kl")
 
@@ -244,6 +247,9 @@ class SearchSettings(OutputFlags, SaveFlags, CompensateFlags, DivergenceFlags, C
             raise UsageError(f"--objective {self.objective} applies to the metrics that score by calibration loss "
                              f"({', '.join(BY_LOSS)}), not to {self.metric}")
         self.evolution().check()
+        if self.metric != "evopress" and self.evolution() != Evolution():
+            raise UsageError(f"the --evo_* flags set evopress's search; add --metric evopress or drop them "
+                             f"(--metric is {self.metric})")
         if self.num_remove_blocks is not None:
             check_at_least("num_remove_blocks", self.num_remove_blocks, 1)
         self.check_calibration()
