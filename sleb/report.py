@@ -1,6 +1,7 @@
 """`python -m sleb.report FOLDER --out report.md`: every results JSON in FOLDER as tables and plots.
 
-Perplexity and zero-shot by model x blocks removed x metric, latency against the ideal speedup, and
+Perplexity, KL to dense and zero-shot by model x blocks removed x metric, each search's list against
+the paper's sleb list, latency against the ideal speedup, and
 PNGs: perplexity vs blocks removed per metric, each search's candidate-loss heatmap, speedup vs
 ideal. Partial folders are fine; a file that is not a sleb result is skipped with a one-line warning.
 """
@@ -129,6 +130,38 @@ def _accuracy(zeroshot: dict, task: str):
     return zeroshot["tasks"].get(task, {}).get("acc")
 
 
+def _first_value(record, field: str, key: str):
+    """The first evaluation set's `key` under `field` (ppl or kl_to_dense), or None."""
+    values = record.get(field) or {}
+    return next(iter(values.values()))[key] if values else None
+
+
+def sleb_difference_rows(records: list):
+    """Each searched list against the paper's sleb list (cross-entropy, same model, count and
+    calibration): whether it differs, by which blocks, and what that did to perplexity and KL to dense
+    on the first evaluation set."""
+    reference = {}
+    for record in records:
+        if record["command"] == "sleb" and _metric(record) == "sleb":
+            reference[(_model(record), len(record["removal_list"]), _calibration(record))] = record
+    rows = []
+    for record in sorted(records, key=lambda r: (_model(r), len(r.get("removal_list") or []), _metric(r))):
+        key = (_model(record), len(record.get("removal_list") or []), _calibration(record))
+        base = reference.get(key)
+        if record["command"] != "sleb" or base is None or record is base or _metric(record).startswith("random"):
+            continue
+        mine, theirs = set(record["removal_list"]), set(base["removal_list"])
+        changes = "same set" if mine == theirs else (f"-{sorted(theirs - mine)} +{sorted(mine - theirs)}")
+        cells = [key[0], key[1], _metric(record), str(record["removal_list"]), str(base["removal_list"]), changes]
+        for field, name, digits in (("ppl", "ppl", 2), ("kl_to_dense", "kl", 4)):
+            a, b = _first_value(record, field, name), _first_value(base, field, name)
+            cells.append(f"{a - b:+.{digits}f}" if a is not None and b is not None else "-")
+        rows.append(cells)
+    headers = ["model", "removed", "metric", "removed blocks", "sleb's", "difference", "ppl - sleb's",
+               "KL to dense - sleb's"]
+    return headers, rows
+
+
 def latency_rows(records: list):
     rows = []
     for record in records:
@@ -217,6 +250,12 @@ def main(folder: str, out: str = "report.md") -> None:
     headers, rows = quality_rows(records)
     if rows:
         lines += ["## Perplexity and zero-shot accuracy", "", _markdown(headers, rows), ""]
+    headers, rows = sleb_difference_rows(records)
+    if rows:
+        lines += ["## Against the paper's sleb list", "",
+                  "Each search's list beside sleb's (cross-entropy, same model, count and calibration), on the "
+                  "first evaluation set. A list can differ in order only: sleb removes in phases, evopress "
+                  "returns a set.", "", _markdown(headers, rows), ""]
     headers, rows = latency_rows(records)
     if rows:
         lines += ["## Latency", "", _markdown(headers, rows), ""]

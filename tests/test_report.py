@@ -63,7 +63,7 @@ def test_report_tables_plots_and_skipped_files(model_dirs, text_file, tmp_path):
                  ["sleb", "--dataset", f"file:{text_file}", "--nsamples", "20", "--num_remove_blocks", "1"],
                  ["sleb", "--dataset", f"file:{text_file}", "--nsamples", "40", "--num_remove_blocks", "2",
                   "--metric", "cosine"],
-                 ["sleb", "--dataset", f"file:{text_file}", "--nsamples", "20", "--num_remove_blocks", "2",
+                 ["sleb", "--dataset", f"file:{text_file}", "--nsamples", "20", "--num_remove_blocks", "1",
                   "--metric", "evopress", "--objective", "kl", "--evo_generations", "2", "--evo_offspring", "4",
                   "--evo_initial", "4", "--eval_kl", "True"]):
         assert invoke(args[0], *args[1:], *common).returncode == 0
@@ -85,12 +85,22 @@ def test_report_tables_plots_and_skipped_files(model_dirs, text_file, tmp_path):
     dense_row = next(line for line in report.splitlines() if line.startswith("| llama | 0/6 (0%) | dense |"))
     assert dense_row.split("|")[-4].strip() == dense_row.split("|")[-5].strip() != "-"  # one task: mean == task
     assert dense_row.split("|")[-2].strip() == dense_row.split("|")[-3].strip() == "-"  # nothing removed or searched
-    evo_row = next(line for line in report.splitlines() if line.startswith("| llama | 2/6 (33%) | evopress (kl) |"))
-    evo_result = json.loads(next(results.glob("sleb_*_evopress_kl_remove2of6_*.json")).read_text())
+    evo_row = next(line for line in report.splitlines() if line.startswith("| llama | 1/6 (17%) | evopress (kl) |"))
+    evo_result = json.loads(next(results.glob("sleb_*_evopress_kl_remove1of6_*.json")).read_text())
     cells = [cell.strip() for cell in evo_row.split("|")]
     assert cells[-2] == str(evo_result["removal_list"]) and float(cells[-3]) == pytest.approx(
         evo_result["times"]["search_s"], abs=0.06)
     assert f"{evo_result['kl_to_dense'][f'file:{text_file}']['kl']:.4f}" in cells  # the KL column
+    # Against sleb's list of the same count and calibration (20 rows): which blocks, and the perplexity change
+    sleb_20 = json.loads(next(results.glob("sleb_*_sleb_remove1of6_*_n20_*.json")).read_text())
+    against = next(line for line in report.split("## Against the paper's sleb list")[1].splitlines()
+                   if line.startswith("| llama | 1 | evopress (kl) |"))
+    cells = [cell.strip() for cell in against.split("|")]
+    name = f"file:{text_file}"
+    assert cells[5] == str(sleb_20["removal_list"])
+    assert cells[6] == ("same set" if evo_result["removal_list"] == sleb_20["removal_list"] else
+                        f"-{sleb_20['removal_list']} +{evo_result['removal_list']}")
+    assert cells[7] == f"{evo_result['ppl'][name]['ppl'] - sleb_20['ppl'][name]['ppl']:+.2f}"
     # Two searches that differ only in their calibration rows are two rows, not one average.
     sleb_rows = [line for line in report.splitlines() if line.startswith("| llama | 1/6 (17%) | sleb |")]
     assert len(sleb_rows) == 2 and "mean of" not in report
