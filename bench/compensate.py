@@ -71,7 +71,7 @@ def main(cases: str = "demo,random", device: str = "cpu", dtype: str = "float32"
     """`hidden`: comma-separated widths of the random cases; `intermediate` 0 means 2.75 x hidden."""
     torch_device = torch.device(device)
     report = {"device": device, "dtype": dtype, "environment": environment(torch_device), "cases": {}}
-    for case in str(cases).split(","):
+    for case in (cases if isinstance(cases, (tuple, list)) else str(cases).split(",")):  # fire reads "a,b" as a tuple
         if case == "demo":
             _, tokenizer = sleb.load("demo", dtype=dtype, device=device)
             build = lambda: sleb.load("demo", dtype=dtype, device=device)[0]  # noqa: E731

@@ -52,7 +52,7 @@ def main(cases: str = "demo,random", device: str = "cpu", dtype: str = "float32"
          seed: int = 0) -> None:
     torch_device = torch.device(device)
     report = {"device": device, "dtype": dtype, "environment": environment(torch_device), "cases": {}}
-    for case in str(cases).split(","):
+    for case in (cases if isinstance(cases, (tuple, list)) else str(cases).split(",")):  # fire reads "a,b" as a tuple
         if case == "demo":
             model, _ = sleb.load("demo", dtype=dtype, device=device)
             report["cases"]["demo"] = _case(model, [7, 3, 5], torch_device, repeats)
