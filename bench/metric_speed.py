@@ -15,6 +15,7 @@ counted the same way, with the short probes (16 tokens) each search runs first t
 can follow the model; `engine_block_forwards` is the fast engine's own count, without them.
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -59,7 +60,8 @@ def _names(value) -> list:
 
 def _model_and_windows(model_name, dataset, nsamples, seqlen, dtype, device, seed, shape):
     if model_name != "random":
-        model, tokenizer = sleb.load(model_name, dtype, device)
+        with contextlib.redirect_stdout(sys.stderr):  # the loader's line; stdout is the one JSON line
+            model, tokenizer = sleb.load(model_name, dtype, device)
         return model, sleb.calibration_windows(tokenizer, dataset, nsamples, seqlen, seed, model=model)
     placement = models.resolve_placement(dtype, device)
     torch_dtype = placement.dtype if placement.dtype != "auto" else torch.float16  # a random model has no own dtype
