@@ -176,7 +176,7 @@ def search(model, windows: torch.Tensor, num_remove_blocks: Optional[int] = None
     metric that scores by calibration loss (sleb, sleb_oneshot, sleb_compensated, evopress). `metric`
     evopress is EvoPress's evolutionary search; `evolution` (a search_algorithms.Evolution) its settings."""
     from sleb import objectives
-    from sleb.search_algorithms import (BY_LOSS, METRICS, Evolution, SearchJob, SearchState, check_choices,
+    from sleb.search_algorithms import (METRICS, Evolution, SearchJob, SearchState, check_choices, check_objective,
                                         check_resumable, check_shape)
 
     check_choices(metric, engine, early_barrier, latter_barrier)
@@ -187,9 +187,7 @@ def search(model, windows: torch.Tensor, num_remove_blocks: Optional[int] = None
     check_at_least("num_remove_blocks", k, 1)
     check_at_least("compensation_gb", compensation_gb, 0)
     objectives.check(objective, kl_top_k, kl_gb)
-    if objective != "ce" and metric not in BY_LOSS:
-        raise UsageError(f"--objective {objective} applies to the metrics that score by calibration loss "
-                         f"({', '.join(BY_LOSS)}), not to {metric}")
+    check_objective(objective, metric)
     evolution = evolution or Evolution()
     evolution.check()
     check_shape(depth, k, early_barrier, latter_barrier)

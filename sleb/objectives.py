@@ -68,22 +68,16 @@ class KLToDense:
         self.dense = self._dense(model, windows, batch_size, progress)
 
     def _dense(self, model, windows, batch_size, progress) -> _Dense:
-        from tqdm import tqdm
-
         chunks, tops, rests = [], [], []
-        device = input_device(model)
-        with torch.inference_mode():
-            for start in tqdm(range(0, len(windows), batch_size), desc="dense distributions", leave=False,
-                              disable=not progress):
-                ids = windows[start:start + batch_size].to(device)
-                log_p = F.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), dim=-1)
-                if self.top_k is None:
-                    chunks.append(log_p.cpu())
-                    continue
-                values, indices = log_p.topk(self.top_k, dim=-1)
-                chunks.append(values.cpu())
-                tops.append(indices.cpu())
-                rests.append(_log_rest(values).cpu())
+        for _, logits in _next_token_logits(model, windows, batch_size, "dense distributions", progress):
+            log_p = F.log_softmax(logits, dim=-1)
+            if self.top_k is None:
+                chunks.append(log_p.cpu())
+                continue
+            values, indices = log_p.topk(self.top_k, dim=-1)
+            chunks.append(values.cpu())
+            tops.append(indices.cpu())
+            rests.append(_log_rest(values).cpu())
         if self.top_k is None:
             return _Dense(torch.cat(chunks))
         return _Dense(torch.cat(chunks), torch.cat(tops), torch.cat(rests))
@@ -102,21 +96,26 @@ class KLToDense:
     def mean_kl(self, model, batch_size: int = 1, desc: str = "KL to dense", progress: bool = True) -> float:
         """The mean over predicted tokens of KL(p_dense || p_model) on the windows the dense distributions
         were taken on, in nats per token: how far `model` (pruned, compensated, healed) moved from them."""
-        from tqdm import tqdm
-
-        device = input_device(model)
         total = 0.0
-        with torch.inference_mode():
-            for start in tqdm(range(0, len(self.windows), batch_size), desc=desc, leave=False, disable=not progress):
-                ids = self.windows[start:start + batch_size].to(device)
-                logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-                rows = list(range(start, start + len(ids)))
-                total += float(self.chunk_sums(logits, rows, 0, logits.shape[1]).double().sum())
+        for start, logits in _next_token_logits(model, self.windows, batch_size, desc, progress):
+            rows = list(range(start, start + len(logits)))
+            total += float(self.chunk_sums(logits, rows, 0, logits.shape[1]).double().sum())
         return total / (len(self.windows) * (self.windows.shape[1] - 1))
 
     def record(self) -> dict:
         return {"objective": "kl", "kl_vocabulary": "full" if self.top_k is None else f"top {self.top_k} + rest",
                 "kl_memory_mb": round(self.bytes / 2**20, 1)}
+
+
+def _next_token_logits(model, windows: torch.Tensor, batch_size: int, desc: str, progress: bool):
+    """(first row, float32 logits of every predicted position) per batch of windows, the model as it stands."""
+    from tqdm import tqdm
+
+    device = input_device(model)
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(windows), batch_size), desc=desc, leave=False, disable=not progress):
+            ids = windows[start:start + batch_size].to(device)
+            yield start, model(input_ids=ids, use_cache=False).logits[:, :-1].float()
 
 
 def _log_rest(log_top: torch.Tensor) -> torch.Tensor:

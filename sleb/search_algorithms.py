@@ -100,6 +100,13 @@ def check_choices(metric: str, engine: str, early_barrier: int, latter_barrier: 
         raise UsageError(f"barriers must be >= 0, got --early_barrier {early_barrier} --latter_barrier {latter_barrier}")
 
 
+def check_objective(objective: str, metric: str) -> None:
+    """An objective other than the paper's cross-entropy only for the metrics that score by calibration loss."""
+    if objective != "ce" and metric not in BY_LOSS:
+        raise UsageError(f"--objective {objective} applies to the metrics that score by calibration loss "
+                         f"({', '.join(BY_LOSS)}), not to {metric}")
+
+
 def check_shape(depth: int, k: int, early_barrier: int, latter_barrier: int) -> None:
     """A search of k removals between the barriers of a depth-block model must have candidates in every phase."""
     available = depth - early_barrier - latter_barrier

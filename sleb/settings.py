@@ -17,7 +17,7 @@ from sleb import blocks, data, models
 from sleb.checkpoint import check_new_directory
 from sleb.cli import flag
 from sleb.errors import UsageError, check_at_least, comma_list
-from sleb.search_algorithms import BY_LOSS, Evolution, check_choices, check_shape
+from sleb.search_algorithms import Evolution, check_choices, check_objective, check_shape
 from sleb.recovery.lora import LoraRecipe
 
 PAPER_PPL_DATASETS = "wikitext2,c4"
@@ -243,9 +243,7 @@ class SearchSettings(OutputFlags, SaveFlags, CompensateFlags, DivergenceFlags, C
         from sleb import objectives
 
         objectives.check(self.objective, self.kl_top_k, self.kl_gb)
-        if self.objective != "ce" and self.metric not in BY_LOSS:
-            raise UsageError(f"--objective {self.objective} applies to the metrics that score by calibration loss "
-                             f"({', '.join(BY_LOSS)}), not to {self.metric}")
+        check_objective(self.objective, self.metric)
         self.evolution().check()
         if self.metric != "evopress" and self.evolution() != Evolution():
             raise UsageError(f"the --evo_* flags set evopress's search; add --metric evopress or drop them "

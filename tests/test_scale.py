@@ -16,18 +16,23 @@ def _search_args(model_dir, text_file, folder, name):
             "--result_file", name]
 
 
+def _two_ranks(port: int, *args) -> subprocess.CompletedProcess:
+    """`python -m sleb ARGS` under torchrun with two ranks (gloo on CPU); it must succeed."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--master_port", str(port), "-m", "sleb", *args],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    return launched
+
+
 @pytest.mark.parametrize("metric", ["sleb", "sleb_compensated"])
 def test_torchrun_two_ranks_equals_single_process(metric, model_dirs, text_file, tmp_path):
     """Each rank scores its slice of the candidates (a compensated search, each with its own map)."""
     extra = ["--metric", metric]
     single = invoke("sleb", *_search_args(model_dirs["llama"], text_file, tmp_path, "single.json"), *extra)
     assert single.returncode == 0, single.stderr
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
-    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                               "--master_port", "29533", "-m", "sleb",
-                               *_search_args(model_dirs["llama"], text_file, tmp_path, "ranks.json"), *extra],
-                              cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    assert launched.returncode == 0, launched.stderr[-2000:]
+    launched = _two_ranks(29533, *_search_args(model_dirs["llama"], text_file, tmp_path, "ranks.json"), *extra)
     one = json.loads((tmp_path / "single.json").read_text())
     two = json.loads((tmp_path / "ranks.json").read_text())
     assert two["search"]["engine"] == ("fast x2 ranks" if metric == "sleb" else "fast, compensated x2 ranks")
@@ -88,12 +93,7 @@ def test_torchrun_splits_evopress_stages_and_finds_the_same_set(model_dirs, text
              "--evo_initial", "6"]
     single = invoke("sleb", *_search_args(model_dirs["llama"], text_file, tmp_path, "single.json"), *extra)
     assert single.returncode == 0, single.stderr
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
-    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                               "--master_port", "29534", "-m", "sleb",
-                               *_search_args(model_dirs["llama"], text_file, tmp_path, "ranks.json"), *extra],
-                              cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    assert launched.returncode == 0, launched.stderr[-2000:]
+    _two_ranks(29534, *_search_args(model_dirs["llama"], text_file, tmp_path, "ranks.json"), *extra)
     one = json.loads((tmp_path / "single.json").read_text())["search"]
     two = json.loads((tmp_path / "ranks.json").read_text())["search"]
     assert two["engine"] == "fast x2 ranks" and two["removal_list"] == one["removal_list"]
