@@ -17,6 +17,8 @@ import tempfile
 from sleb import guard, models, results, serving
 from sleb.errors import UsageError, first_line
 
+SENTENCEPIECE_FILE = "tokenizer.model"
+
 
 def check_new_directory(flag_name: str, path) -> None:
     """A directory a run will write a checkpoint to must not exist yet, or be empty."""
@@ -41,6 +43,33 @@ def _save_processor(model, folder: str) -> None:
         AutoProcessor.from_pretrained(model.name_or_path).save_pretrained(folder)
     except Exception as error:  # a checkpoint without processor files, or one the library cannot read
         print(f"note: no processor saved ({first_line(error, 120)}); the checkpoint holds the tokenizer only")
+
+
+def _sentencepiece_model(tokenizer):
+    """The source checkpoint's tokenizer.model: where the tokenizer read it, else beside its files (a local
+    folder or the hub cache: some tokenizer classes load tokenizer.json and forget the SentencePiece file)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    source = getattr(tokenizer, "vocab_file", None)
+    if isinstance(source, str) and source.endswith(".model") and os.path.isfile(source):
+        return source
+    name = getattr(tokenizer, "name_or_path", "") or ""
+    local = os.path.join(os.path.expanduser(name), SENTENCEPIECE_FILE)
+    if os.path.isfile(local):
+        return local
+    if name and not os.path.isdir(os.path.expanduser(name)) and name.count("/") == 1:
+        cached = try_to_load_from_cache(name, SENTENCEPIECE_FILE)
+        return cached if isinstance(cached, str) else None
+    return None
+
+
+def _keep_sentencepiece_model(tokenizer, folder: str) -> None:
+    """transformers 5 saves a SentencePiece tokenizer as tokenizer.json only; converters such as llama.cpp's
+    read the tokenizer.model the source checkpoint had, so it goes along unchanged."""
+    source = _sentencepiece_model(tokenizer)
+    target = os.path.join(folder, SENTENCEPIECE_FILE)
+    if source is not None and not os.path.exists(target):
+        shutil.copyfile(source, target)
 
 
 def save(model, tokenizer, directory: str, card=None) -> guard.Verdict:
@@ -68,6 +97,7 @@ def save(model, tokenizer, directory: str, card=None) -> guard.Verdict:
         if extras:
             guard.add_to_config(os.path.join(tmp, "config.json"), extras)
         tokenizer.save_pretrained(tmp)
+        _keep_sentencepiece_model(tokenizer, tmp)
         _save_processor(model, tmp)
         if card is not None:
             card.save(os.path.join(tmp, "README.md"))

@@ -99,7 +99,7 @@ class PrefixCache:
     def keep(self, b: int, path: tuple, hidden) -> None:
         """Cache the state after `path` on batch b while the budget allows."""
         size = hidden.numel() * self.itemsize
-        if self.bytes + size <= self.storage.budget_bytes:
+        if (b, path) not in self.states and self.bytes + size <= self.storage.budget_bytes:
             self.states[(b, path)] = self.storage.store(hidden)
             self.bytes += size
 
@@ -195,6 +195,24 @@ class FastEngine:
             if k + 1 < len(path) and k + 1 <= trusted:
                 self.cache.keep(b, tuple(path[: k + 1]), hidden)
         return hidden
+
+    @torch.inference_mode()
+    def walk(self, removal_list, first: int, last: int) -> None:
+        """Run every batch through the alive blocks at positions first..last of the model as it stands
+        (for hooks that record what those blocks see), resuming from the cached state before `first`; the
+        states walked are kept for the next phase. Before the capture, with nothing removed, the capture's
+        dense forward is that walk."""
+        if self._captured is None and not removal_list:
+            self.batches
+            return
+        alive = alive_blocks(self.num_blocks, removal_list)
+        self.changed(removal_list)
+        for b, batch in enumerate(self.batches):
+            hidden = self._run_path(alive[:first], b, batch) if first else batch.inputs.hidden
+            for k in range(first, last + 1):
+                hidden = self._run([alive[k]], hidden, batch)
+                if self.storage.where is not None and k < last:
+                    self.cache.keep(b, tuple(alive[: k + 1]), hidden)
 
     @torch.inference_mode()
     def phase(self, removal_list, positions, order_hint=None, complete=False, progress=None, alter=None) -> PhaseResult:

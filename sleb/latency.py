@@ -6,12 +6,14 @@ tokens/s, and each model's own peak memory (reset in between). Only depth matter
 default the removed blocks are simply ceil(0.2 N) blocks starting at block 1.
 """
 
+import os
 import statistics
+import tempfile
 import time
 
 import torch
 
-from sleb import api, memory, models, results, stages
+from sleb import api, llama_cpp, memory, models, results, stages
 from sleb.errors import UsageError
 
 
@@ -81,6 +83,8 @@ def run_latency(settings) -> dict:
     """Dense vs pruned latency, speedup and ideal speedup."""
     # checks
     settings.check()
+    if settings.engine == "llama.cpp":
+        return run_llama_cpp_latency(settings)
     _, config = models.load_config(settings.model_name, settings.trust_remote_code)
     depth = models.config_depth(config)
     settings.check_depth(depth)
@@ -121,12 +125,92 @@ def run_latency(settings) -> dict:
                                removal_list=removal_list, dense=dense, pruned=pruned, speedup=speedup,
                                ideal_speedup=ideal, speedup_over_ideal=speedup / ideal)
         results.write_json(path, record)
+    _print_table(record, [(f"dense ({depth} blocks)", dense), (f"pruned ({depth - len(removal_list)} blocks)", pruned)],
+                 f"{record['environment']['device']}, {record['dtype']}", settings, path)
+    return record
+
+
+def _print_table(record: dict, measured: list, where: str, settings, path: str) -> None:
     rows = [[label, f"{m['median_s'] * 1e3:.1f}", f"{m['min_s'] * 1e3:.1f}-{m['max_s'] * 1e3:.1f}",
-             f"{m['tokens_per_s']:.1f}"] for label, m in ((f"dense ({depth} blocks)", dense),
-                                                          (f"pruned ({depth - len(removal_list)} blocks)", pruned))]
+             f"{m['tokens_per_s']:.1f}"] for label, m in measured]
     print(results.table(["model", "median (ms)", "min-max (ms)", "tokens/s"], rows))
-    print(f"speedup {speedup:.3f}x (ideal {ideal:.3f}x, {100 * speedup / ideal:.1f}% of ideal) on "
-          f"{record['environment']['device']}, {record['dtype']}, {settings.repeats} repeats after "
-          f"{settings.warmup} warm-up")
+    speedup, ideal = record["speedup"], record["ideal_speedup"]
+    print(f"speedup {speedup:.3f}x (ideal {ideal:.3f}x, {100 * speedup / ideal:.1f}% of ideal) on {where}, "
+          f"{settings.repeats} repeats after {settings.warmup} warm-up")
     print(f"results written to {path}")
+
+
+def _gguf_paths(settings) -> tuple:
+    """Where --llama_cpp writes the two GGUF files: beside the results, named by model, removal and type."""
+    stem = os.path.join(settings.result_folder, results.slug(settings.model_name))
+    return (f"{stem}_dense_{settings.gguf_outtype}.gguf",
+            f"{stem}_removed{'-'.join(map(str, settings.removal_list))}_{settings.gguf_outtype}.gguf")
+
+
+def _convert_both(settings, dense_file: str, pruned_file: str) -> None:
+    """Save the dense and the pruned checkpoint (each through the reload guard) and convert both with the
+    tree's converter; the checkpoints are scratch, the GGUF files stay."""
+    model, tokenizer = stages.load(settings)
+    with tempfile.TemporaryDirectory(dir=settings.result_folder, prefix=".checkpoints-") as scratch:
+        for name, out in (("dense", dense_file), ("pruned", pruned_file)):
+            if name == "pruned":
+                api.remove_blocks(model, settings.removal_list)
+            folder = os.path.join(scratch, name)
+            api.save_pretrained(model, tokenizer, folder)
+            llama_cpp.convert(folder, out, settings.llama_cpp, settings.converter_python, settings.gguf_outtype)
+            print(f"{name} GGUF written to {out}")
+    del model
+
+
+def _side(measured: dict, mode: str) -> dict:
+    """The mode's figures, with the prompt's beside them in generation mode."""
+    return {**measured[mode], **({"prompt_processing": measured["prompt"]} if mode == "generation" else {})}
+
+
+def run_llama_cpp_latency(settings) -> dict:
+    """Dense vs pruned in llama.cpp (llama-cpp-python on the CPU): prompt processing, and generation after
+    the prompt with --generation; given GGUF files, or both converted from --model_name."""
+    mode = "generation" if settings.generation else "prompt"
+    if settings.llama_cpp is not None:
+        _, config = models.load_config(settings.model_name, settings.trust_remote_code)
+        settings.check_depth(models.config_depth(config))
+        dense_file, pruned_file = _gguf_paths(settings)
+        for file in (dense_file, pruned_file):
+            if os.path.exists(file) and not settings.overwrite:
+                raise UsageError(f"{file} exists; pass --overwrite True or another --result_folder")
+    else:
+        dense_file, pruned_file = settings.gguf_dense, settings.gguf_pruned
+    name = settings.result_file or (f"latency_llama_cpp_{results.slug(settings.model_name if settings.llama_cpp else dense_file)}"
+                                    f"_{mode}_p{settings.prompt_len}_n{settings.new_tokens}.json")
+    with results.claim(settings.result_folder, name, settings.overwrite) as path:
+        if settings.llama_cpp is not None:
+            _convert_both(settings, dense_file, pruned_file)
+        threads = settings.threads or llama_cpp.default_threads()
+        how = (settings.prompt_len, settings.new_tokens, settings.warmup, settings.repeats, threads)
+        print(f"llama.cpp {mode}: prompt {settings.prompt_len} tokens"
+              + (f", {settings.new_tokens} new tokens (greedy)" if settings.new_tokens else "") + f", {threads} threads")
+        dense = llama_cpp.speed(dense_file, *how)
+        pruned = llama_cpp.speed(pruned_file, *how)
+        depth, kept = dense["block_count"], pruned["block_count"]
+        if not 0 < kept < depth:
+            raise UsageError(f"{pruned_file} has {kept} blocks and {dense_file} {depth}: the pruned file must have "
+                             "fewer blocks than the dense one")
+        if settings.removal_list is not None and len(settings.removal_list) != depth - kept:
+            raise UsageError(f"--removal_list names {len(settings.removal_list)} blocks but the files differ by "
+                             f"{depth - kept}")
+        speedup = dense[mode]["median_s"] / pruned[mode]["median_s"]
+        ideal = depth / kept
+        record = {"command": "latency", "settings": settings, "environment": results.environment(torch.device("cpu")),
+                  "engine": {"name": "llama.cpp", "llama_cpp_python": llama_cpp.version(), "threads": threads,
+                             "kv_cache": "float32"},
+                  "num_blocks": depth, "mode": mode,
+                  "sizes": {name: getattr(settings, name) for name in ("batch_size", "prompt_len", "new_tokens")},
+                  "removal_list": settings.removal_list,
+                  "gguf": {side: {"path": file, **{k: measured[k] for k in llama_cpp.FACTS}}
+                           for side, file, measured in (("dense", dense_file, dense), ("pruned", pruned_file, pruned))},
+                  "dense": _side(dense, mode), "pruned": _side(pruned, mode),
+                  "speedup": speedup, "ideal_speedup": ideal, "speedup_over_ideal": speedup / ideal}
+        results.write_json(path, record)
+    _print_table(record, [(f"dense ({depth} blocks)", dense[mode]), (f"pruned ({kept} blocks)", pruned[mode])],
+                 f"llama.cpp, {dense['architecture']}, {threads} threads", settings, path)
     return record

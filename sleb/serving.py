@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 VLLM = "vLLM 0.33"
-LLAMA_CPP = "llama.cpp (2026-08)"
+LLAMA_CPP = "llama.cpp (llama-cpp-python 0.3.36)"
 
 
 @dataclass(frozen=True)
@@ -150,19 +150,52 @@ def saved_extras(config) -> dict:
 
 
 def _gemma_pattern_problem(config):
+    # Checked in the engine (tests/test_llama_cpp.py): the converter writes no per-block pattern for Gemma 3, and
+    # the engine then computes another model. sleb.llama_cpp.convert writes the pattern (layout_keys).
     kinds = _kinds(config, "layer_types")
     if kinds and kinds != ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(len(kinds))]:
-        return "its converter takes Gemma 3's full-attention blocks as every 6th unless a per-block pattern is given"
+        return ("its converter writes no per-block pattern, so the engine takes every 6th block as full attention; "
+                "convert with sleb.llama_cpp.convert, which writes the pattern")
+    return None
+
+
+# The depth at which llama.cpp takes a Gemma model for the 27B and scales attention by hidden / heads; at any
+# other depth it scales by head_dim (src/models/gemma2.cpp, gemma3.cpp: the model type is read off the depth).
+_GEMMA_27B_DEPTH = {"gemma2": 46, "gemma3": 62, "gemma3_text": 62}
+
+
+def _gemma_scale_problem(config):
+    # Checked in the engine for Gemma 3 (tests/test_llama_cpp.py); no GGUF key sets the scale.
+    depth, wanted = getattr(config, "num_hidden_layers", None), getattr(config, "query_pre_attn_scalar", None)
+    if depth is None or wanted is None:  # a vision-language model's outer config: its text config is checked
+        return None
+    used = (config.hidden_size // config.num_attention_heads if depth == _GEMMA_27B_DEPTH[config.model_type]
+            else config.head_dim)
+    if wanted != used:
+        return (f"it scales attention by 1/sqrt({used}) at {depth} blocks (read off the depth: 1/sqrt(hidden/heads) "
+                f"only at {_GEMMA_27B_DEPTH[config.model_type]}), not by query_pre_attn_scalar {wanted}")
+    return None
+
+
+def _baichuan_positions_problem(config):
+    # Read from src/models/baichuan.cpp (a remote-code family, not run here): RoPE at 32 blocks, ALiBi at 40.
+    depth = getattr(config, "num_hidden_layers", None)
+    if depth is not None and depth not in (32, 40):
+        return f"it picks RoPE (32 blocks) or ALiBi (40 blocks) by depth, and at {depth} blocks uses neither"
     return None
 
 
 def _mlp_only_problem(config):
+    # Read from the converter and src/models/qwen*moe.cpp, not run: the converter takes Qwen-MoE's vocabulary
+    # only from a BPE tokenizer in its table, so no locally built model converts.
     if getattr(config, "mlp_only_layers", None):
         return f"it ignores mlp_only_layers ({config.mlp_only_layers}) and builds every block as MoE"
     return None
 
 
 def _nope_problem(config):
+    # Read from src/models/llama4.cpp, not run (the converter takes Llama 4's vocabulary only from a BPE tokenizer
+    # in its table); the step (n_no_rope_layer_step, 4) has no GGUF key, so no field can be written.
     flags = getattr(config, "no_rope_layers", None)
     if flags and list(flags) != [0 if (i + 1) % 4 == 0 else 1 for i in range(len(flags))]:
         return "it takes Llama 4's NoPE blocks as every 4th, not from no_rope_layers"
@@ -178,6 +211,8 @@ RULES = (
     Rule(VLLM, ("gpt_oss",), "layer_types", _parity_problem),
     Rule(VLLM, ("nemotron_h",), "hybrid_override_pattern", lambda config: None, _pattern_align),
     Rule(LLAMA_CPP, ("gemma3", "gemma3_text"), "layer_types", _gemma_pattern_problem),
+    Rule(LLAMA_CPP, ("gemma2", "gemma3", "gemma3_text"), "query_pre_attn_scalar", _gemma_scale_problem),
+    Rule(LLAMA_CPP, ("baichuan",), "num_hidden_layers", _baichuan_positions_problem),
     Rule(LLAMA_CPP, ("qwen2_moe", "qwen3_moe"), "mlp_only_layers", _mlp_only_problem),
     Rule(LLAMA_CPP, ("llama4", "llama4_text"), "no_rope_layers", _nope_problem),
 )

@@ -354,7 +354,51 @@ CPU_SIZES = {"prompt": {"batch_size": 1, "prompt_len": 256, "new_tokens": 0},
 
 
 @dataclass
-class LatencySettings(OutputFlags, ModelFlags):
+class LlamaCppFlags:
+    engine: str = flag("transformers", "transformers (eager, in this process) or llama.cpp (llama-cpp-python on the "
+                                       "CPU: pip install 'sleb[llama-cpp]')")
+    gguf_dense: Optional[str] = flag(None, "with --engine llama.cpp: the dense model's GGUF file")
+    gguf_pruned: Optional[str] = flag(None, "with --engine llama.cpp: the pruned model's GGUF file")
+    llama_cpp: Optional[str] = flag(None, "with --engine llama.cpp: a llama.cpp source tree (e.g. the llama-cpp-python "
+                                          "sdist's vendor/llama.cpp) whose converter makes both GGUF files from "
+                                          "--model_name, written beside the results")
+    converter_python: Optional[str] = flag(None, "the Python that runs llama.cpp's converter, from an environment "
+                                                 "meeting its requirements (default: this Python)")
+    gguf_outtype: str = flag("f16", "what the converter writes: f32, f16, bf16, q8_0 or auto")
+    threads: Optional[int] = flag(None, "llama.cpp threads (default: every core this process may use)")
+
+    def check_llama_cpp(self) -> bool:
+        """True when llama.cpp runs; its flags are refused with the other engine."""
+        if self.engine not in ("transformers", "llama.cpp"):
+            raise UsageError(f"--engine must be transformers or llama.cpp, got {self.engine!r}")
+        given = [name for name in ("gguf_dense", "gguf_pruned", "llama_cpp", "converter_python", "threads")
+                 if getattr(self, name) is not None]
+        if self.engine == "transformers":
+            if given:
+                raise UsageError(f"--{given[0]} applies to --engine llama.cpp only; add it or drop the flag")
+            return False
+        files = (self.gguf_dense, self.gguf_pruned)
+        if self.llama_cpp is None and None in files:
+            raise UsageError("--engine llama.cpp needs --gguf_dense and --gguf_pruned, or --llama_cpp PATH (a "
+                             "llama.cpp source tree) to convert both from --model_name")
+        if self.llama_cpp is not None and files != (None, None):
+            raise UsageError("give either --gguf_dense and --gguf_pruned, or --llama_cpp, not both")
+        for name, path in (("gguf_dense", self.gguf_dense), ("gguf_pruned", self.gguf_pruned)):
+            if path is not None and not os.path.isfile(path):
+                raise UsageError(f"--{name} {path!r}: no such file")
+        if self.llama_cpp is not None:
+            from sleb.llama_cpp import converter_script
+
+            converter_script(self.llama_cpp)
+        if self.gguf_outtype not in ("f32", "f16", "bf16", "q8_0", "auto"):
+            raise UsageError(f"--gguf_outtype must be f32, f16, bf16, q8_0 or auto, got {self.gguf_outtype!r}")
+        if self.threads is not None:
+            check_at_least("threads", self.threads, 1)
+        return True
+
+
+@dataclass
+class LatencySettings(OutputFlags, LlamaCppFlags, ModelFlags):
     """`python -m latency`: prompt or generation latency, dense vs pruned."""
 
     generation: bool = flag(False, "measure generation (default: prompt processing)")
@@ -376,11 +420,17 @@ class LatencySettings(OutputFlags, ModelFlags):
                              "add --static_cache True")
         check_at_least("warmup", self.warmup, 0)
         check_at_least("repeats", self.repeats, 1)
+        if self.check_llama_cpp():
+            if self.static_cache or self.compile:
+                raise UsageError("--static_cache and --compile apply to --engine transformers only")
+            if self.batch_size not in (None, 1):
+                raise UsageError(f"--engine llama.cpp runs one sequence; --batch_size must be 1, got {self.batch_size}")
+            self.batch_size = 1
         self.check_model()
         # Sizes left out take the device's defaults; the filled-in values are what the results record.
         device = models.resolve_placement(self.dtype, self.device, self.device_map, self.max_memory).device
         mode = "generation" if self.generation else "prompt"
-        for name, default in (GPU_SIZES if device.type == "cuda" else CPU_SIZES)[mode].items():
+        for name, default in (GPU_SIZES if device.type == "cuda" and self.engine != "llama.cpp" else CPU_SIZES)[mode].items():
             if getattr(self, name) is None:
                 setattr(self, name, default)
             check_at_least(name, getattr(self, name), 1 if name != "new_tokens" or self.generation else 0)

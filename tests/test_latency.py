@@ -35,3 +35,24 @@ def test_compile_refused_where_torch_cannot(monkeypatch):
     monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)
     with pytest.raises(UsageError, match="--compile"):
         LatencySettings(compile=True).check()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--engine", "llama.cpp"], "needs --gguf_dense and --gguf_pruned, or --llama_cpp"),
+    (["--engine", "llama.cpp", "--llama_cpp", "/nonexistent"], "no convert_hf_to_gguf.py there"),
+    (["--engine", "llama.cpp", "--gguf_dense", "/nonexistent.gguf", "--gguf_pruned", "GGUF"], "no such file"),
+    (["--engine", "llama.cpp", "--gguf_dense", "GGUF", "--gguf_pruned", "GGUF", "--batch_size", "4"],
+     "--batch_size must be 1"),
+    (["--engine", "llama.cpp", "--gguf_dense", "GGUF", "--gguf_pruned", "GGUF", "--compile", "True"],
+     "apply to --engine transformers only"),
+    (["--gguf_dense", "a.gguf"], "applies to --engine llama.cpp only"),
+    (["--engine", "vllm"], "--engine must be transformers or llama.cpp"),
+])
+def test_bad_llama_cpp_flags_are_one_line_before_any_work(args, message, tmp_path):
+    """Checked before llama-cpp-python is even imported: these hold where it is not installed."""
+    existing = tmp_path / "given.gguf"
+    existing.write_bytes(b"")
+    results = tmp_path / "results"
+    out = invoke("latency", *[str(existing) if a == "GGUF" else a for a in args], "--result_folder", str(results))
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+    assert not results.exists()

@@ -67,6 +67,7 @@ class CompensatedEngine:
         self.tie_margin = inner.tie_margin
         self.model, self.windows, self.batch_size, self.progress, self.log = model, windows, batch_size, progress, log
         self.proven = prove_all(model, windows, early_barrier, latter_barrier)
+        self.original = list(blocks.get_blocks(model))  # by original index: the search never edits the list
         hidden = model.get_input_embeddings().weight.shape[-1]
         self.per_candidate = linear.Normal.bytes(hidden)
         budget = budget_gb * 2**30 if budget_gb > 0 else AUTO_SHARE * _free_bytes(input_device(model))
@@ -86,11 +87,20 @@ class CompensatedEngine:
         return sublayer
 
     def _fill(self, removal_list: list, alive: list, positions: list) -> None:
-        """Compute the sums of `positions` in one streaming pass (they fit the budget)."""
-        with blocks.skipping(self.model, removal_list):
-            found = linear.normal_equations_for_runs(
-                self.model, self.windows, {p: self._sublayer(alive[p - 1], p) for p in positions}, self.batch_size,
-                self.progress, desc=f"statistics of {len(positions)} candidates")
+        """Compute the sums of `positions` in one pass (they fit the budget): the inner engine walks its cached
+        states when it can (the blocks before the first candidate's predecessor are not run again), else the
+        windows stream through the model as it stands."""
+        walk = getattr(self.inner, "walk", None)
+        if walk is not None:
+            watched = {p: (self._sublayer(alive[p - 1], p).module, self.original[alive[p - 1]], self.original[alive[p]])
+                       for p in positions}
+            with linear.recording(watched) as found:
+                walk(removal_list, min(positions) - 1, max(positions))
+        else:
+            with blocks.skipping(self.model, removal_list):
+                found = linear.normal_equations_for_runs(
+                    self.model, self.windows, {p: self._sublayer(alive[p - 1], p) for p in positions},
+                    self.batch_size, self.progress, desc=f"statistics of {len(positions)} candidates")
         self.statistics_passes += 1
         for position, normal in found.items():
             self.sums[(alive[position - 1], alive[position])] = normal

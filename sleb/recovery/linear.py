@@ -362,24 +362,43 @@ def normal_equations_for_runs(model, windows: torch.Tensor, sublayers: dict, bat
     `sublayers[last]` (whose block_index is the block before the run): one streaming pass for all, stopped
     after the deepest block any of them needs."""
     block_list = blocks.get_blocks(model)
-    watched = {}
-    for last, sublayer in sublayers.items():
-        watched[f"M{last}"] = sublayer.module
-        watched[f"O{last}"] = block_list[sublayer.block_index]
-        watched[f"H{last}"] = block_list[last]
-    deepest = block_list[max(sublayers)]
+    watched = {last: (sublayer.module, block_list[sublayer.block_index], block_list[last])
+               for last, sublayer in sublayers.items()}
     device = input_device(model)
-    normals = {}
-    with torch.inference_mode():
+    with torch.inference_mode(), recording(watched) as normals:
         for start in tqdm(range(0, len(windows), batch_size), desc=desc, leave=False, disable=not progress):
-            seen = forward.observe(model, windows[start:start + batch_size].to(device), watched, stop_after=deepest)
-            for last in sublayers:
-                O = seen.outputs[f"O{last}"]
-                M = seen.outputs[f"M{last}"].reshape(O.shape)
-                if last not in normals:
-                    normals[last] = Normal(M.shape[-1], M.device)
-                normals[last].add(M, O, seen.outputs[f"H{last}"])
+            forward.observe(model, windows[start:start + batch_size].to(device), {},
+                            stop_after=block_list[max(sublayers)])
     return normals
+
+
+@contextlib.contextmanager
+def recording(watched: dict):
+    """{key: Normal}, filled while open by every forward that runs the modules of
+    `watched` ({key: (block l's sub-layer, block l, the run's last block)}), whichever code drives it
+    (a streaming pass, or the fast engine walking its cached states): M and O of a batch are held until
+    the run's last block has run on the same batch."""
+    normals, held, handles = {}, {}, []
+
+    def hook(key, role):
+        def after(module, args, out):
+            held[(key, role)] = forward.output_of(out)
+            if role == "H":
+                O = held.pop((key, "O"))
+                M = held.pop((key, "M")).reshape(O.shape)
+                if key not in normals:
+                    normals[key] = Normal(M.shape[-1], M.device)
+                normals[key].add(M, O, held.pop((key, "H")))
+        return after
+
+    for key, modules in watched.items():
+        for role, module in zip("MOH", modules):
+            handles.append(module.register_forward_hook(hook(key, role)))
+    try:
+        yield normals
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @contextlib.contextmanager
