@@ -1,11 +1,13 @@
 """Dense vs pruned speed in llama.cpp on a demo-sized model (the demo model's config: Llama, 12 blocks of
 hidden 256) with a SentencePiece tokenizer trained on the demo corpus, random weights (speed does not
 depend on them): `python -m latency --engine llama.cpp --llama_cpp TREE`, prompt and generation, ceil(0.2 x
-12) = 3 blocks removed; prints one JSON line.
+12) = 3 blocks removed; prompt 1 x 256, generation 32 + 128 new tokens, 10 repeats after 3 warm-up;
+prints one JSON line.
 
     python bench/gguf_speed.py --tree /path/to/llama.cpp [--converter_python PY] [--outtype f16] [--threads N]
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -38,8 +40,8 @@ def demo_sized(folder: str) -> str:
     return model_dir
 
 
-def main(tree: str, converter_python: str = None, outtype: str = "f16", threads: int = None, repeats: int = 5,
-         warmup: int = 2):
+def main(tree: str, converter_python: str = None, outtype: str = "f16", threads: int = None, repeats: int = 10,
+         warmup: int = 3, prompt_len: int = 256, generation_prompt_len: int = 32, new_tokens: int = 128):
     report = {"model": "demo-sized Llama (12 blocks, hidden 256, vocabulary 8192), random weights", "outtype": outtype,
               "removed": [1, 2, 3], "runs": {}}
     with tempfile.TemporaryDirectory() as folder:
@@ -48,8 +50,11 @@ def main(tree: str, converter_python: str = None, outtype: str = "f16", threads:
             settings = LatencySettings(model_name=model_dir, engine="llama.cpp", llama_cpp=tree,
                                        converter_python=converter_python, gguf_outtype=outtype, threads=threads,
                                        generation=mode == "generation", repeats=repeats, warmup=warmup,
+                                       prompt_len=generation_prompt_len if mode == "generation" else prompt_len,
+                                       new_tokens=new_tokens if mode == "generation" else None,
                                        result_folder=os.path.join(folder, mode), result_file="latency.json")
-            record = latency.run_latency(settings)
+            with contextlib.redirect_stdout(sys.stderr):  # the command's table; stdout holds the JSON line only
+                record = latency.run_latency(settings)
             report["runs"][mode] = {
                 "sizes": record["sizes"], "threads": record["engine"]["threads"],
                 "dense_tokens_per_s": round(record["dense"]["tokens_per_s"], 1),

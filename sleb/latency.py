@@ -151,15 +151,21 @@ def _convert_both(settings, dense_file: str, pruned_file: str) -> None:
     """Save the dense and the pruned checkpoint (each through the reload guard) and convert both with the
     tree's converter; the checkpoints are scratch, the GGUF files stay."""
     model, tokenizer = stages.load(settings)
-    with tempfile.TemporaryDirectory(dir=settings.result_folder, prefix=".checkpoints-") as scratch:
-        for name, out in (("dense", dense_file), ("pruned", pruned_file)):
-            if name == "pruned":
-                api.remove_blocks(model, settings.removal_list)
-            folder = os.path.join(scratch, name)
-            api.save_pretrained(model, tokenizer, folder)
-            llama_cpp.convert(folder, out, settings.llama_cpp, settings.converter_python, settings.gguf_outtype)
-            print(f"{name} GGUF written to {out}")
-    del model
+    written = []
+    try:
+        with tempfile.TemporaryDirectory(dir=settings.result_folder, prefix=".checkpoints-") as scratch:
+            for side, out in (("dense", dense_file), ("pruned", pruned_file)):
+                if side == "pruned":
+                    api.remove_blocks(model, settings.removal_list)
+                folder = os.path.join(scratch, side)
+                api.save_pretrained(model, tokenizer, folder)
+                written.append(llama_cpp.convert(folder, out, settings.llama_cpp, settings.converter_python,
+                                                 settings.gguf_outtype))
+                print(f"{side} GGUF written to {out}")
+    except BaseException:
+        for file in written:  # a dense file without its pruned twin is no result
+            os.remove(file)
+        raise
 
 
 def _side(measured: dict, mode: str) -> dict:
@@ -180,9 +186,10 @@ def run_llama_cpp_latency(settings) -> dict:
                 raise UsageError(f"{file} exists; pass --overwrite True or another --result_folder")
     else:
         dense_file, pruned_file = settings.gguf_dense, settings.gguf_pruned
-    name = settings.result_file or (f"latency_llama_cpp_{results.slug(settings.model_name if settings.llama_cpp else dense_file)}"
-                                    f"_{mode}_p{settings.prompt_len}_n{settings.new_tokens}.json")
-    with results.claim(settings.result_folder, name, settings.overwrite) as path:
+    source = settings.model_name if settings.llama_cpp else dense_file
+    file_name = settings.result_file or (f"latency_llama_cpp_{results.slug(source)}_{mode}_p{settings.prompt_len}"
+                                         f"_n{settings.new_tokens}.json")
+    with results.claim(settings.result_folder, file_name, settings.overwrite) as path:
         if settings.llama_cpp is not None:
             _convert_both(settings, dense_file, pruned_file)
         threads = settings.threads or llama_cpp.default_threads()
@@ -202,7 +209,7 @@ def run_llama_cpp_latency(settings) -> dict:
         ideal = depth / kept
         record = {"command": "latency", "settings": settings, "environment": results.environment(torch.device("cpu")),
                   "engine": {"name": "llama.cpp", "llama_cpp_python": llama_cpp.version(), "threads": threads,
-                             "kv_cache": "float32"},
+                             "kv_cache": "the engine's default (float16)"},
                   "num_blocks": depth, "mode": mode,
                   "sizes": {name: getattr(settings, name) for name in ("batch_size", "prompt_len", "new_tokens")},
                   "removal_list": settings.removal_list,

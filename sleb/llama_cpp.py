@@ -6,9 +6,9 @@ as a script, as llama.cpp's docs do, under the Python of an environment that mee
 a layout the engine reads otherwise than transformers (see sleb/serving.py), `layout_keys` says which GGUF
 keys express the pruned layout and `convert` writes them with gguf-py (sleb/gguf_layout.py).
 
-`load` and `logits` read what the engine computes, with the KV cache in float32 so that a comparison
-with transformers is not limited by the cache's precision; `speed` times prompt processing and
-generation in the engine itself.
+`load` and `logits` read what the engine computes (with `float32_cache`, the KV cache in float32, so that
+a comparison with transformers is not limited by the cache's precision); `speed` times prompt processing
+and generation in the engine itself, as users run it (its default float16 cache).
 """
 
 import json
@@ -26,6 +26,10 @@ from sleb.errors import UsageError
 CONVERTER = "convert_hf_to_gguf.py"
 GGML_TYPE_F32 = 0  # llama.cpp's ggml_type for float32, for the KV cache
 GEMMA3_FULL_EVERY = 6  # llama.cpp's Gemma 3 default: blocks i with (i + 1) % 6 == 0 attend fully
+
+
+def check_installed() -> None:
+    _engine()
 
 
 def _engine():
@@ -103,15 +107,17 @@ def convert(checkpoint: str, outfile: str, tree: str, converter_python: Optional
     return outfile
 
 
-def load(path: str, n_ctx: int = 512, threads: Optional[int] = None, logits_all: bool = False):
-    """A llama-cpp-python model on the CPU, KV cache in float32."""
+def load(path: str, n_ctx: int = 512, threads: Optional[int] = None, logits_all: bool = False,
+         float32_cache: bool = False):
+    """A llama-cpp-python model on the CPU; the KV cache in the engine's default type (float16), or in float32
+    for comparing logits."""
     llama_cpp = _engine()
     if not os.path.isfile(path):
         raise UsageError(f"no GGUF file at {path}")
     threads = threads or default_threads()
+    cache = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if float32_cache else {}
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                           n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all, type_k=GGML_TYPE_F32,
-                           type_v=GGML_TYPE_F32, verbose=False)
+                           n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all, verbose=False, **cache)
 
 
 def default_threads() -> int:

@@ -426,6 +426,9 @@ class LatencySettings(OutputFlags, LlamaCppFlags, ModelFlags):
             if self.batch_size not in (None, 1):
                 raise UsageError(f"--engine llama.cpp runs one sequence; --batch_size must be 1, got {self.batch_size}")
             self.batch_size = 1
+            from sleb.llama_cpp import check_installed
+
+            check_installed()
         self.check_model()
         # Sizes left out take the device's defaults; the filled-in values are what the results record.
         device = models.resolve_placement(self.dtype, self.device, self.device_map, self.max_memory).device

@@ -77,7 +77,7 @@ def _transformers_logits(folder, ids) -> np.ndarray:
 def _engine_logits(gguf, ids) -> np.ndarray:
     from sleb import llama_cpp
 
-    llm = llama_cpp.load(gguf, n_ctx=64, logits_all=True)
+    llm = llama_cpp.load(gguf, n_ctx=64, logits_all=True, float32_cache=True)
     try:
         return llama_cpp.logits(llm, ids)
     finally:
@@ -179,3 +179,10 @@ def test_latency_converts_both_and_reports_the_speedup_in_llama_cpp(gguf_dirs, t
                    "--warmup", "0", "--result_folder", str(tmp_path), "--result_file", "g.json")
     assert again.returncode == 0, again.stderr
     assert json.loads((tmp_path / "g.json").read_text())["ideal_speedup"] == pytest.approx(6 / 4)
+
+
+def test_a_converter_that_fails_is_one_line_and_leaves_no_gguf(gguf_dirs, tmp_path):
+    out = invoke("latency", "--model_name", gguf_dirs["llama"], "--engine", "llama.cpp", "--llama_cpp", TREE,
+                 "--converter_python", "/bin/false", "--result_folder", str(tmp_path))
+    assert out.returncode == 2 and "llama.cpp's converter failed" in out.stderr and "Traceback" not in out.stderr
+    assert not [name for name in os.listdir(tmp_path) if not name.startswith(".")]
