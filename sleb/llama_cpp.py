@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from sleb.errors import UsageError
+from sleb.errors import UsageError, first_line
 
 CONVERTER = "convert_hf_to_gguf.py"
 GGML_TYPE_F32 = 0  # llama.cpp's ggml_type for float32, for the KV cache
@@ -116,8 +116,11 @@ def load(path: str, n_ctx: int = 512, threads: Optional[int] = None, logits_all:
         raise UsageError(f"no GGUF file at {path}")
     threads = threads or default_threads()
     cache = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if float32_cache else {}
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                           n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all, verbose=False, **cache)
+    try:
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                               n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all, verbose=False, **cache)
+    except ValueError as error:  # llama-cpp-python's "Failed to load model from file": not GGUF, truncated, ...
+        raise UsageError(f"llama.cpp cannot load {path} ({first_line(error)}): is it a complete GGUF file?") from None
 
 
 def default_threads() -> int:

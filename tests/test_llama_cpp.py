@@ -186,3 +186,12 @@ def test_a_converter_that_fails_is_one_line_and_leaves_no_gguf(gguf_dirs, tmp_pa
                  "--converter_python", "/bin/false", "--result_folder", str(tmp_path))
     assert out.returncode == 2 and "llama.cpp's converter failed" in out.stderr and "Traceback" not in out.stderr
     assert not [name for name in os.listdir(tmp_path) if not name.startswith(".")]
+
+
+def test_a_file_that_is_not_gguf_is_one_line(tmp_path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 60)  # a truncated header
+    out = invoke("latency", "--engine", "llama.cpp", "--gguf_dense", str(broken), "--gguf_pruned", str(broken),
+                 "--result_folder", str(tmp_path / "results"))
+    assert out.returncode == 2 and "cannot load" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert not (tmp_path / "results").exists() or not os.listdir(tmp_path / "results")
