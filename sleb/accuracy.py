@@ -1,5 +1,6 @@
 """Zero-shot accuracy with the released lm-eval: the pruned model instance goes to HFLM as it is."""
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -17,14 +18,18 @@ class Tasks:
 
 def task_manager(names: list):
     """lm-eval's task registry plus the offline demo tasks (alone when only those are asked for:
-    indexing lm-eval's thousands of task files takes ~30 s)."""
-    from lm_eval.tasks import TaskManager
-
+    indexing lm-eval's thousands of task files takes ~30 s, done once per process)."""
     from sleb import demo_tasks
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its warnings would bury one-line errors
-    only_offline = all(name in demo_tasks.TASKS for name in names)
-    return TaskManager(include_path=demo_tasks.write_tasks(), include_defaults=not only_offline)
+    return _indexed(demo_tasks.write_tasks(), not all(name in demo_tasks.TASKS for name in names))
+
+
+@functools.lru_cache(maxsize=None)
+def _indexed(include_path: str, include_defaults: bool):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path, include_defaults=include_defaults)
 
 
 def check_tasks(names: list, manager) -> None:

@@ -35,6 +35,12 @@ def _timed_runs(run, device, warmup: int, repeats: int) -> list:
     return times
 
 
+def _summary(times: list, tokens: int) -> dict:
+    median = statistics.median(times)
+    return {"median_s": median, "min_s": min(times), "max_s": max(times), "times_s": times,
+            "tokens_per_s": tokens / median}
+
+
 def _generation_kwargs(static_cache: bool, compile: bool) -> dict:
     """transformers 5 compiles decoding by itself whenever the cache is static (on a GPU): say so explicitly."""
     if not static_cache:
@@ -63,10 +69,7 @@ def measure(model, input_ids, new_tokens: int, warmup: int, repeats: int, static
             generated["tokens"] = out.shape[1] - input_ids.shape[1]
 
     times = _timed_runs(run, device, warmup, repeats)
-    median = statistics.median(times)
-    tokens = input_ids.numel() if new_tokens == 0 else input_ids.shape[0] * new_tokens
-    out = {"median_s": median, "min_s": min(times), "max_s": max(times), "times_s": times,
-           "tokens_per_s": tokens / median}
+    out = _summary(times, input_ids.numel() if new_tokens == 0 else input_ids.shape[0] * new_tokens)
     if new_tokens:
         out["new_tokens_generated"] = generated["tokens"]
     out["peak_mem_mb" if device.type == "cuda" else "peak_rss_mb"] = memory.peak_mb(device)
@@ -168,6 +171,20 @@ def _convert_both(settings, dense_file: str, pruned_file: str) -> None:
         raise
 
 
+def measure_llama_cpp(path: str, settings, threads: int) -> dict:
+    """The file's facts, prompt processing and (with new tokens) generation after the prompt, timed as
+    `measure` times the eager model."""
+    cpu = torch.device("cpu")
+    with llama_cpp.runner(path, settings.prompt_len, settings.new_tokens, threads) as (facts, process, generate):
+        out = {**facts, "prompt": _summary(_timed_runs(process, cpu, settings.warmup, settings.repeats),
+                                           settings.prompt_len)}
+        if generate is not None:
+            process()
+            out["generation"] = _summary(_timed_runs(generate, cpu, settings.warmup, settings.repeats),
+                                         settings.new_tokens)
+    return out
+
+
 def _side(measured: dict, mode: str) -> dict:
     """The mode's figures, with the prompt's beside them in generation mode."""
     return {**measured[mode], **({"prompt_processing": measured["prompt"]} if mode == "generation" else {})}
@@ -193,11 +210,10 @@ def run_llama_cpp_latency(settings) -> dict:
         if settings.llama_cpp is not None:
             _convert_both(settings, dense_file, pruned_file)
         threads = settings.threads or llama_cpp.default_threads()
-        how = (settings.prompt_len, settings.new_tokens, settings.warmup, settings.repeats, threads)
         print(f"llama.cpp {mode}: prompt {settings.prompt_len} tokens"
               + (f", {settings.new_tokens} new tokens (greedy)" if settings.new_tokens else "") + f", {threads} threads")
-        dense = llama_cpp.speed(dense_file, *how)
-        pruned = llama_cpp.speed(pruned_file, *how)
+        dense = measure_llama_cpp(dense_file, settings, threads)
+        pruned = measure_llama_cpp(pruned_file, settings, threads)
         depth, kept = dense["block_count"], pruned["block_count"]
         if not 0 < kept < depth:
             raise UsageError(f"{pruned_file} has {kept} blocks and {dense_file} {depth}: the pruned file must have "

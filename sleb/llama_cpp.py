@@ -7,25 +7,24 @@ a layout the engine reads otherwise than transformers (see sleb/serving.py), `la
 keys express the pruned layout and `convert` writes them with gguf-py (sleb/gguf_layout.py).
 
 `load` and `logits` read what the engine computes (with `float32_cache`, the KV cache in float32, so that
-a comparison with transformers is not limited by the cache's precision); `speed` times prompt processing
-and generation in the engine itself, as users run it (its default float16 cache).
+a comparison with transformers is not limited by the cache's precision); `runner` hands sleb/latency.py
+prompt processing and generation to time in the engine itself, as users run it (its default float16 cache).
 """
 
+import contextlib
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Optional
 
+from sleb import serving
 from sleb.errors import UsageError, first_line
 
 CONVERTER = "convert_hf_to_gguf.py"
 GGML_TYPE_F32 = 0  # llama.cpp's ggml_type for float32, for the KV cache
-GEMMA3_FULL_EVERY = 6  # llama.cpp's Gemma 3 default: blocks i with (i + 1) % 6 == 0 attend fully
 
 
 def check_installed() -> None:
@@ -63,9 +62,7 @@ def layout_keys(config: dict) -> dict:
     text = config.get("text_config") or config
     kinds = text.get("layer_types")
     if text.get("model_type") in ("gemma3", "gemma3_text") and kinds:
-        default = ["full_attention" if (i + 1) % GEMMA3_FULL_EVERY == 0 else "sliding_attention"
-                   for i in range(len(kinds))]
-        if list(kinds) != default:
+        if list(kinds) != serving.llama_cpp_gemma3_kinds(len(kinds)):
             return {"attention.sliding_window_pattern": [kind == "sliding_attention" for kind in kinds]}
     return {}
 
@@ -136,23 +133,6 @@ def logits(llm, token_ids: list):
     return np.array(llm.scores[: len(token_ids)], dtype=np.float32)
 
 
-def _timed(run, warmup: int, repeats: int) -> list:
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return times
-
-
-def _summary(times: list, tokens: int) -> dict:
-    median = statistics.median(times)
-    return {"median_s": median, "min_s": min(times), "max_s": max(times), "times_s": times,
-            "tokens_per_s": tokens / median}
-
-
 FACTS = ("architecture", "block_count", "context_length", "vocab")
 
 
@@ -168,40 +148,40 @@ def facts(llm) -> dict:
             "context_length": int(meta.get(f"{arch}.context_length", 0)), "vocab": llm.n_vocab()}
 
 
-def speed(path: str, prompt_len: int, new_tokens: int, warmup: int, repeats: int, threads: int, seed: int = 0) -> dict:
-    """Prompt processing (a prompt of random token ids in one batch, from an empty cache) and, when
-    new_tokens > 0, greedy generation after it (one token per step), each timed on its own: median, min,
-    max, tokens/s; with the file's facts. The same seed gives the same prompt for any file of that vocabulary."""
+@contextlib.contextmanager
+def runner(path: str, prompt_len: int, new_tokens: int, threads: int, seed: int = 0):
+    """(facts, process, generate) for timing a GGUF file: `process()` runs a prompt of random token ids (the
+    same for any file of the vocabulary, given the seed) in one batch from an empty cache; `generate()`
+    (None when new_tokens is 0) goes back to the state after the prompt and generates new_tokens greedily,
+    one per step, so `process()` must have run before it."""
     import numpy as np
 
     llama_cpp = _engine()
     llm = load(path, n_ctx=prompt_len + new_tokens + 1, threads=threads)
     try:
-        out = facts(llm)
-        if out["context_length"] and prompt_len + new_tokens > out["context_length"]:
+        found = facts(llm)
+        if found["context_length"] and prompt_len + new_tokens > found["context_length"]:
             raise UsageError(f"--prompt_len {prompt_len} + --new_tokens {new_tokens} exceeds {path}'s "
-                             f"{out['context_length']} positions; use smaller sizes")
-        prompt = np.random.RandomState(seed).randint(0, out["vocab"], size=prompt_len).tolist()
+                             f"{found['context_length']} positions; use smaller sizes")
+        prompt = np.random.RandomState(seed).randint(0, found["vocab"], size=prompt_len).tolist()
+        after_prompt = {}
+
+        def next_token() -> int:
+            return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1),
+                                                       shape=(found["vocab"],))))
 
         def process():
             llm.reset()
             llm.eval(prompt)
+            after_prompt["token"] = next_token()
 
-        out["prompt"] = _summary(_timed(process, warmup, repeats), prompt_len)
-        if new_tokens:
-            def last_logits():
-                return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(out["vocab"],))
+        def generate():
+            llm.n_tokens = prompt_len  # eval clears the cache beyond the prompt
+            token = after_prompt["token"]
+            for _ in range(new_tokens):
+                llm.eval([token])
+                token = next_token()
 
-            def generate():
-                llm.n_tokens = prompt_len  # back to the state after the prompt: eval clears the cache beyond it
-                token = first
-                for _ in range(new_tokens):
-                    llm.eval([token])
-                    token = int(np.argmax(last_logits()))
-
-            process()
-            first = int(np.argmax(last_logits()))
-            out["generation"] = _summary(_timed(generate, warmup, repeats), new_tokens)
+        yield found, process, generate if new_tokens else None
     finally:
         llm.close()
-    return out

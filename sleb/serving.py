@@ -149,11 +149,16 @@ def saved_extras(config) -> dict:
     return extras
 
 
+def llama_cpp_gemma3_kinds(depth: int) -> list:
+    """The attention kinds llama.cpp gives a Gemma 3 whose GGUF holds no per-block pattern: every 6th full."""
+    return ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(depth)]
+
+
 def _gemma_pattern_problem(config):
     # Checked in the engine (tests/test_llama_cpp.py): the converter writes no per-block pattern for Gemma 3, and
     # the engine then computes another model. sleb.llama_cpp.convert writes the pattern (layout_keys).
     kinds = _kinds(config, "layer_types")
-    if kinds and kinds != ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(len(kinds))]:
+    if kinds and kinds != llama_cpp_gemma3_kinds(len(kinds)):
         return ("its converter writes no per-block pattern, so the engine takes every 6th block as full attention; "
                 "convert with sleb.llama_cpp.convert, which writes the pattern")
     return None
