@@ -1,4 +1,6 @@
-"""serving.py's vLLM rules against the engine's rules as read from vLLM's own model loaders (issue 29).
+"""serving.py's vLLM rules against the engine's rules as read from vLLM's own model loaders (issue 29), and the
+llama.cpp rules read from its source that no local model can run (issue 32; the ones run in the engine are in
+tests/test_llama_cpp.py).
 
 Each test writes the engine's rule as a small function, with the file and function it was read from
 (vllm-project/vllm, the stored versions named), and checks that sleb's warning appears exactly where
@@ -154,3 +156,32 @@ def test_nemotron_h_pattern_is_written_where_vllm_reads_it(family_dirs, tmp_path
     (_, outer, text), = [(mt, c, p) for mt, c, p in _configs_with("layers_block_type") if mt == "nemotron_h_omni"]
     key = next(name for name, value in vars(outer).items() if value is text)
     assert serving.saved_extras(outer) == {key: {"hybrid_override_pattern": text.hybrid_override_pattern}}
+
+
+def _llama_cpp_gemma_scale(config) -> int:
+    # llama.cpp src/models/gemma3.cpp (and gemma2.cpp), load_arch_hparams: the model type is read off the depth
+    # (62 blocks: 27B; Gemma 2: 46), and f_attention_scale is 1/sqrt(n_embd / n_head) for the 27B, else
+    # 1/sqrt(n_embd_head_k). The engine run of this rule is in tests/test_llama_cpp.py.
+    depth_27b = {"gemma2": 46, "gemma3_text": 62}[config.model_type]
+    return config.hidden_size // config.num_attention_heads if config.num_hidden_layers == depth_27b else config.head_dim
+
+
+@pytest.mark.parametrize("family, depth, removed", [("gemma3_text", 62, 10), ("gemma2", 46, 8)])
+def test_gemma_27b_pruned_is_warned_where_llama_cpp_scales_attention_otherwise(family, depth, removed):
+    cls = t.Gemma3TextConfig if family == "gemma3_text" else t.Gemma2Config
+    shape = dict(hidden_size=5376 if family == "gemma3_text" else 4608, num_attention_heads=32, head_dim=128)
+    for layers in (depth, depth - removed):
+        config = cls(num_hidden_layers=layers, query_pre_attn_scalar=shape["hidden_size"] // 32, **shape)
+        warned = any(line.startswith(f"{serving.LLAMA_CPP}: query_pre_attn_scalar") for line in serving.problems(config))
+        assert warned == (_llama_cpp_gemma_scale(config) != config.query_pre_attn_scalar) == (layers != depth)
+    # Gemma 3 1B-12B: query_pre_attn_scalar = head_dim, as llama.cpp assumes at any depth but the 27B's.
+    assert not serving.problems(t.Gemma3TextConfig(num_hidden_layers=20, head_dim=256, query_pre_attn_scalar=256))
+
+
+def test_baichuan_at_a_depth_llama_cpp_has_no_positions_for_is_warned():
+    # llama.cpp src/models/baichuan.cpp: RoPE when the type is 7B (32 blocks), ALiBi (f_max_alibi_bias 8) when
+    # 13B (40 blocks); LLM_TYPE_UNKNOWN takes neither. Baichuan is a remote-code family: a plain config stands in.
+    for layers, warned in ((32, False), (40, False), (28, True), (36, True)):
+        config = t.PretrainedConfig(num_hidden_layers=layers)
+        config.model_type = "baichuan"
+        assert any(line.startswith(f"{serving.LLAMA_CPP}: num_hidden_layers") for line in serving.problems(config)) == warned
