@@ -59,12 +59,13 @@ def start(module, *args, stderr=subprocess.DEVNULL) -> subprocess.Popen:
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
-def assert_bad_input(module, flags: dict, overrides: list, message: str, result_folder) -> None:
-    """The invocation exits 2 with exactly one stderr line containing `message`, and writes nothing."""
+def assert_bad_input(module, flags: dict, overrides: list, message: str, result_folder, in_process=False) -> None:
+    """The invocation exits 2 with exactly one stderr line containing `message`, and writes nothing; in a
+    subprocess, as a user runs it, or `in_process` through the same cli(argv) (no interpreter start-up)."""
     flags = dict(flags)
     for name, value in zip(overrides[::2], overrides[1::2]):
         flags[name] = value
-    out = run(module, *[x for pair in flags.items() for x in pair])
+    out = (invoke if in_process else run)(module, *[x for pair in flags.items() for x in pair])
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], out.stderr
