@@ -3,7 +3,9 @@ transformers builds, or a warning says which engine will build another one.
 
 Engines read the layout from other fields than transformers does. Each rule below was read from the
 engine's code at the version named (see ../shared/PEERS.md; the vLLM rules re-read from vLLM's
-model loaders for issue 29, file and function named in tests/test_serving.py): `align` rewrites the
+model loaders for issue 29, file and function named in tests/test_serving.py; the llama.cpp rules read
+from the tree llama-cpp-python 0.3.36 vendors, and run in the engine where a local model converts,
+tests/test_llama_cpp.py): `align` rewrites the
 fields it reads where a value expresses the pruned layout; where none can, `problems` names the
 engine and the field, and the commands print it, record it in the results JSON and write it in the
 model card.
