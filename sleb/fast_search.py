@@ -211,7 +211,7 @@ class FastEngine:
             hidden = self._run_path(alive[:first], b, batch) if first else batch.inputs.hidden
             for k in range(first, last + 1):
                 hidden = self._run([alive[k]], hidden, batch)
-                if self.storage.where is not None and k < last:
+                if k < last:
                     self.cache.keep(b, tuple(alive[: k + 1]), hidden)
 
     @torch.inference_mode()

@@ -172,14 +172,12 @@ def _convert_both(settings, dense_file: str, pruned_file: str) -> None:
 
 
 def measure_llama_cpp(path: str, settings, threads: int) -> dict:
-    """The file's facts, prompt processing and (with new tokens) generation after the prompt, timed as
-    `measure` times the eager model."""
+    """Prompt processing and (with new tokens) generation after the prompt, timed as `measure` times the
+    eager model; generation starts from the state the prompt's last timed run left."""
     cpu = torch.device("cpu")
-    with llama_cpp.runner(path, settings.prompt_len, settings.new_tokens, threads) as (facts, process, generate):
-        out = {**facts, "prompt": _summary(_timed_runs(process, cpu, settings.warmup, settings.repeats),
-                                           settings.prompt_len)}
+    with llama_cpp.runner(path, settings.prompt_len, settings.new_tokens, threads) as (_, process, generate):
+        out = {"prompt": _summary(_timed_runs(process, cpu, settings.warmup, settings.repeats), settings.prompt_len)}
         if generate is not None:
-            process()
             out["generation"] = _summary(_timed_runs(generate, cpu, settings.warmup, settings.repeats),
                                          settings.new_tokens)
     return out
@@ -209,18 +207,19 @@ def run_llama_cpp_latency(settings) -> dict:
     with results.claim(settings.result_folder, file_name, settings.overwrite) as path:
         if settings.llama_cpp is not None:
             _convert_both(settings, dense_file, pruned_file)
-        threads = settings.threads or llama_cpp.default_threads()
-        print(f"llama.cpp {mode}: prompt {settings.prompt_len} tokens"
-              + (f", {settings.new_tokens} new tokens (greedy)" if settings.new_tokens else "") + f", {threads} threads")
-        dense = measure_llama_cpp(dense_file, settings, threads)
-        pruned = measure_llama_cpp(pruned_file, settings, threads)
-        depth, kept = dense["block_count"], pruned["block_count"]
+        files = {"dense": llama_cpp.file_facts(dense_file), "pruned": llama_cpp.file_facts(pruned_file)}
+        depth, kept = files["dense"]["block_count"], files["pruned"]["block_count"]
         if not 0 < kept < depth:
             raise UsageError(f"{pruned_file} has {kept} blocks and {dense_file} {depth}: the pruned file must have "
                              "fewer blocks than the dense one")
         if settings.removal_list is not None and len(settings.removal_list) != depth - kept:
             raise UsageError(f"--removal_list names {len(settings.removal_list)} blocks but the files differ by "
                              f"{depth - kept}")
+        threads = settings.threads or llama_cpp.default_threads()
+        print(f"llama.cpp {mode}: prompt {settings.prompt_len} tokens"
+              + (f", {settings.new_tokens} new tokens (greedy)" if settings.new_tokens else "") + f", {threads} threads")
+        dense = measure_llama_cpp(dense_file, settings, threads)
+        pruned = measure_llama_cpp(pruned_file, settings, threads)
         speedup = dense[mode]["median_s"] / pruned[mode]["median_s"]
         ideal = depth / kept
         record = {"command": "latency", "settings": settings, "environment": results.environment(torch.device("cpu")),
@@ -229,11 +228,11 @@ def run_llama_cpp_latency(settings) -> dict:
                   "num_blocks": depth, "mode": mode,
                   "sizes": {name: getattr(settings, name) for name in ("batch_size", "prompt_len", "new_tokens")},
                   "removal_list": settings.removal_list,
-                  "gguf": {side: {"path": file, **{k: measured[k] for k in llama_cpp.FACTS}}
-                           for side, file, measured in (("dense", dense_file, dense), ("pruned", pruned_file, pruned))},
+                  "gguf": {side: {"path": file, **files[side]}
+                           for side, file in (("dense", dense_file), ("pruned", pruned_file))},
                   "dense": _side(dense, mode), "pruned": _side(pruned, mode),
                   "speedup": speedup, "ideal_speedup": ideal, "speedup_over_ideal": speedup / ideal}
         results.write_json(path, record)
     _print_table(record, [(f"dense ({depth} blocks)", dense[mode]), (f"pruned ({kept} blocks)", pruned[mode])],
-                 f"llama.cpp, {dense['architecture']}, {threads} threads", settings, path)
+                 f"llama.cpp, {files['dense']['architecture']}, {threads} threads", settings, path)
     return record

@@ -133,9 +133,6 @@ def logits(llm, token_ids: list):
     return np.array(llm.scores[: len(token_ids)], dtype=np.float32)
 
 
-FACTS = ("architecture", "block_count", "context_length", "vocab")
-
-
 def version() -> str:
     return _engine().__version__
 
@@ -148,12 +145,21 @@ def facts(llm) -> dict:
             "context_length": int(meta.get(f"{arch}.context_length", 0)), "vocab": llm.n_vocab()}
 
 
+def file_facts(path: str) -> dict:
+    """`facts` of a GGUF file, read before any timing (the weights are mapped, not read: a quick open)."""
+    llm = load(path, n_ctx=16, threads=1)
+    try:
+        return facts(llm)
+    finally:
+        llm.close()
+
+
 @contextlib.contextmanager
 def runner(path: str, prompt_len: int, new_tokens: int, threads: int, seed: int = 0):
     """(facts, process, generate) for timing a GGUF file: `process()` runs a prompt of random token ids (the
     same for any file of the vocabulary, given the seed) in one batch from an empty cache; `generate()`
     (None when new_tokens is 0) goes back to the state after the prompt and generates new_tokens greedily,
-    one per step, so `process()` must have run before it."""
+    one per step, so `process()` must have run at least once before it."""
     import numpy as np
 
     llama_cpp = _engine()

@@ -179,6 +179,10 @@ def test_latency_converts_both_and_reports_the_speedup_in_llama_cpp(gguf_dirs, t
                    "--warmup", "0", "--result_folder", str(tmp_path), "--result_file", "g.json")
     assert again.returncode == 0, again.stderr
     assert json.loads((tmp_path / "g.json").read_text())["ideal_speedup"] == pytest.approx(6 / 4)
+    swapped = invoke("latency", "--engine", "llama.cpp", "--gguf_dense", result["gguf"]["pruned"]["path"],
+                     "--gguf_pruned", result["gguf"]["dense"]["path"], "--result_folder", str(tmp_path / "swapped"))
+    assert swapped.returncode == 2 and "fewer blocks than the dense one" in swapped.stderr
+    assert "llama.cpp prompt" not in swapped.stdout  # refused before any timing
 
 
 def test_a_converter_that_fails_is_one_line_and_leaves_no_gguf(gguf_dirs, tmp_path):
