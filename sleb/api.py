@@ -471,3 +471,50 @@ def save_pretrained(model, tokenizer, directory: str, card=None) -> list:
     since load that the outputs do not show)."""
     checkpoint.check_new_directory("save_model", directory)
     return checkpoint.save(model, tokenizer, directory, card).warnings
+
+
+def save_gguf(model, tokenizer, path: str, *, gguf_type: Optional[str] = None, llama_cpp_tree: Optional[str] = None,
+              converter_python: Optional[str] = None, removal_list: Optional[Sequence[int]] = None, log=print) -> dict:
+    """Write the pruned model as a GGUF file that llama.cpp runs as this model.
+
+    A model read from a GGUF file: a copy of that file with only the kept blocks, their tensors' bytes
+    unchanged, tensors whose weights changed (a folded map, LoRA merged) quantized again to their source type
+    (sleb/gguf_file.py). Any other model: saved through the reload guard, converted by the llama.cpp tree's
+    converter (`llama_cpp_tree`), then quantized to `gguf_type` (Q8_0, Q4_K_M, ...) by llama.cpp's quantizer.
+    A layout llama.cpp would read otherwise (sleb/serving.py) is one UsageError before anything is written.
+    Returns what was written ({"path", "block_count", ...})."""
+    import json
+    import os
+    import shutil
+    import tempfile
+
+    from sleb import gguf_file, llama_cpp, serving
+
+    gguf_type = gguf_file.check_type(gguf_type)
+    found = serving.llama_cpp_problems(model.config)
+    if found:
+        raise UsageError(f"--save_gguf: llama.cpp would run another model: {found[0]}; nothing was written")
+    source = gguf_file.source_of(model)
+    if source is not None:
+        if gguf_type is not None:
+            raise UsageError("--gguf_type applies to a transformers checkpoint; a GGUF input keeps its own types")
+        return gguf_file.write_pruned(source, path, blocks.origin(model).kept, model, None, removal_list, log)
+    if llama_cpp_tree is None:
+        raise UsageError("--save_gguf from a transformers checkpoint converts with llama.cpp's converter; pass "
+                         "--llama_cpp TREE (a llama.cpp source tree, e.g. the llama-cpp-python sdist's vendor/llama.cpp)")
+    target = os.path.abspath(os.path.expanduser(path))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(target), prefix=".sleb-gguf-") as scratch:
+        folder = os.path.join(scratch, "checkpoint")
+        checkpoint.save(model, tokenizer, folder)
+        converted = llama_cpp.convert(folder, os.path.join(scratch, "converted.gguf"), llama_cpp_tree,
+                                      converter_python, "f32" if gguf_type else "f16", log=log)
+        if gguf_type is not None:
+            gguf_file.quantize(converted, target, gguf_type)
+        else:
+            shutil.move(converted, target)
+        depth = json.load(open(os.path.join(folder, "config.json")))
+    log(f"GGUF written to {target}" + (f" ({gguf_type}, llama.cpp's quantizer)" if gguf_type else " (f16)"))
+    text = depth.get("text_config") or depth
+    return {"path": target, "block_count": text.get("num_hidden_layers"), "type": gguf_type or "F16"}
+

@@ -48,6 +48,8 @@ def _weight_files(model):
     """What the weights the model was loaded from are: {"hub_commit": sha} for a cached hub model, else
     [name, content fingerprint] of each weight file in its directory ([] for a model built in memory)."""
     path = getattr(model, "name_or_path", "") or ""
+    if path.lower().endswith(".gguf") and os.path.isfile(path):  # read from one GGUF file (sleb/gguf_file.py)
+        return [[os.path.basename(path), _sampled(path)]]
     if path and not os.path.isdir(path):
         try:
             from huggingface_hub import snapshot_download

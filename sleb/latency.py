@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from sleb import api, llama_cpp, memory, models, results, stages
+from sleb import api, gguf_file, llama_cpp, memory, models, results, stages
 from sleb.errors import UsageError
 
 
@@ -192,7 +192,16 @@ def run_llama_cpp_latency(settings) -> dict:
     """Dense vs pruned in llama.cpp (llama-cpp-python on the CPU): prompt processing, and generation after
     the prompt with --generation; given GGUF files, or both converted from --model_name."""
     mode = "generation" if settings.generation else "prompt"
-    if settings.llama_cpp is not None:
+    from_gguf = gguf_file.is_gguf(settings.model_name)
+    if from_gguf:  # the file as given, against its copy with the blocks removed (their bytes unchanged)
+        found = gguf_file.reader(settings.model_name)
+        settings.check_depth(int(gguf_file.field(found, f"{gguf_file.architecture(found)}.block_count", 0)))
+        dense_file = os.path.abspath(os.path.expanduser(settings.model_name))
+        pruned_file = os.path.join(settings.result_folder, f"{results.slug(os.path.basename(dense_file))[:-5]}_removed"
+                                                           f"{'-'.join(map(str, settings.removal_list))}.gguf")
+        if os.path.exists(pruned_file) and not settings.overwrite:
+            raise UsageError(f"{pruned_file} exists; pass --overwrite True or another --result_folder")
+    elif settings.llama_cpp is not None:
         _, config = models.load_config(settings.model_name, settings.trust_remote_code)
         settings.check_depth(models.config_depth(config))
         dense_file, pruned_file = _gguf_paths(settings)
@@ -201,11 +210,15 @@ def run_llama_cpp_latency(settings) -> dict:
                 raise UsageError(f"{file} exists; pass --overwrite True or another --result_folder")
     else:
         dense_file, pruned_file = settings.gguf_dense, settings.gguf_pruned
-    source = settings.model_name if settings.llama_cpp else dense_file
+    source = settings.model_name if settings.llama_cpp or from_gguf else dense_file
     file_name = settings.result_file or (f"latency_llama_cpp_{results.slug(source)}_{mode}_p{settings.prompt_len}"
                                          f"_n{settings.new_tokens}.json")
     with results.claim(settings.result_folder, file_name, settings.overwrite) as path:
-        if settings.llama_cpp is not None:
+        if from_gguf:
+            kept = [i for i in range(int(gguf_file.field(found, f"{gguf_file.architecture(found)}.block_count")))
+                    if i not in set(settings.removal_list)]
+            gguf_file.write_pruned(dense_file, pruned_file, kept, removal_order=settings.removal_list)
+        elif settings.llama_cpp is not None:
             _convert_both(settings, dense_file, pruned_file)
         files = {"dense": llama_cpp.file_facts(dense_file), "pruned": llama_cpp.file_facts(pruned_file)}
         depth, kept = files["dense"]["block_count"], files["pruned"]["block_count"]

@@ -191,3 +191,23 @@ def runner(path: str, prompt_len: int, new_tokens: int, threads: int, seed: int 
         yield found, process, generate if new_tokens else None
     finally:
         llm.close()
+
+
+def logit_gap(reference, engine) -> dict:
+    """How far the engine's logits are from transformers' on the same positions: the largest and mean absolute
+    difference, and the share of positions whose top-1 token agrees."""
+    import numpy as np
+
+    reference, engine = np.asarray(reference, dtype=np.float32), np.asarray(engine, dtype=np.float32)
+    difference = np.abs(reference - engine)
+    return {"max_abs": float(difference.max()), "mean_abs": float(difference.mean()),
+            "top1_agreement": float((reference.argmax(-1) == engine.argmax(-1)).mean()),
+            "positions": int(reference.shape[0])}
+
+
+def within_gap(pruned: dict, dense: dict, slack: float = 2.0) -> bool:
+    """The pruned file's gap to transformers no wider than the dense file's own (quantized activations make
+    even the dense file differ): mean and max within `slack` times dense's, top-1 agreement at most 3 points
+    below dense's. A file with a block misplaced or a layout key unsliced misses this by far."""
+    return (pruned["mean_abs"] <= slack * dense["mean_abs"] + 1e-5 and pruned["max_abs"] <= slack * dense["max_abs"]
+            + 1e-5 and pruned["top1_agreement"] >= dense["top1_agreement"] - 0.03)

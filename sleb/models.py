@@ -125,8 +125,29 @@ def _refetch_hint(model_name: str) -> str:
     return f"download it again with `hf download {model_name} --force-download`"
 
 
+def _gguf_config(model_name: str):
+    """(the file's path, its config) for a GGUF file: transformers reads the config from its metadata."""
+    from sleb import gguf_file
+
+    path = os.path.abspath(os.path.expanduser(model_name))
+    gguf_file.check_readable(path)
+    _quiet_transformers()
+    from transformers import AutoConfig
+
+    folder, kwargs = gguf_file.source_args(path)
+    try:
+        return path, AutoConfig.from_pretrained(folder, **kwargs)
+    except Exception as error:  # a key transformers cannot map, a file it cannot parse
+        raise UsageError(f"cannot read the config of {path!r}: {first_line(error)}") from None
+
+
 def load_config(model_name: str, trust_remote_code: bool = False):
-    """(resolved path or hub id, config): cheap, so every check that needs the depth runs before the weights load."""
+    """(resolved path or hub id, config): cheap, so every check that needs the depth runs before the weights load.
+    A GGUF file (FILE.gguf) is read through transformers' GGUF loader."""
+    from sleb.gguf_file import is_gguf
+
+    if is_gguf(model_name):
+        return _gguf_config(model_name)
     path = resolve_model_name(model_name)
     if model_name == "demo" and not os.path.isfile(os.path.join(path, "config.json")):
         raise UsageError(f"the demo model is missing from {path}; train it with scripts/train_demo_model.py")
@@ -179,12 +200,22 @@ def _quiet_transformers() -> None:
     transformers_logging.disable_progress_bar()
 
 
+def _from(path: str) -> tuple:
+    """(what from_pretrained takes as the name, its extra arguments): a GGUF file is its folder and gguf_file."""
+    from sleb import gguf_file
+
+    return gguf_file.source_args(path) if gguf_file.is_gguf(path) else (path, {})
+
+
 def load_tokenizer(model_name: str, path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    source, extra = _from(path)
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
     except Exception as error:
+        if extra:
+            raise UsageError(f"cannot read the tokenizer of {path!r}: {first_line(error)}") from None
         directory = _local_dir(model_name)
         if directory and not any(os.path.exists(os.path.join(directory, f)) for f in TOKENIZER_FILES):
             raise UsageError(f"{directory} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}); save the "
@@ -254,9 +285,13 @@ def load_model(model_name: str, dtype: str = "auto", device: str = "auto", devic
         kwargs.update(device_map=placement.device_map, offload_folder=_offload_folder())
         if placement.max_memory is not None:
             kwargs["max_memory"] = placement.max_memory
+    source, extra = _from(path)
     try:
-        model, info = auto_class(config).from_pretrained(path, config=config, output_loading_info=True, **kwargs)
+        model, info = auto_class(config).from_pretrained(source, config=config, output_loading_info=True, **kwargs,
+                                                         **extra)
     except Exception as error:  # OSError, ValueError, safetensors' own error, torch's unpickling errors, ...
+        if extra:
+            raise UsageError(f"cannot load the weights of {path!r}: {first_line(error)}") from None
         if "Unrecognized configuration class" in str(error) or "does not recognize" in str(error):
             raise UsageError(f"{model_name!r} ({config.model_type}) is not a causal or vision-language model; "
                              "pass a decoder such as Llama, OPT or Qwen2") from None
@@ -266,6 +301,10 @@ def load_model(model_name: str, dtype: str = "auto", device: str = "auto", devic
             raise UsageError(f"cannot read the weights file {broken}: it is truncated or corrupt (an interrupted "
                              f"download?); {_refetch_hint(model_name)}") from None
         raise UsageError(f"cannot load the weights of {model_name!r}: {first_line(error)}") from None
+    if extra:  # dequantized: plain weights now, saved and checked like any other model's
+        from sleb import gguf_file
+
+        gguf_file.forget_quantization(model, path)
     if info.get("missing_keys"):
         missing = sorted(info["missing_keys"])
         _check_block_weights(model_name, model, missing)

@@ -15,7 +15,7 @@ def run_eval(settings) -> dict:
     settings.check()
     _, config = models.load_config(settings.model_name, settings.trust_remote_code)
     depth = models.config_depth(config)
-    settings.check_depth(depth)
+    settings.check_depth(depth, config)
     with results.claim(settings.result_folder, settings.result_file or default_result_file(settings),
                        settings.overwrite) as path:
         started = time.perf_counter()
@@ -52,10 +52,7 @@ def run_eval(settings) -> dict:
             record["times"]["compensate_s"] = compensation["seconds"]
         # write, save and report (the results stand even where the checkpoint cannot be saved)
         results.write_json(path, record)
-        if settings.save_model:
-            from sleb.model_card import pruned_card
-
-            stages.save_checkpoint(model, tokenizer, settings.save_model, record, path, pruned_card)
+        stages.save_outputs(model, tokenizer, settings, record, path)
     if record["ppl"]:
         print(stages.ppl_table(record["ppl"], kl=record.get("kl_to_dense")))
     print(f"results written to {path}")

@@ -54,7 +54,7 @@ def run_search(settings) -> dict:
     # checks
     settings.check()
     _, config = models.load_config(settings.model_name, settings.trust_remote_code)
-    settings.check_depth(models.config_depth(config))
+    settings.check_depth(models.config_depth(config), config)
     result_file = settings.result_file or default_result_file(settings)
     claim = (results.claim(settings.result_folder, result_file, settings.overwrite or settings.resume)
              if main_rank else contextlib.nullcontext(os.path.join(settings.result_folder, result_file)))
@@ -142,10 +142,7 @@ def run_search(settings) -> dict:
 
         # write, save and report (the results stand even where the checkpoint cannot be saved)
         results.write_json(path, record)
-        if settings.save_model:
-            from sleb.model_card import pruned_card
-
-            stages.save_checkpoint(model, tokenizer, settings.save_model, record, path, pruned_card)
+        stages.save_outputs(model, tokenizer, settings, record, path)
     if dense:
         kl = record.get("kl_to_dense", {})
         rows = [[name, f"{dense[name]['ppl']:.3f}", f"{record['ppl'][name]['ppl']:.3f}"]

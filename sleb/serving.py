@@ -255,3 +255,28 @@ def problems(config) -> list:
                 if reason:
                     found.append(f"{rule.engine}: {rule.field}: {reason}")
     return found
+
+
+def _written_by_sleb(problem: str) -> bool:
+    # sleb writes Gemma 3's per-block pattern into every GGUF it makes (llama_cpp.layout_keys)
+    return problem.startswith(f"{LLAMA_CPP}: layer_types:")
+
+
+def llama_cpp_problems(config) -> list:
+    """The llama.cpp problems of a pruned config that a GGUF written by sleb still has."""
+    return [p for p in problems(config) if p.startswith(LLAMA_CPP) and not _written_by_sleb(p)]
+
+
+def llama_cpp_problems_at_depth(config, depth: int) -> list:
+    """Before a search: the llama.cpp problems that any `depth`-block model pruned from `config` will have,
+    whichever blocks go (those read off the depth, or from a field no removal clears)."""
+    import copy
+
+    pruned = copy.deepcopy(config)
+    for part in _configs(pruned):
+        if getattr(part, "num_hidden_layers", None) is not None:
+            part.num_hidden_layers = depth
+        for name in ("layer_types", "no_rope_layers"):  # which blocks go decides these: checked after the search
+            if getattr(part, name, None) is not None:
+                setattr(part, name, None)
+    return llama_cpp_problems(pruned)

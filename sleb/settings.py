@@ -102,6 +102,58 @@ class SaveFlags:
 
 
 @dataclass
+class GgufOutFlags:
+    save_gguf: Optional[str] = flag(None, "a .gguf file to write the pruned model to, for llama.cpp: from a GGUF input, a "
+                                          "copy of it with the kept blocks' bytes unchanged; else converted by --llama_cpp")
+    gguf_type: Optional[str] = flag(None, "with --save_gguf from a transformers checkpoint: quantize with llama.cpp's "
+                                          "quantizer to this type (Q8_0, Q4_K_M, ...); default f16")
+    llama_cpp: Optional[str] = flag(None, "with --save_gguf from a transformers checkpoint: a llama.cpp source tree whose "
+                                          "converter writes the GGUF (the llama-cpp-python sdist's vendor/llama.cpp)")
+    converter_python: Optional[str] = flag(None, "the Python that runs llama.cpp's converter (default: this Python)")
+
+    def check_save_gguf(self) -> None:
+        """What needs no model: the path, the type, the tools."""
+        from sleb import gguf_file
+
+        given = [name for name in ("gguf_type", "llama_cpp", "converter_python") if getattr(self, name) is not None]
+        if self.save_gguf is None:
+            if given:
+                raise UsageError(f"--{given[0]} applies with --save_gguf only; add it or drop the flag")
+            return
+        if not gguf_file.is_gguf(self.save_gguf):
+            raise UsageError(f"--save_gguf {self.save_gguf!r} must name a .gguf file")
+        if os.path.exists(self.save_gguf):
+            raise UsageError(f"--save_gguf {self.save_gguf!r} exists; choose a new file")
+        self.gguf_type = gguf_file.check_type(self.gguf_type)
+        if gguf_file.is_gguf(self.model_name):
+            if self.gguf_type or self.llama_cpp:
+                raise UsageError(f"--{'gguf_type' if self.gguf_type else 'llama_cpp'} applies to a transformers "
+                                 "checkpoint; a GGUF input is written in its own types, with no conversion")
+        else:
+            if self.llama_cpp is None:
+                raise UsageError("--save_gguf from a transformers checkpoint converts with llama.cpp's converter; "
+                                 "pass --llama_cpp TREE (the llama-cpp-python sdist's vendor/llama.cpp)")
+            from sleb.llama_cpp import check_installed, converter_script
+
+            converter_script(self.llama_cpp)
+            if self.gguf_type:
+                check_installed()
+
+    def check_save_gguf_depth(self, config, pruned_depth: int, changes_weights: bool) -> None:
+        """Before any search: a layout llama.cpp would read otherwise at the pruned depth, and weights that
+        will change in a GGUF whose types gguf-py cannot write back."""
+        if self.save_gguf is None:
+            return
+        from sleb import gguf_file, serving
+
+        found = serving.llama_cpp_problems_at_depth(config, pruned_depth)
+        if found:
+            raise UsageError(f"--save_gguf: at {pruned_depth} blocks llama.cpp would run another model: {found[0]}")
+        if changes_weights and gguf_file.is_gguf(self.model_name):
+            gguf_file.check_requantizable(self.model_name)
+
+
+@dataclass
 class KindFlags:
     keep_block_kinds: bool = flag(True, "keep one block of every kind the model cannot generate without (a hybrid "
                                         "model's attention blocks, whose cache stock transformers builds per kind)")
@@ -171,7 +223,7 @@ class OutputFlags:
 
 
 @dataclass
-class EvalSettings(OutputFlags, SaveFlags, CompensateFlags, DivergenceFlags, CalibrationFlags, KindFlags, EvalFlags,
+class EvalSettings(OutputFlags, GgufOutFlags, SaveFlags, CompensateFlags, DivergenceFlags, CalibrationFlags, KindFlags, EvalFlags,
                    ModelFlags):
     """`python -m eval`: evaluate a model with given blocks removed (calibration flags: --compensate linear)."""
 
@@ -187,19 +239,22 @@ class EvalSettings(OutputFlags, SaveFlags, CompensateFlags, DivergenceFlags, Cal
         self.check_eval()
         self.check_divergence()
         self.check_save()
+        self.check_save_gguf()
         self.check_model()
         self.check_output()
 
-    def check_depth(self, depth: int) -> None:
+    def check_depth(self, depth: int, config=None) -> None:
         blocks.check_removal_list(self.removal_list, depth)
         if self.compensate is not None:
             from sleb.recovery.linear import check
 
             check(self.ridge, self.removal_list, depth)
+        if config is not None:
+            self.check_save_gguf_depth(config, depth - len(self.removal_list), self.compensate is not None)
 
 
 @dataclass
-class SearchSettings(OutputFlags, SaveFlags, CompensateFlags, DivergenceFlags, CalibrationFlags, KindFlags, EvalFlags,
+class SearchSettings(OutputFlags, GgufOutFlags, SaveFlags, CompensateFlags, DivergenceFlags, CalibrationFlags, KindFlags, EvalFlags,
                      ModelFlags):
     """`python -m sleb`: find which blocks to remove, then evaluate the pruned model."""
 
@@ -254,6 +309,7 @@ class SearchSettings(OutputFlags, SaveFlags, CompensateFlags, DivergenceFlags, C
         self.check_eval()
         self.check_divergence()
         self.check_save()
+        self.check_save_gguf()
         self.check_model()
         self.check_output()
 
@@ -262,8 +318,9 @@ class SearchSettings(OutputFlags, SaveFlags, CompensateFlags, DivergenceFlags, C
         return Evolution(self.evo_generations, self.evo_offspring, self.evo_survivors, self.evo_first_stage_share,
                          self.evo_max_mutations, self.evo_initial, self.evo_greedy_start)
 
-    def check_depth(self, depth: int) -> None:
-        """Fill num_blocks and num_remove_blocks from the depth; check that the search has candidates."""
+    def check_depth(self, depth: int, config=None) -> None:
+        """Fill num_blocks and num_remove_blocks from the depth; check that the search has candidates (and,
+        with `config`, what --save_gguf needs of the pruned model)."""
         if self.num_blocks is not None and self.num_blocks != depth:
             raise UsageError(f"--num_blocks {self.num_blocks} but {self.model_name} has {depth} blocks; "
                              f"pass --num_blocks {depth} or leave it out")
@@ -271,6 +328,11 @@ class SearchSettings(OutputFlags, SaveFlags, CompensateFlags, DivergenceFlags, C
         if self.num_remove_blocks is None:
             self.num_remove_blocks = blocks.default_remove_count(depth)
         check_shape(depth, self.num_remove_blocks, self.early_barrier, self.latter_barrier)
+        if config is not None:
+            from sleb.search_algorithms import CHANGES_WEIGHTS
+
+            self.check_save_gguf_depth(config, depth - self.num_remove_blocks,
+                                       self.compensate is not None or self.metric in CHANGES_WEIGHTS)
 
 
 RECIPE = LoraRecipe()  # the recipe's defaults are the flags' defaults
@@ -378,9 +440,16 @@ class LlamaCppFlags:
                 raise UsageError(f"--{given[0]} applies to --engine llama.cpp only; add it or drop the flag")
             return False
         files = (self.gguf_dense, self.gguf_pruned)
-        if self.llama_cpp is None and None in files:
-            raise UsageError("--engine llama.cpp needs --gguf_dense and --gguf_pruned, or --llama_cpp PATH (a "
-                             "llama.cpp source tree) to convert both from --model_name")
+        from sleb import gguf_file
+
+        if gguf_file.is_gguf(self.model_name):  # the file itself, and a copy of it pruned by --removal_list
+            if files != (None, None) or self.llama_cpp is not None:
+                raise UsageError("--model_name FILE.gguf is timed against its copy pruned by --removal_list; drop "
+                                 "--gguf_dense, --gguf_pruned and --llama_cpp")
+            gguf_file.reader(self.model_name)
+        elif self.llama_cpp is None and None in files:
+            raise UsageError("--engine llama.cpp needs --model_name FILE.gguf, --gguf_dense and --gguf_pruned, or "
+                             "--llama_cpp PATH (a llama.cpp source tree) to convert both from --model_name")
         if self.llama_cpp is not None and files != (None, None):
             raise UsageError("give either --gguf_dense and --gguf_pruned, or --llama_cpp, not both")
         for name, path in (("gguf_dense", self.gguf_dense), ("gguf_pruned", self.gguf_pruned)):

@@ -108,6 +108,20 @@ def save_checkpoint(model, tokenizer, directory: str, record: dict, path: str, m
     api.save_pretrained(model, tokenizer, directory, card)
 
 
+def save_outputs(model, tokenizer, settings, record: dict, path: str) -> None:
+    """--save_model and --save_gguf, after the results are written: what each wrote goes into the record
+    (written again); a step that cannot be carried out is one line, the results kept."""
+    if settings.save_model:
+        from sleb.model_card import pruned_card
+
+        save_checkpoint(model, tokenizer, settings.save_model, record, path, pruned_card)
+    if getattr(settings, "save_gguf", None):
+        record["gguf"] = api.save_gguf(model, tokenizer, settings.save_gguf, gguf_type=settings.gguf_type,
+                                       llama_cpp_tree=settings.llama_cpp, converter_python=settings.converter_python,
+                                       removal_list=record.get("removal_list"))
+        results.write_json(path, record)
+
+
 def serving_warnings(model) -> list:
     """Print a warning line for each serving engine that would build another layout; the list goes in
     the results JSON and the model card."""

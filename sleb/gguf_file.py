@@ -1,0 +1,345 @@
+"""GGUF files in and out: read a (quantized) GGUF through transformers' own loader, and write a pruned copy
+of it whose kept tensors are the source's bytes, unchanged.
+
+In: `from_pretrained(folder, gguf_file=name)` dequantizes to the dtype asked and reads the tokenizer from
+the same file. The model then still carries transformers' GGUF quantization record, which refuses
+`save_pretrained`; the weights are plain dequantized tensors by then, so `forget_quantization` drops it.
+
+Out (`write_pruned`): gguf-py's reader and writer copy the file with
+- the kept blocks' tensors renumbered 0..n-1, their bytes and quant types as they were;
+- `{arch}.block_count` set, and every per-layer array key (as long as the source's depth) sliced;
+- the tokenizer, chat template and every other key kept; the removal list recorded under `sleb.*`;
+- a tensor whose weights the model changed (a linear map folded in, LoRA merged) quantized again to its
+  source type by gguf-py (`QUANTIZED_HERE`); other types are refused in one line that names the type.
+A changed tensor is one whose dequantized source, put through transformers' own tensor processor, is no
+longer what the model holds; the inverse of that processor (`_to_file`) is checked by running the
+processor on its output.
+"""
+
+import os
+import tempfile
+from typing import Optional
+
+import numpy as np
+import torch
+
+from sleb.errors import UsageError, first_line
+
+REMOVAL_KEY = "sleb.removal_list"
+SOURCE_DEPTH_KEY = "sleb.source_block_count"
+# gguf-py writes these itself; K-quants and i-quants it only reads (llama.cpp's quantizer writes them).
+QUANTIZED_HERE = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+# Array keys that are as long as something other than the depth, whatever their length happens to be.
+NOT_PER_LAYER = ("rope.dimension_sections", "classifier.output_labels")
+# llama.cpp's quantizer (`llama_model_quantize`): the file types --gguf_type names (llama_ftype in llama.h).
+LLAMA_FTYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10,
+                "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16,
+                "Q5_K_M": 17, "Q6_K": 18, "BF16": 32}
+
+
+def is_gguf(name) -> bool:
+    return isinstance(name, str) and name.lower().endswith(".gguf")
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise UsageError("reading GGUF files needs the gguf package: pip install gguf") from None
+    return gguf
+
+
+def reader(path: str):
+    """gguf-py's reader of `path` (mapped, not read), or one line saying why the file is not a GGUF."""
+    path = os.path.expanduser(path)
+    if not os.path.isfile(path):
+        raise UsageError(f"no GGUF file at {path!r}")
+    with open(path, "rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise UsageError(f"{path!r} is not a GGUF file (it does not start with the GGUF magic)")
+    try:
+        return _gguf().GGUFReader(path, "r")
+    except Exception as error:  # a truncated file or a header gguf-py cannot parse
+        raise UsageError(f"cannot read {path!r} as GGUF ({first_line(error, 160)}): is it complete?") from None
+
+
+def field(found, key: str, default=None):
+    value = found.get_field(key)
+    return default if value is None else value.contents()
+
+
+def architecture(found) -> str:
+    return field(found, "general.architecture", "")
+
+
+def source_args(path: str) -> tuple:
+    """(folder, {"gguf_file": name}): what transformers' from_pretrained takes for a GGUF file."""
+    path = os.path.abspath(os.path.expanduser(path))
+    return os.path.dirname(path), {"gguf_file": os.path.basename(path)}
+
+
+def check_readable(path: str) -> None:
+    """One line for a file that is not GGUF, or whose architecture transformers cannot read."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    arch = architecture(reader(path))
+    # transformers' own aliases (load_gguf_checkpoint): these read as another name it supports
+    aliases = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2"}
+    if arch not in GGUF_SUPPORTED_ARCHITECTURES and aliases.get(arch) not in GGUF_SUPPORTED_ARCHITECTURES:
+        raise UsageError(f"{path!r} holds a {arch or 'nameless'} model, an architecture transformers cannot read "
+                         "from GGUF; pass a transformers checkpoint of it instead")
+
+
+def forget_quantization(model, path: str) -> None:
+    """After transformers dequantized a GGUF: the weights are plain tensors, so drop the quantization record
+    that would refuse save_pretrained (and be written into a saved config); remember the source file."""
+    model.hf_quantizer = None
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+    model.name_or_path = os.path.abspath(os.path.expanduser(path))
+
+
+def source_of(model) -> Optional[str]:
+    """The GGUF file a model was read from, or None."""
+    path = getattr(model, "name_or_path", "") or ""
+    return path if is_gguf(path) and os.path.isfile(path) else None
+
+
+def _block_index(name: str):
+    """blk.N.rest -> (N, rest); None for a tensor outside the blocks."""
+    if not name.startswith("blk."):
+        return None
+    number, _, rest = name[4:].partition(".")
+    return (int(number), rest) if number.isdigit() else None
+
+
+def _per_layer(found, arch: str, depth: int) -> list:
+    """Keys of the file's per-layer arrays: array values under the architecture, as long as the depth."""
+    gguf = _gguf()
+    keys = []
+    for name, value in found.fields.items():
+        if (name.startswith(f"{arch}.") and value.types and value.types[0] == gguf.GGUFValueType.ARRAY
+                and name[len(arch) + 1:] not in NOT_PER_LAYER and len(value.data) == depth):
+            keys.append(name)
+    return keys
+
+
+def check_requantizable(path: str) -> None:
+    """Before a search whose weights will change: every block tensor's type must be one gguf-py writes."""
+    found = reader(path)
+    others = sorted({t.tensor_type.name for t in found.tensors if _block_index(t.name) is not None
+                     and len(t.shape) > 1 and t.tensor_type.name not in QUANTIZED_HERE})
+    if others:
+        raise UsageError(f"--save_gguf: {path!r} holds {', '.join(others)} block tensors, which only llama.cpp's "
+                         f"quantizer writes; changed weights cannot be quantized back to them here (gguf-py writes "
+                         f"{', '.join(QUANTIZED_HERE)}). Save with --save_model and convert, or drop the weight change")
+
+
+class _Processing:
+    """transformers' tensor processing of one architecture, and its inverse, for changed tensors."""
+
+    def __init__(self, model, arch: str):
+        from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
+                                                              get_gguf_hf_weights_map)
+
+        text = model.config.get_text_config()
+        self.processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=text.to_dict())
+        self.names = get_gguf_hf_weights_map(model, self.processor)  # gguf name -> parameter name
+        self.state = model.state_dict()
+        self.heads = (getattr(text, "num_attention_heads", None), getattr(text, "num_key_value_heads", None))
+
+    def held(self, gguf_name: str) -> Optional[torch.Tensor]:
+        name = self.names.get(gguf_name)
+        return None if name is None else self.state.get(name)
+
+    def as_loaded(self, data: np.ndarray, gguf_name: str) -> np.ndarray:
+        return self.processor.process(weights=data, name=gguf_name).weights
+
+    def to_file(self, weights: np.ndarray, gguf_name: str) -> np.ndarray:
+        """The inverse of `as_loaded`: Llama's q/k row permutation, Gemma's norm offset, else the identity;
+        checked by processing the result again."""
+        out = weights
+        heads, kv_heads = self.heads
+        if type(self.processor).__name__ == "LlamaTensorProcessor" and heads and kv_heads:
+            count = heads if ".attn_q." in gguf_name else kv_heads if ".attn_k." in gguf_name else None
+            if count:
+                half = weights.shape[0] // count // 2
+                out = weights.reshape(count, half, 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+        elif type(self.processor).__name__ == "Gemma2TensorProcessor" and "norm.weight" in gguf_name:
+            out = weights + 1
+        if not np.array_equal(self.as_loaded(out.copy(), gguf_name), weights):
+            raise UsageError(f"--save_gguf: cannot write the changed tensor {gguf_name} back in GGUF form "
+                             f"({type(self.processor).__name__}'s processing has no inverse here); use --save_model")
+        return out
+
+
+def _changed(processing: _Processing, tensor, gguf) -> Optional[np.ndarray]:
+    """The model's weights for a source tensor when they differ from the source's (in the file's form), else None."""
+    held = processing.held(tensor.name)
+    if held is None:
+        return None
+    source = processing.as_loaded(gguf.quants.dequantize(tensor.data, tensor.tensor_type), tensor.name)
+    source = torch.from_numpy(np.array(source, dtype=np.float32)).to(held.dtype)
+    if source.shape == held.shape and torch.equal(source, held.detach().cpu()):
+        return None
+    return processing.to_file(held.detach().to("cpu", torch.float32).numpy(), tensor.name)
+
+
+def write_pruned(source: str, target: str, kept: list, model=None, extra_keys: Optional[dict] = None,
+                 removal_order: Optional[list] = None, log=print) -> dict:
+    """Copy the GGUF `source` to `target` keeping the blocks at (original) indices `kept`, in order.
+    With `model` (the pruned model read from `source`), tensors whose weights it changed are quantized again.
+    `removal_order`: the removed blocks in the order they were chosen, for the record.
+    `extra_keys` ({key without the arch prefix: value}) are added or replaced (llama.cpp layout keys).
+    Returns {"copied": n, "requantized": [names], "block_count": n}; `target` appears only complete."""
+    gguf = _gguf()
+    found = reader(source)
+    arch = architecture(found)
+    depth = int(field(found, f"{arch}.block_count", 0))
+    kept = [int(i) for i in kept]
+    if not depth or any(not 0 <= i < depth for i in kept) or len(set(kept)) != len(kept):
+        raise UsageError(f"{source!r}: cannot keep blocks {kept} of {depth}")
+    renumber = {old: new for new, old in enumerate(kept)}
+    per_layer = set(_per_layer(found, arch, depth))
+    extra_keys = {**_layout_keys(found, arch, depth, kept, per_layer), **(extra_keys or {})}
+    removed = [i for i in range(depth) if i not in renumber]
+    if removal_order is not None and sorted(removal_order) == removed:
+        removed = [int(i) for i in removal_order]  # the order the search removed them in
+    processing = _Processing(model, arch) if model is not None else None
+    target = os.path.abspath(os.path.expanduser(target))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    fd, partial = tempfile.mkstemp(dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.partial-")
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(partial, arch=arch, endianess=found.endianess)
+        alignment = found.get_field(gguf.Keys.General.ALIGNMENT)
+        if alignment is not None:
+            writer.data_alignment = alignment.contents()
+        extra = {f"{arch}.{key}": value for key, value in (extra_keys or {}).items()}
+        for name, value in found.fields.items():
+            if name == gguf.Keys.General.ARCHITECTURE or name.startswith("GGUF.") or name in extra:
+                continue
+            if name in (REMOVAL_KEY, SOURCE_DEPTH_KEY):
+                continue  # a file pruned before: its record is replaced below
+            kind = value.types[0]
+            sub = value.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+            contents = value.contents()
+            if name == f"{arch}.block_count":
+                contents = len(kept)
+            elif name in per_layer:
+                contents = [contents[i] for i in kept]
+            writer.add_key_value(name, contents, kind, sub_type=sub)
+        for name, value in extra.items():
+            if isinstance(value, list):
+                sub = gguf.GGUFValueType.BOOL if all(isinstance(v, bool) for v in value) else gguf.GGUFValueType.INT32
+                writer.add_key_value(name, value, gguf.GGUFValueType.ARRAY, sub_type=sub)
+            else:
+                writer.add_key_value(name, value, gguf.GGUFValueType.BOOL if isinstance(value, bool)
+                                     else gguf.GGUFValueType.UINT32)
+        previous = field(found, REMOVAL_KEY)
+        original = [int(i) for i in range(int(field(found, SOURCE_DEPTH_KEY, depth)))]
+        if previous:  # indices of the first source, so a twice-pruned file still names what its origin lost
+            alive = [i for i in original if i not in set(int(p) for p in previous)]
+            removed_original = [int(p) for p in previous] + [alive[i] for i in removed]
+        else:
+            removed_original = removed
+        writer.add_key_value(REMOVAL_KEY, removed_original, gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.INT32)
+        writer.add_key_value(SOURCE_DEPTH_KEY, len(original), gguf.GGUFValueType.UINT32)
+
+        chosen, requantized = [], []
+        for tensor in found.tensors:
+            place = _block_index(tensor.name)
+            if place is not None and place[0] not in renumber:
+                continue
+            name = tensor.name if place is None else f"blk.{renumber[place[0]]}.{place[1]}"
+            data = tensor.data
+            if processing is not None:
+                # the pruned model's parameters are numbered as the output file's tensors are
+                changed = _changed(processing, _Renamed(tensor, name), gguf)
+                if changed is not None:
+                    kind = tensor.tensor_type.name
+                    if kind not in QUANTIZED_HERE:
+                        raise UsageError(f"--save_gguf: {name} changed and is {kind}, which gguf-py cannot write; "
+                                         f"it writes {', '.join(QUANTIZED_HERE)}. Use --save_model instead")
+                    data = gguf.quants.quantize(changed.astype(np.float32), tensor.tensor_type)
+                    requantized.append(name)
+            chosen.append((name, data, tensor.tensor_type))
+        for name, data, kind in chosen:
+            writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, raw_dtype=kind)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for name, data, kind in chosen:
+            writer.write_tensor_data(data, tensor_endianess=found.endianess)
+        writer.close()
+        os.chmod(partial, 0o644)
+        os.replace(partial, target)
+    except OSError as error:
+        raise UsageError(f"cannot write {target}: {error.strerror or first_line(error)}; nothing was written") from None
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    if requantized:
+        log(f"quantized again ({len(requantized)} changed tensors): {', '.join(requantized[:6])}"
+            + (" ..." if len(requantized) > 6 else ""))
+    log(f"GGUF written to {target}: {len(kept)} of {depth} blocks, {len(chosen) - len(requantized)} tensors copied "
+        f"byte for byte")
+    return {"path": target, "block_count": len(kept), "copied": len(chosen) - len(requantized),
+            "requantized": requantized, "removal_list": removed_original}
+
+
+def _layout_keys(found, arch: str, depth: int, kept: list, per_layer: set) -> dict:
+    """Keys llama.cpp needs to read the kept blocks' layout where the source relies on a default: Gemma 3
+    without a per-block sliding pattern is every 6th block full, which a pruned depth rarely keeps."""
+    from sleb import serving
+
+    if arch != "gemma3" or f"{arch}.attention.sliding_window_pattern" in per_layer:
+        return {}
+    kinds = serving.llama_cpp_gemma3_kinds(depth)
+    pruned = [kinds[i] for i in kept]
+    if pruned == serving.llama_cpp_gemma3_kinds(len(kept)):
+        return {}
+    return {"attention.sliding_window_pattern": [kind == "sliding_attention" for kind in pruned]}
+
+
+class _Renamed:
+    """A reader tensor under its name in the output file."""
+
+    def __init__(self, tensor, name: str):
+        self.name, self.data, self.tensor_type = name, tensor.data, tensor.tensor_type
+
+
+def quantize(source: str, target: str, type_name: str, threads: int = 0) -> str:
+    """llama.cpp's own quantizer (llama_model_quantize through llama-cpp-python): `source` (a float GGUF)
+    to `target` in `type_name` (Q4_K_M, Q8_0, ...). `target` appears only complete."""
+    from sleb.llama_cpp import check_installed
+
+    check_installed()
+    import llama_cpp
+
+    ftype = LLAMA_FTYPES[type_name.upper()]
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = threads
+    fd, partial = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(target)), prefix=".quantize-partial-")
+    os.close(fd)
+    try:
+        status = llama_cpp.llama_model_quantize(source.encode(), partial.encode(), params)
+        if status != 0:
+            raise UsageError(f"llama.cpp's quantizer failed on {source} to {type_name} (status {status})")
+        os.chmod(partial, 0o644)
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return target
+
+
+def check_type(type_name: Optional[str]) -> Optional[str]:
+    if type_name is None:
+        return None
+    if str(type_name).upper() not in LLAMA_FTYPES:
+        raise UsageError(f"--gguf_type {type_name!r} is not one llama.cpp's quantizer writes; use one of "
+                         f"{', '.join(LLAMA_FTYPES)}")
+    return str(type_name).upper()
