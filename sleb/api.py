@@ -491,10 +491,10 @@ def save_gguf(model, tokenizer, path: str, *, gguf_type: Optional[str] = None, l
     from sleb import gguf_file, llama_cpp, serving
 
     gguf_type = gguf_file.check_type(gguf_type)
-    found = serving.llama_cpp_problems(model.config)
+    source = gguf_file.source_of(model)
+    found = serving.llama_cpp_problems(model.config, blocks.origin(model).config if source else None)
     if found:
         raise UsageError(f"--save_gguf: llama.cpp would run another model: {found[0]}; nothing was written")
-    source = gguf_file.source_of(model)
     if source is not None:
         if gguf_type is not None:
             raise UsageError("--gguf_type applies to a transformers checkpoint; a GGUF input keeps its own types")

@@ -205,9 +205,11 @@ def logit_gap(reference, engine) -> dict:
             "positions": int(reference.shape[0])}
 
 
-def within_gap(pruned: dict, dense: dict, slack: float = 2.0) -> bool:
+def within_gap(pruned: dict, dense: dict, slack: float = 1.5) -> bool:
     """The pruned file's gap to transformers no wider than the dense file's own (quantized activations make
-    even the dense file differ): mean and max within `slack` times dense's, top-1 agreement at most 3 points
-    below dense's. A file with a block misplaced or a layout key unsliced misses this by far."""
-    return (pruned["mean_abs"] <= slack * dense["mean_abs"] + 1e-5 and pruned["max_abs"] <= slack * dense["max_abs"]
-            + 1e-5 and pruned["top1_agreement"] >= dense["top1_agreement"] - 0.03)
+    even the dense file differ): mean absolute difference within `slack` times dense's, and top-1 agreement at
+    most 3 points (or 3 positions, on a short text) below dense's. The largest difference is reported, not
+    gated: one position's outlier. A file with other blocks kept misses this by far (mean 9x on SmolLM2)."""
+    drop = max(0.03, 3 / max(1, pruned["positions"]))
+    return (pruned["mean_abs"] <= slack * dense["mean_abs"] + 1e-5
+            and pruned["top1_agreement"] >= dense["top1_agreement"] - drop)

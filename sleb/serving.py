@@ -262,12 +262,18 @@ def _written_by_sleb(problem: str) -> bool:
     return problem.startswith(f"{LLAMA_CPP}: layer_types:")
 
 
-def llama_cpp_problems(config) -> list:
-    """The llama.cpp problems of a pruned config that a GGUF written by sleb still has."""
-    return [p for p in problems(config) if p.startswith(LLAMA_CPP) and not _written_by_sleb(p)]
+def llama_cpp_problems(config, dense=None) -> list:
+    """The llama.cpp problems of a pruned config that a GGUF written by sleb still has. With `dense` (the
+    config of a GGUF input, as transformers read it): only those the dense file does not have already, since
+    llama.cpp runs that file as it is, whatever transformers' reading of it lacks (Gemma's attention scale)."""
+    found = [p for p in problems(config) if p.startswith(LLAMA_CPP) and not _written_by_sleb(p)]
+    if dense is not None:
+        before = {p.split(": ")[1] for p in problems(dense) if p.startswith(LLAMA_CPP)}
+        found = [p for p in found if p.split(": ")[1] not in before]
+    return found
 
 
-def llama_cpp_problems_at_depth(config, depth: int) -> list:
+def llama_cpp_problems_at_depth(config, depth: int, from_gguf: bool = False) -> list:
     """Before a search: the llama.cpp problems that any `depth`-block model pruned from `config` will have,
     whichever blocks go (those read off the depth, or from a field no removal clears)."""
     import copy
@@ -279,4 +285,4 @@ def llama_cpp_problems_at_depth(config, depth: int) -> list:
         for name in ("layer_types", "no_rope_layers"):  # which blocks go decides these: checked after the search
             if getattr(part, name, None) is not None:
                 setattr(part, name, None)
-    return llama_cpp_problems(pruned)
+    return llama_cpp_problems(pruned, config if from_gguf else None)

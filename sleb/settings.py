@@ -146,7 +146,7 @@ class GgufOutFlags:
             return
         from sleb import gguf_file, serving
 
-        found = serving.llama_cpp_problems_at_depth(config, pruned_depth)
+        found = serving.llama_cpp_problems_at_depth(config, pruned_depth, gguf_file.is_gguf(self.model_name))
         if found:
             raise UsageError(f"--save_gguf: at {pruned_depth} blocks llama.cpp would run another model: {found[0]}")
         if changes_weights and gguf_file.is_gguf(self.model_name):

@@ -100,7 +100,7 @@ def test_import_sleb_loads_no_heavy_library():
                                            "SearchResult", "remove_blocks", "skipping", "check_compensable",
                                            "compensate", "CompensationResult", "serving_problems", "perplexity",
                                            "zeroshot_tasks", "dense_distributions", "kl_to_dense", "Evolution",
-                                           "zeroshot", "heal", "LoraRecipe", "HealResult", "save_pretrained",
+                                           "zeroshot", "heal", "LoraRecipe", "HealResult", "save_pretrained", "save_gguf",
                                            "UsageError", "__version__"])
 
 
