@@ -120,12 +120,14 @@ def run_search(settings) -> dict:
             runs = [fit.record() for fit in found.fits]
             record["compensation"] = {"method": "linear, inside the search", "ridge": 0.0, "runs": runs,
                                       "seconds": round(sum(fit["seconds"] for fit in runs), 3)}
-            api.remove_blocks(model, found.removal_list)
+            api.remove_blocks(model, found.removal_list, keep_block_kinds=settings.keep_block_kinds)
         elif settings.compensate == "linear":
             record["compensation"] = api.compensate(model, windows, found.removal_list, settings.ridge,
-                                                    batch_size=settings.search_batch_size).to_dict()
+                                                    batch_size=settings.search_batch_size,
+                                                    keep_block_kinds=settings.keep_block_kinds).to_dict()
         else:
-            api.remove_blocks(model, found.removal_list)
+            # the search honoured --keep_block_kinds; the list it found is removed as found
+            api.remove_blocks(model, found.removal_list, keep_block_kinds=settings.keep_block_kinds)
         record["removal_list"] = found.removal_list
         record["serving_warnings"] = stages.serving_warnings(model)
         if eval_windows:
