@@ -3,7 +3,8 @@ of it whose kept tensors are the source's bytes, unchanged.
 
 In: `from_pretrained(folder, gguf_file=name)` dequantizes to the dtype asked and reads the tokenizer from
 the same file. The model then still carries transformers' GGUF quantization record, which refuses
-`save_pretrained`; the weights are plain dequantized tensors by then, so `forget_quantization` drops it.
+`save_pretrained` and training; the weights are plain dequantized tensors by then, so `forget_quantization`
+drops it with the quantizer's own `remove_quantization_config`.
 
 Out (`write_pruned`): gguf-py's reader and writer copy the file with
 - the kept blocks' tensors renumbered 0..n-1, their bytes and quant types as they were;
@@ -93,10 +94,11 @@ def check_readable(path: str) -> None:
 def forget_quantization(model, path: str) -> None:
     """After transformers dequantized a GGUF: the weights are plain tensors, so drop the quantization record
     that would refuse save_pretrained (and be written into a saved config); remember the source file."""
-    model.hf_quantizer = None
-    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)  # transformers' own undoing of the record
+    text = model.config.get_text_config()
+    if hasattr(text, "quantization_config"):
+        del text.quantization_config
     model.name_or_path = os.path.abspath(os.path.expanduser(path))
 
 
@@ -165,7 +167,7 @@ class _Processing:
             count = heads if ".attn_q." in gguf_name else kv_heads if ".attn_k." in gguf_name else None
             if count:
                 half = weights.shape[0] // count // 2
-                out = weights.reshape(count, half, 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+                out = weights.reshape(count, 2, half, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
         elif type(self.processor).__name__ == "Gemma2TensorProcessor" and "norm.weight" in gguf_name:
             out = weights + 1
         if not np.array_equal(self.as_loaded(out.copy(), gguf_name), weights):

@@ -39,6 +39,7 @@ def run_heal(settings: HealSettings) -> dict:
     card = _pruned_card(settings.model_name)
     card_removal = card.get("sleb_removal_list")
     removal_list = settings.check_depth(depth, card_removal)
+    settings.check_save_gguf_depth(config, depth - len(removal_list), changes_weights=True)
     result_file = settings.result_file or default_result_file(settings)
     work_dir = os.path.join(settings.result_folder, os.path.splitext(result_file)[0] + "_trainer")
     with results.claim(settings.result_folder, result_file, settings.overwrite or settings.resume) as path:
@@ -107,6 +108,11 @@ def run_heal(settings: HealSettings) -> dict:
         record["loss_plot"] = plot_loss_curve(curve, os.path.splitext(path)[0] + "_loss.png") if curve else None
         results.write_json(path, record)
         shutil.rmtree(work_dir, ignore_errors=True)  # the merged checkpoint is saved; the Trainer's are spent
+        if settings.save_gguf:  # LoRA changed every targeted matrix: each is quantized again to its source type
+            record["gguf"] = api.save_gguf(model, tokenizer, settings.save_gguf, gguf_type=settings.gguf_type,
+                                           llama_cpp_tree=settings.llama_cpp,
+                                           converter_python=settings.converter_python, removal_list=removed)
+            results.write_json(path, record)
     rows = [[name, f"{record['ppl_pruned'][name]['ppl']:.3f}", f"{record['ppl_healed'][name]['ppl']:.3f}",
              record["ppl_healed"][name]["windows"]] for name in record["ppl_healed"]]
     if rows:

@@ -339,7 +339,7 @@ RECIPE = LoraRecipe()  # the recipe's defaults are the flags' defaults
 
 
 @dataclass
-class HealSettings(OutputFlags, CalibrationFlags, KindFlags, EvalFlags, ModelFlags):
+class HealSettings(OutputFlags, GgufOutFlags, CalibrationFlags, KindFlags, EvalFlags, ModelFlags):
     """`python -m sleb.heal`: LoRA-heal a pruned model and save the merged checkpoint."""
 
     output_dir: Optional[str] = flag(None, "where the healed (merged) checkpoint is written; must be new or empty")
@@ -388,6 +388,7 @@ class HealSettings(OutputFlags, CalibrationFlags, KindFlags, EvalFlags, ModelFla
                 raise UsageError("--load_in_4bit True needs bitsandbytes: pip install bitsandbytes")
         self.check_calibration("c4")
         self.check_eval()
+        self.check_save_gguf()
         self.check_model()
         self.check_output()
 

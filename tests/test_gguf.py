@@ -232,7 +232,7 @@ def tiny_ggufs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_gguf")
     spm = tiny_gguf.train_sentencepiece(root / "spm")
     made = {}
-    for arch in ("qwen2", "gemma3"):
+    for arch in ("qwen2", "gemma3", "llama"):
         # Gemma 3 at head_dim 256 (1B-27B's): transformers' GGUF reading then scales attention as llama.cpp does
         shape = {"head_dim": 256, "query_pre_attn_scalar": 256} if arch == "gemma3" else {}
         folder = tiny_gguf.make_model_dir(root / arch, arch, spm, layers=8, **shape)
@@ -290,6 +290,7 @@ def test_linear_compensation_quantizes_the_changed_tensors_again_and_llama_cpp_r
     sleb.compensate(model, windows, [3, 4])
     compensated = llama_cpp.logit_gap(_transformers_logits(model, ids), _engine_logits(tmp_path / "c.gguf", ids))
     assert llama_cpp.within_gap(compensated, dense), (compensated, dense)
+    _file_holds_the_model_quantized(str(tmp_path / "c.gguf"), model, changed)
 
 
 @needs_engine
@@ -324,3 +325,38 @@ def test_save_gguf_from_a_transformers_checkpoint_converts_and_quantizes(tmp_pat
     assert reader.get_field("llama.block_count").contents() == 4 and record["gguf"]["type"] == "Q8_0"
     assert reader.get_field("general.file_type").contents() == gguf_file.LLAMA_FTYPES["Q8_0"]
     assert any(t.tensor_type.name == "Q8_0" for t in reader.tensors)
+
+
+def _file_holds_the_model_quantized(path, model, changed) -> None:
+    """Each re-quantized tensor of the file is gguf-py's quantization of what the model holds, put back in the
+    file's form (Llama's q/k rows permuted as llama.cpp's converter permutes them)."""
+    import gguf
+
+    processing = gguf_file._Processing(model, gguf_file.architecture(gguf.GGUFReader(path)))
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    for name in changed:
+        tensor = tensors[name]
+        expected = gguf.quants.quantize(processing.to_file(processing.held(name).float().numpy(), name),
+                                        tensor.tensor_type)
+        assert tensor.data.tobytes() == expected.tobytes(), name
+        held = processing.held(name).float().numpy()
+        back = processing.as_loaded(gguf.quants.dequantize(tensor.data, tensor.tensor_type), name)
+        assert np.abs(back - held).max() < 0.05 * np.abs(held).max(), name  # Q8_0's error, not a permutation's
+
+
+@needs_engine
+def test_healing_a_gguf_quantizes_every_trained_matrix_again_in_the_files_form(tiny_ggufs, tmp_path):
+    """LoRA on q, k, v, o, gate, up and down of a Llama Q8_0: every one changes, and q and k go back with the
+    row permutation transformers' GGUF loader undid."""
+    source = tiny_ggufs["llama"]
+    out = invoke("sleb.heal", "--model_name", source, "--removal_list", "[3, 4]", "--output_dir",
+                 str(tmp_path / "healed"), "--dataset", "demo", "--nsamples", "32", "--seqlen", "64", "--max_steps",
+                 "3", "--lr", "1e-2", "--ppl_datasets", "demo", "--eval_seqlen", "64", "--save_gguf",
+                 str(tmp_path / "h.gguf"), "--result_folder", str(tmp_path / "r"), "--result_file", "h.json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    record = json.loads((tmp_path / "r" / "h.json").read_text())
+    changed = record["gguf"]["requantized"]
+    assert len(changed) == 6 * 7 and "blk.0.attn_q.weight" in changed and "blk.5.attn_k.weight" in changed
+    healed, _ = sleb.load(str(tmp_path / "healed"))
+    _file_holds_the_model_quantized(str(tmp_path / "h.gguf"), healed, changed)
+    _assert_kept_bytes(source, tmp_path / "h.gguf", [0, 1, 2, 5, 6, 7], changed=changed)

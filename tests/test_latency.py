@@ -38,7 +38,7 @@ def test_compile_refused_where_torch_cannot(monkeypatch):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--engine", "llama.cpp"], "needs --gguf_dense and --gguf_pruned, or --llama_cpp"),
+    (["--engine", "llama.cpp"], "needs --model_name FILE.gguf, --gguf_dense and --gguf_pruned, or --llama_cpp"),
     (["--engine", "llama.cpp", "--llama_cpp", "/nonexistent"], "no convert_hf_to_gguf.py there"),
     (["--engine", "llama.cpp", "--gguf_dense", "/nonexistent.gguf", "--gguf_pruned", "GGUF"], "no such file"),
     (["--engine", "llama.cpp", "--gguf_dense", "GGUF", "--gguf_pruned", "GGUF", "--batch_size", "4"],
