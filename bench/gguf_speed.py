@@ -1,9 +1,14 @@
-"""Dense vs pruned speed in llama.cpp on a demo-sized model (the demo model's config: Llama, 12 blocks of
-hidden 256) with a SentencePiece tokenizer trained on the demo corpus, random weights (speed does not
-depend on them): `python -m latency --engine llama.cpp --llama_cpp TREE`, prompt and generation, ceil(0.2 x
-12) = 3 blocks removed; prompt 1 x 256, generation 32 + 128 new tokens, 10 repeats after 3 warm-up;
-prints one JSON line.
+"""Dense vs pruned speed in llama.cpp, printed as one JSON line.
 
+With --gguf FILE (e.g. SmolLM2-135M-Instruct.Q4_1.gguf): `python -m latency --engine llama.cpp --model_name
+FILE --removal_list [..]` for each count in --counts (blocks 1..k removed: every block of these models costs
+the same, so which go does not change the speed), the file against its pruned copy (kept bytes unchanged, no
+conversion); prompt 1 x 256 and generation 32 + 128 new tokens, 10 repeats after 3 warm-up.
+
+Without --gguf: a demo-sized Llama (the demo model's config: 12 blocks of hidden 256) with a SentencePiece
+tokenizer trained on the demo corpus, random weights, converted by --tree's converter; 3 blocks removed.
+
+    python bench/gguf_speed.py --gguf FILE [--counts 3,6,9] [--threads N]
     python bench/gguf_speed.py --tree /path/to/llama.cpp [--converter_python PY] [--outtype f16] [--threads N]
 """
 
@@ -40,29 +45,52 @@ def demo_sized(folder: str) -> str:
     return model_dir
 
 
-def main(tree: str, converter_python: str = None, outtype: str = "f16", threads: int = None, repeats: int = 10,
-         warmup: int = 3, prompt_len: int = 256, generation_prompt_len: int = 32, new_tokens: int = 128):
+def _runs(folder: str, threads, repeats, warmup, prompt_len, generation_prompt_len, new_tokens, **source) -> dict:
+    """{mode: figures} of prompt processing and generation for one dense/pruned pair."""
+    runs = {}
+    for mode in ("prompt", "generation"):
+        settings = LatencySettings(engine="llama.cpp", threads=threads, generation=mode == "generation",
+                                   repeats=repeats, warmup=warmup,
+                                   prompt_len=generation_prompt_len if mode == "generation" else prompt_len,
+                                   new_tokens=new_tokens if mode == "generation" else None,
+                                   result_folder=os.path.join(folder, mode), result_file="latency.json", **source)
+        with contextlib.redirect_stdout(sys.stderr):  # the command's table; stdout holds the JSON line only
+            record = latency.run_latency(settings)
+        runs[mode] = {
+            "sizes": record["sizes"], "threads": record["engine"]["threads"],
+            "dense_tokens_per_s": round(record["dense"]["tokens_per_s"], 1),
+            "pruned_tokens_per_s": round(record["pruned"]["tokens_per_s"], 1),
+            "speedup": round(record["speedup"], 3), "ideal_speedup": round(record["ideal_speedup"], 3),
+            "speedup_over_ideal": round(record["speedup_over_ideal"], 3)}
+        runs["environment"], runs["llama_cpp_python"] = record["environment"], record["engine"]["llama_cpp_python"]
+    return runs
+
+
+def main(tree: str = None, gguf: str = None, counts="3,6,9", converter_python: str = None, outtype: str = "f16",
+         threads: int = None, repeats: int = 10, warmup: int = 3, prompt_len: int = 256, generation_prompt_len: int = 32,
+         new_tokens: int = 128):
+    sizes = dict(threads=threads, repeats=repeats, warmup=warmup, prompt_len=prompt_len,
+                 generation_prompt_len=generation_prompt_len, new_tokens=new_tokens)
+    if gguf is not None:
+        counts = [int(c) for c in (counts.split(",") if isinstance(counts, str) else counts)]
+        report = {"model": os.path.basename(gguf), "counts": {}}
+        with tempfile.TemporaryDirectory() as folder:
+            for k in counts:
+                runs = _runs(os.path.join(folder, str(k)), model_name=gguf, removal_list=list(range(1, k + 1)), **sizes)
+                report["environment"], report["llama_cpp_python"] = runs.pop("environment"), runs.pop("llama_cpp_python")
+                report["counts"][k] = {"removed": list(range(1, k + 1)), **runs}
+        print(json.dumps(report))
+        return
+    if tree is None:
+        raise SystemExit("pass --gguf FILE, or --tree LLAMA_CPP_TREE for the demo-sized model")
     report = {"model": "demo-sized Llama (12 blocks, hidden 256, vocabulary 8192), random weights", "outtype": outtype,
               "removed": [1, 2, 3], "runs": {}}
     with tempfile.TemporaryDirectory() as folder:
         model_dir = demo_sized(folder)
-        for mode in ("prompt", "generation"):
-            settings = LatencySettings(model_name=model_dir, engine="llama.cpp", llama_cpp=tree,
-                                       converter_python=converter_python, gguf_outtype=outtype, threads=threads,
-                                       generation=mode == "generation", repeats=repeats, warmup=warmup,
-                                       prompt_len=generation_prompt_len if mode == "generation" else prompt_len,
-                                       new_tokens=new_tokens if mode == "generation" else None,
-                                       result_folder=os.path.join(folder, mode), result_file="latency.json")
-            with contextlib.redirect_stdout(sys.stderr):  # the command's table; stdout holds the JSON line only
-                record = latency.run_latency(settings)
-            report["runs"][mode] = {
-                "sizes": record["sizes"], "threads": record["engine"]["threads"],
-                "dense_tokens_per_s": round(record["dense"]["tokens_per_s"], 1),
-                "pruned_tokens_per_s": round(record["pruned"]["tokens_per_s"], 1),
-                "speedup": round(record["speedup"], 3), "ideal_speedup": round(record["ideal_speedup"], 3),
-                "speedup_over_ideal": round(record["speedup_over_ideal"], 3)}
-            report["environment"] = record["environment"]
-            report["llama_cpp_python"] = record["engine"]["llama_cpp_python"]
+        runs = _runs(folder, model_name=model_dir, llama_cpp=tree, converter_python=converter_python,
+                     gguf_outtype=outtype, **sizes)
+        report["environment"], report["llama_cpp_python"] = runs.pop("environment"), runs.pop("llama_cpp_python")
+        report["runs"] = runs
     print(json.dumps(report))
 
 

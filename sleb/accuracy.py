@@ -68,12 +68,26 @@ def evaluate_zeroshot(model, tokenizer, tasks: Tasks, num_fewshot: int = 0, limi
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
+    from sleb.demo_tasks import GENERATIVE
+
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, logits_cache=logits_cache)
-    output = lm_eval.simple_evaluate(model=lm, tasks=list(tasks.names), num_fewshot=num_fewshot, limit=limit,
-                                     log_samples=log_samples, task_manager=tasks.manager, verbosity="ERROR")
+    scored = [name for name in tasks.names if name not in GENERATIVE]
+    generated = [name for name in tasks.names if name in GENERATIVE]
+    found, samples, right = {}, {}, {}
+    for names, chat in ((scored, False), (generated, bool(getattr(tokenizer, "chat_template", None)))):
+        if not names:
+            continue
+        # generated answers go through the chat template where the tokenizer has one, as users ask
+        output = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
+                                         log_samples=log_samples or chat or names == generated,
+                                         task_manager=tasks.manager, verbosity="ERROR", apply_chat_template=chat)
+        found.update(output["results"])
+        samples.update(output.get("samples") or {})
+        for name in set(names) & set(GENERATIVE):  # which questions were right, for "answers kept"
+            right[name] = sorted(int(item["doc"]["id"]) for item in output["samples"][name] if item["acc"])
     per_task = {}
     for name in tasks.names:
-        metrics = output["results"][name]
+        metrics = found[name]
         per_task[name] = {key: metrics.get(f"{key},none") for key in ("acc", "acc_stderr", "acc_norm",
                                                                       "acc_norm_stderr")}
     mean = {}
@@ -81,9 +95,24 @@ def evaluate_zeroshot(model, tokenizer, tasks: Tasks, num_fewshot: int = 0, limi
         values = [entry[key] for entry in per_task.values() if entry[key] is not None]
         mean[key] = sum(values) / len(values) if values else None
     out = {"tasks": per_task, "mean": mean, "num_fewshot": num_fewshot, "limit": limit}
+    if right:
+        out["right"] = right
     if log_samples:
-        out["samples"] = output.get("samples")
+        out["samples"] = samples
     return out
+
+
+def answers_kept(dense: dict, pruned: dict) -> dict:
+    """{task: questions right for both over those right for the dense model} from two `evaluate_zeroshot`
+    results: the answers a user still gets after pruning."""
+    kept = {}
+    for name, before in (dense.get("right") or {}).items():
+        after = set((pruned.get("right") or {}).get(name, []))
+        both = [i for i in before if i in after]
+        kept[name] = {"dense_right": len(before), "kept": len(both),
+                      "share": len(both) / len(before) if before else None,
+                      "lost": [i for i in before if i not in after]}
+    return kept
 
 
 def zeroshot_table(zeroshot: dict) -> str:

@@ -9,6 +9,10 @@ A next-sentence task (pick a document's second sentence among 4) was tried first
 dense demo model scored 0.25 on it, chance, because a generic distractor outscores any specific
 true sentence; with mutual-information scoring it reached only 0.35.
 
+- answers: the short questions of sleb/questions.py, answered greedily (lm-eval's generate_until, up to
+  ANSWER_TOKENS tokens, through the tokenizer's chat template where it has one); right when an accepted
+  answer appears in the reply (sleb.questions.is_right, lm-eval's `process_results` hook).
+
 Each task is a jsonl plus an lm-eval YAML written to a cache folder and registered with
 `lm_eval.tasks.TaskManager(include_path=...)`. The items are deterministic for a Python version.
 """
@@ -21,7 +25,9 @@ import sys
 
 from sleb import demo_corpus, results
 
-TASKS = ("demo_cloze", "demo_order")
+TASKS = ("demo_cloze", "demo_order", "answers")
+GENERATIVE = ("answers",)  # answered by generation, through the chat template where the tokenizer has one
+ANSWER_TOKENS = 32
 ITEMS_PER_TASK = 400
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 _LAST_WORD = re.compile(r"^(.*\S)\s+([A-Za-z]{2,})([.!?])$")
@@ -46,6 +52,35 @@ metric_list:
     higher_is_better: true
 metadata:
   version: 2.0
+"""
+
+
+_ANSWERS_YAML = """task: answers
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {path}
+test_split: test
+output_type: generate_until
+doc_to_text: question
+doc_to_target: "{{{{answers[0]}}}}"
+generation_kwargs:
+  until: ["\\n\\n"]
+  max_gen_toks: {tokens}
+  do_sample: false
+process_results: !function answers_scoring.process_results
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+_ANSWERS_SCORING = """from sleb.questions import is_right
+
+
+def process_results(doc, results):
+    return {"acc": float(is_right(results[0], doc["answers"]))}
 """
 
 
@@ -111,6 +146,13 @@ def write_tasks(folder: str = None) -> str:
         path = os.path.join(folder, f"{name}.jsonl")
         _write_if_changed(path, "".join(json.dumps(item) + "\n" for item in items))
         _write_if_changed(os.path.join(folder, f"{name}.yaml"), _YAML.format(name=name, path=json.dumps(path)))
+    from sleb import questions
+
+    path = os.path.join(folder, "answers.jsonl")
+    _write_if_changed(path, "".join(json.dumps(item) + "\n" for item in questions.items()))
+    _write_if_changed(os.path.join(folder, "answers.yaml"),
+                      _ANSWERS_YAML.format(path=json.dumps(path), tokens=ANSWER_TOKENS))
+    _write_if_changed(os.path.join(folder, "answers_scoring.py"), _ANSWERS_SCORING)
     return folder
 
 

@@ -26,7 +26,7 @@ def run_eval(settings) -> dict:
         model, tokenizer = stages.load(settings)
         load_seconds = time.perf_counter() - started
         eval_windows = stages.tokenize_eval_texts(model, tokenizer, eval_data, settings.seqlen)
-        dense = stages.dense_distributions(model, eval_windows, settings)  # before any block goes
+        dense = stages.dense_reference(model, tokenizer, eval_windows, eval_data, settings)  # before any block goes
         # prune (and compensate) and evaluate
         compensation = None
         if settings.compensate == "linear":
@@ -40,13 +40,12 @@ def run_eval(settings) -> dict:
               f"{blocks.num_blocks(model)} blocks" + (" (linear compensation folded in)" if compensation else ""))
         record = stages.record("eval", settings, model, depth, removal_list=settings.removal_list,
                                ppl=stages.perplexity(model, eval_windows, settings.batch_size))
-        if dense:
-            record["kl_to_dense"] = stages.kl_to_dense(model, dense, settings.batch_size)
         if compensation:
             record["compensation"] = compensation
         if settings.removal_list:
             record["serving_warnings"] = stages.serving_warnings(model)
         record["zeroshot"] = stages.zeroshot_accuracy(model, tokenizer, eval_data, settings)
+        stages.compare_with_dense(model, dense, record, settings.batch_size)
         record["times"] = {"load_s": round(load_seconds, 3), "total_s": round(time.perf_counter() - started, 3)}
         if compensation:
             record["times"]["compensate_s"] = compensation["seconds"]

@@ -78,10 +78,10 @@ def run_search(settings) -> dict:
             api.check_compensable(model, windows, settings.early_barrier, settings.latter_barrier)
         eval_windows = stages.tokenize_eval_texts(model, tokenizer, eval_data, settings.seqlen)
         changes_weights = settings.metric in CHANGES_WEIGHTS  # its dense perplexity must come first
-        dense, dense_kl = {}, {}
+        dense, reference = {}, None
         if main_rank and changes_weights:
             dense = stages.perplexity(model, eval_windows, settings.batch_size)
-            dense_kl = stages.dense_distributions(model, eval_windows, settings)
+            reference = stages.dense_reference(model, tokenizer, eval_windows, eval_data, settings)
 
         # search (saved after every phase, so an interrupted run can resume)
         saved = [resumed]
@@ -113,7 +113,7 @@ def run_search(settings) -> dict:
         record = {**base, "search": found.to_dict()}
         if not changes_weights:
             dense = stages.perplexity(model, eval_windows, settings.batch_size)
-            dense_kl = stages.dense_distributions(model, eval_windows, settings)
+            reference = stages.dense_reference(model, tokenizer, eval_windows, eval_data, settings)
         if dense:
             record["ppl_dense"] = dense
         if found.fits:  # sleb_compensated left each chosen block's map folded in
@@ -132,12 +132,11 @@ def run_search(settings) -> dict:
         record["serving_warnings"] = stages.serving_warnings(model)
         if eval_windows:
             record["ppl"] = stages.perplexity(model, eval_windows, settings.batch_size)
-        if dense_kl:
-            record["kl_to_dense"] = stages.kl_to_dense(model, dense_kl, settings.batch_size)
-        del dense_kl  # the dense distributions are not needed past here
         zeroshot = stages.zeroshot_accuracy(model, tokenizer, eval_data, settings)
         if zeroshot is not None:
             record["zeroshot"] = zeroshot
+        stages.compare_with_dense(model, reference, record, settings.batch_size)
+        del reference  # the dense distributions are not needed past here
         record["times"] = {"search_s": round(search_seconds, 3), "total_s": round(time.perf_counter() - started, 3)}
         if "compensation" in record:
             record["times"]["compensate_s"] = record["compensation"]["seconds"]

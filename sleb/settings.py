@@ -200,6 +200,9 @@ class DivergenceFlags:
                               "log-probabilities kept per token (the rest as one bucket)")
     kl_gb: float = flag(0.0, "memory for KL's dense distributions (0: a quarter of the machine's)")
 
+    eval_agreement: int = flag(0, "also compare the first 32 greedy tokens with the dense model's over this many "
+                                  "held-out prompts (0: off): tokens matched before the first divergence and overall")
+
     def check_divergence(self) -> None:
         from sleb import objectives
 
@@ -207,6 +210,7 @@ class DivergenceFlags:
         uses_kl = self.eval_kl or getattr(self, "objective", "ce") == "kl"
         if not uses_kl and (self.kl_top_k, self.kl_gb) != (objectives.DEFAULT_TOP_K, 0.0):
             raise UsageError("--kl_top_k and --kl_gb apply to --objective kl or --eval_kl True; add one or drop them")
+        check_at_least("eval_agreement", self.eval_agreement, 0)
         if self.eval_kl and not self.ppl_dataset_names():
             raise UsageError("--eval_kl True measures KL on the --ppl_datasets sets; name one or drop --eval_kl")
 

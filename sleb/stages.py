@@ -78,6 +78,51 @@ def kl_to_dense(model, dense: dict, batch_size: int) -> dict:
     return out
 
 
+@dataclass
+class DenseReference:
+    """What the dense model did, taken before any block goes, for comparisons after: its next-token
+    distributions (--eval_kl), greedy continuations (--eval_agreement) and right answers (the answers task)."""
+
+    distributions: dict
+    continuations: list = None
+    prompts: list = None
+    zeroshot: dict = None
+
+
+def dense_reference(model, tokenizer, eval_windows: dict, eval_data: EvalData, settings) -> DenseReference:
+    from sleb import agreement
+    from sleb.demo_tasks import GENERATIVE
+
+    reference = DenseReference(dense_distributions(model, eval_windows, settings))
+    if getattr(settings, "eval_agreement", 0):
+        reference.prompts = agreement.prompts(tokenizer, settings.eval_agreement)
+        reference.continuations = agreement.continuations(model, reference.prompts)
+    generative = [name for name in (eval_data.tasks.names if eval_data.tasks else ()) if name in GENERATIVE]
+    if generative:  # the dense model's right answers, for "answers kept"
+        reference.zeroshot = api.zeroshot(model, tokenizer, generative, settings.num_fewshot, settings.limit,
+                                          settings.zeroshot_batch_size)
+    return reference
+
+
+def compare_with_dense(model, reference: DenseReference, record: dict, batch_size: int) -> None:
+    """KL to dense, agreement and answers kept into the record, where the dense reference has them."""
+    from sleb import agreement
+    from sleb.accuracy import answers_kept
+
+    if reference.distributions:
+        record["kl_to_dense"] = kl_to_dense(model, reference.distributions, batch_size)
+    if reference.continuations is not None:
+        found = agreement.agreement(reference.continuations, agreement.continuations(model, reference.prompts))
+        record["agreement"] = found
+        print(f"agreement with dense: {found['prefix_mean']:.1f} of {found['new_tokens']} greedy tokens before the "
+              f"first divergence, {100 * found['overall']:.1f}% overall ({found['prompts']} prompts)")
+    if reference.zeroshot is not None and record.get("zeroshot"):
+        record["answers_kept"] = answers_kept(reference.zeroshot, record["zeroshot"])
+        for name, kept in record["answers_kept"].items():
+            print(f"{name}: {kept['kept']} of the dense model's {kept['dense_right']} right answers kept "
+                  f"({100 * (kept['share'] or 0):.1f}%)")
+
+
 def zeroshot_accuracy(model, tokenizer, eval_data: EvalData, settings):
     """lm-eval's accuracy on the settings' tasks (printed as a table), or None when zero-shot is off."""
     if eval_data.tasks is None:
