@@ -55,6 +55,12 @@ def calibration_windows(tokenizer, dataset: Data = "wikitext2", nsamples: int = 
     check_at_least("nsamples", nsamples, 1)
     check_at_least("seqlen", seqlen, 2)
     seqlen = _capped(seqlen, model, tokenizer)
+    if dataset == data.SELF:
+        from sleb import self_text
+
+        if model is None:
+            raise UsageError("--dataset self samples its text from the model: pass model=")
+        dataset = self_text.texts(model, tokenizer, nsamples, seed)
     if isinstance(dataset, str):
         data.check_dataset_name(dataset)
         return data.load_calibration_windows(dataset, tokenizer, nsamples, seed, seqlen)
@@ -71,7 +77,7 @@ def evaluation_windows(tokenizer, dataset: Data = "wikitext2", seqlen: int = 204
     check_at_least("seqlen", seqlen, 2)
     seqlen = _capped(seqlen, model, tokenizer)
     if isinstance(dataset, str):
-        data.check_dataset_name(dataset)
+        data.check_dataset_name(dataset, calibration=False)
         return data.load_eval_windows(dataset, tokenizer, seqlen)
     return data.token_windows(tokenizer, "\n\n".join(_given_texts(dataset)), seqlen)
 

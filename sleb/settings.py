@@ -78,7 +78,7 @@ class EvalFlags:
         if self.tasks is None:
             self.tasks = follows_model(self.model_name, DEMO_TASKS, PAPER_TASKS)
         for name in self.ppl_dataset_names():
-            data.check_dataset_name(name)
+            data.check_dataset_name(name, calibration=False)
         self.task_names()
         if self.limit is not None and self.limit <= 0:
             raise UsageError(f"--limit must be a positive number of items per task, got {self.limit!r}")
