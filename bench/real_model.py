@@ -1,0 +1,226 @@
+"""The real-model study: SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32) with 3, 6 and 9 of its
+30 blocks removed, one row per method, written to docs/real_model/ (rows.jsonl, README.md's table, plots).
+
+    python bench/real_model.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf [--counts 3,6,9] [--rows a,b] [--out docs/real_model]
+
+Everything runs in one process through the public API: the dense model is loaded once, and what every row is
+compared with is taken from it once (perplexity, next-token distributions, greedy continuations, the
+answers it gets right). Each row is then a copy of the dense model, searched on its calibration windows,
+pruned (or compensated, or healed) and measured the same way. A row is appended to rows.jsonl as soon as it
+is measured; a rerun skips the rows already there (resumable), and `--table_only True` rewrites the table
+and plots from rows.jsonl.
+
+Calibration sets: demo (the demo corpus's docstrings), self (text sampled from the dense model through its
+chat template, sleb/self_text.py), chat (the same docstrings as conversations, {"messages": [user asks what a
+function does, assistant answers with its docstring]}, rendered by the chat template). The llama.cpp
+speedup of each count is the one bench/gguf_speed.py measured on the pruned Q4_1 file
+(docs/gguf/smollm2_q4_1_speed.json): speed depends on how many blocks go, not which.
+"""
+
+import copy
+import json
+import os
+import sys
+import time
+
+import fire
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import sleb  # noqa: E402
+from sleb import agreement, demo_corpus, questions, results  # noqa: E402
+from sleb.accuracy import answers_kept  # noqa: E402
+
+SEQLEN = 256
+CALIBRATION_ROWS = {"demo": 64, "self": 16, "chat": 64}  # demo: 64 docstrings -> ~25 windows of 256 tokens
+AGREEMENT_PROMPTS = 16
+# (row name, search metric, objective, calibration, recovery), in the order they are run: the cheap and the
+# most asked-for first, so an interrupted study has them.
+METHODS = [
+    ("sleb ce / demo", "sleb", "ce", "demo", None),
+    ("sleb ce / self", "sleb", "ce", "self", None),
+    ("sleb ce / demo + linear", "sleb", "ce", "demo", "linear"),
+    ("sleb_compensated / demo", "sleb_compensated", "ce", "demo", None),
+    ("sleb ce / self + LoRA (self)", "sleb", "ce", "self", "lora"),
+    ("sleb kl / demo", "sleb", "kl", "demo", None),
+    ("sleb ce / chat", "sleb", "ce", "chat", None),
+    ("BI (cosine) / demo", "cosine", "ce", "demo", None),
+    ("angular / demo", "angular", "ce", "demo", None),
+    ("sleb ce / self + linear (self)", "sleb", "ce", "self", "linear"),
+    ("evopress kl / demo", "evopress", "kl", "demo", None),
+]
+TASKS = ["demo_cloze", "demo_order", "answers"]
+LORA = dict(lora_r=8, lora_alpha=16, lr=5e-4, warmup_steps=10, max_steps=60, train_batch_size=4, grad_accum=2,
+            logging_steps=10, save_steps=1000)
+
+
+def chat_file(folder: str) -> str:
+    """The demo corpus's training docstrings as conversations (no chat data set is reachable here)."""
+    path = os.path.join(folder, "demo_chat.jsonl")
+    if not os.path.isfile(path):
+        rows = []
+        for text in demo_corpus.texts("train"):
+            first = text.strip().split("\n", 1)[0][:80]
+            rows.append({"messages": [{"role": "user", "content": f"What does this function do? {first}"},
+                                      {"role": "assistant", "content": text.strip()}]})
+        results.write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+class Dense:
+    """The dense model and what every row is compared with, taken once."""
+
+    def __init__(self, gguf: str, folder: str):
+        self.model, self.tokenizer = sleb.load(gguf, dtype="float32", device="cpu")
+        self.eval_windows = sleb.evaluation_windows(self.tokenizer, "demo", SEQLEN, model=self.model)
+        started = time.perf_counter()
+        self.ppl = sleb.perplexity(self.model, windows=self.eval_windows)
+        self.distributions = sleb.dense_distributions(self.model, self.eval_windows)
+        self.prompts = agreement.prompts(self.tokenizer, AGREEMENT_PROMPTS)
+        self.continuations = agreement.continuations(self.model, self.prompts)
+        self.zeroshot = sleb.zeroshot(self.model, self.tokenizer, TASKS)
+        self.seconds = time.perf_counter() - started
+        self.chat = f"file:{chat_file(folder)}"
+        self.windows = {}
+
+    def calibration(self, name: str) -> torch.Tensor:
+        if name not in self.windows:
+            dataset = self.chat if name == "chat" else name
+            self.windows[name] = sleb.calibration_windows(self.tokenizer, dataset, CALIBRATION_ROWS[name], SEQLEN,
+                                                          model=self.model)
+        return self.windows[name]
+
+    def measure(self, model) -> dict:
+        zeroshot = sleb.zeroshot(model, self.tokenizer, TASKS)
+        kept = answers_kept(self.zeroshot, zeroshot)["answers"]
+        found = agreement.agreement(self.continuations, agreement.continuations(model, self.prompts))
+        return {"ppl_demo": sleb.perplexity(model, windows=self.eval_windows),
+                "kl_to_dense": sleb.kl_to_dense(model, self.distributions),
+                "demo_cloze": zeroshot["tasks"]["demo_cloze"]["acc"],
+                "demo_order": zeroshot["tasks"]["demo_order"]["acc"],
+                "answers_acc": zeroshot["tasks"]["answers"]["acc"],
+                "answers_kept": kept["share"], "answers_kept_count": [kept["kept"], kept["dense_right"]],
+                "agreement_prefix": found["prefix_mean"], "agreement_overall": found["overall"]}
+
+
+def run_row(dense: Dense, name: str, metric: str, objective: str, calibration: str, recovery, k: int,
+            folder: str) -> dict:
+    model = copy.deepcopy(dense.model)
+    windows = dense.calibration(calibration)
+    started = time.perf_counter()
+    found = sleb.search(model, windows, k, metric, objective=objective, progress=False)
+    search_seconds = time.perf_counter() - started
+    row = {"method": name, "removed": k, "removal_list": found.removal_list, "metric": metric,
+           "objective": objective, "calibration": calibration, "calibration_windows": list(windows.shape),
+           "recovery": recovery or ("linear, inside the search" if found.fits else "none"),
+           "search_seconds": round(search_seconds, 1)}
+    if recovery == "linear":
+        sleb.compensate(model, windows, found.removal_list, progress=False)
+    else:
+        sleb.remove_blocks(model, found.removal_list)
+    if recovery == "lora":
+        started = time.perf_counter()
+        healed = sleb.heal(model, windows=windows, work_dir=os.path.join(folder, "lora_work"), **LORA)
+        model = healed.model
+        row["lora"] = {**LORA, "train_seconds": round(time.perf_counter() - started, 1),
+                       "train_windows": healed.train_windows}
+    row.update(dense.measure(model))
+    return row
+
+
+def speedups() -> dict:
+    path = os.path.join(ROOT, "docs", "gguf", "smollm2_q4_1_speed.json")
+    if not os.path.isfile(path):
+        return {}
+    measured = json.load(open(path))["counts"]
+    return {int(k): {mode: v[mode]["speedup"] for mode in ("prompt", "generation")} for k, v in measured.items()}
+
+
+def _f(value, digits=3, percent=False):
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f}" if percent else f"{value:.{digits}f}"
+
+
+def write_table(out: str, dense_row: dict, rows: list) -> None:
+    speed = speedups()
+    lines = ["| blocks removed | method | removal list | ppl demo | KL to dense | demo_cloze % | demo_order % | "
+             "answers % | answers kept % | agreement (prefix of 32 / overall %) | search s | llama.cpp speedup "
+             "prompt / generation |", "|" + "---|" * 12]
+    lines.append(f"| 0 | dense | - | {_f(dense_row['ppl_demo'])} | 0 | {_f(dense_row['demo_cloze'], percent=True)} | "
+                 f"{_f(dense_row['demo_order'], percent=True)} | {_f(dense_row['answers_acc'], percent=True)} | "
+                 f"100 ({dense_row['answers_right']} right) | 32 / 100 | - | 1 / 1 |")
+    for row in sorted(rows, key=lambda r: (r["removed"], [m[0] for m in METHODS].index(r["method"]))):
+        s = speed.get(row["removed"], {})
+        lines.append(
+            f"| {row['removed']} | {row['method']} | {row['removal_list']} | {_f(row['ppl_demo'])} | "
+            f"{_f(row['kl_to_dense'], 4)} | {_f(row['demo_cloze'], percent=True)} | {_f(row['demo_order'], percent=True)} "
+            f"| {_f(row['answers_acc'], percent=True)} | {_f(row['answers_kept'], percent=True)} "
+            f"({row['answers_kept_count'][0]}/{row['answers_kept_count'][1]}) | {_f(row['agreement_prefix'], 1)} / "
+            f"{_f(row['agreement_overall'], percent=True)} | {row['search_seconds']} | "
+            f"{s.get('prompt', '-')} / {s.get('generation', '-')} |")
+    with open(os.path.join(out, "table.md"), "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    _plots(out, dense_row, rows)
+
+
+def _plots(out: str, dense_row: dict, rows: list) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for method, *_ in METHODS:
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["removed"])
+        if not mine:
+            continue
+        ks = [0] + [r["removed"] for r in mine]
+        axes[0].plot(ks, [100.0] + [100 * (r["answers_kept"] or 0) for r in mine], marker="o", label=method)
+        axes[1].plot(ks, [dense_row["ppl_demo"]] + [r["ppl_demo"] for r in mine], marker="o", label=method)
+    axes[0].set(xlabel="blocks removed (of 30)", ylabel="answers kept (%)", title="answers the dense model got right, kept")
+    axes[1].set(xlabel="blocks removed (of 30)", ylabel="demo perplexity", title="demo perplexity", yscale="log")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M-Instruct (Q4_1 GGUF dequantized), CPU")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "answers_kept.png"), dpi=110)
+    plt.close(fig)
+
+
+def main(gguf: str, counts="3,6,9", rows=None, out: str = os.path.join(ROOT, "docs", "real_model"),
+         table_only: bool = False):
+    os.makedirs(out, exist_ok=True)
+    done_file, dense_file = os.path.join(out, "rows.jsonl"), os.path.join(out, "dense.json")
+    done = [json.loads(line) for line in open(done_file)] if os.path.isfile(done_file) else []
+    if table_only:
+        write_table(out, json.load(open(dense_file)), done)
+        return
+    counts = [int(c) for c in (counts.split(",") if isinstance(counts, str) else counts)]
+    wanted = [m for m in METHODS if rows is None or m[0] in (rows.split(",") if isinstance(rows, str) else rows)]
+    dense = Dense(gguf, out)
+    right = len(dense.zeroshot["right"]["answers"])
+    dense_row = {"ppl_demo": dense.ppl, "demo_cloze": dense.zeroshot["tasks"]["demo_cloze"]["acc"],
+                 "demo_order": dense.zeroshot["tasks"]["demo_order"]["acc"],
+                 "answers_acc": dense.zeroshot["tasks"]["answers"]["acc"], "answers_right": right,
+                 "answers_total": len(questions.items()),
+                 "dense_seconds": round(dense.seconds, 1), "environment": results.environment(torch.device("cpu"))}
+    results.write_json(dense_file, dense_row)
+    print(f"dense: demo ppl {dense.ppl:.3f}, {right} questions right", flush=True)
+    for k in counts:
+        for method in wanted:
+            if any(r["method"] == method[0] and r["removed"] == k for r in done):
+                continue
+            started = time.perf_counter()
+            row = run_row(dense, *method, k, out)
+            row["row_seconds"] = round(time.perf_counter() - started, 1)
+            done.append(row)
+            with open(done_file, "a") as handle:
+                handle.write(json.dumps(results.to_jsonable(row)) + "\n")
+            write_table(out, dense_row, done)
+            print(json.dumps(results.to_jsonable(row)), flush=True)
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
