@@ -161,8 +161,23 @@ def write_table(out: str, dense_row: dict, rows: list) -> None:
             f"({row['answers_kept_count'][0]}/{row['answers_kept_count'][1]}) | {_f(row['agreement_prefix'], 1)} / "
             f"{_f(row['agreement_overall'], percent=True)} | {row['search_seconds']} | "
             f"{s.get('prompt', '-')} / {s.get('generation', '-')} |")
-    with open(os.path.join(out, "table.md"), "w") as handle:
-        handle.write("\n".join(lines) + "\n")
+    counts = sorted({row["removed"] for row in rows})
+    header = [
+        "# SmolLM2-135M-Instruct: 3, 6 and 9 of 30 blocks removed, every method", "",
+        "Written by `python bench/real_model.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf` (rows.jsonl holds every "
+        "figure; the module's docstring says how each is measured). The Q4_1 GGUF dequantized to float32, on "
+        "2 CPU cores. Calibration: demo " f"{CALIBRATION_ROWS['demo']} docstrings, self {CALIBRATION_ROWS['self']} "
+        "sampled chat replies, chat the docstrings as conversations; windows of "
+        f"{SEQLEN} tokens. Answers: the {dense_row['answers_total']} questions of sleb/questions.py, of which the "
+        f"dense model gets {dense_row['answers_right']} right; \"answers kept\" is the share of those the pruned "
+        "model still gets right. Agreement: greedy tokens matched before the first divergence from the dense "
+        f"model (of 32) over {AGREEMENT_PROMPTS} held-out prompts, and overall. The llama.cpp speedup is "
+        "bench/gguf_speed.py's for the count (it does not depend on which blocks go). Search seconds were "
+        "measured while other jobs shared the 2 cores at times.", "",
+        f"Rows measured so far: {len(rows)} (counts {counts}).", ""]
+    text = "\n".join(header + lines) + "\n\n![answers kept and perplexity](answers_kept.png)\n"
+    with open(os.path.join(out, "README.md"), "w") as handle:
+        handle.write(text)
     _plots(out, dense_row, rows)
 
 
@@ -189,6 +204,18 @@ def _plots(out: str, dense_row: dict, rows: list) -> None:
     plt.close(fig)
 
 
+# What the targets are stated on comes first: 3 blocks with no training, 6 with LoRA.
+PRIORITY = [("sleb ce / demo", 3), ("sleb ce / self", 3), ("sleb ce / demo + linear", 3),
+            ("sleb_compensated / demo", 3), ("sleb ce / self + LoRA (self)", 6), ("sleb ce / demo", 6),
+            ("sleb ce / self", 6), ("sleb ce / self + LoRA (self)", 3)]
+
+
+def _order(wanted: list, counts: list) -> list:
+    pairs = [(m, k) for k in counts for m in wanted]
+    first = [(m, k) for name, k in PRIORITY for m in wanted if m[0] == name and k in counts]
+    return first + [pair for pair in pairs if pair not in first]
+
+
 def main(gguf: str, counts="3,6,9", rows=None, out: str = os.path.join(ROOT, "docs", "real_model"),
          table_only: bool = False):
     os.makedirs(out, exist_ok=True)
@@ -208,18 +235,17 @@ def main(gguf: str, counts="3,6,9", rows=None, out: str = os.path.join(ROOT, "do
                  "dense_seconds": round(dense.seconds, 1), "environment": results.environment(torch.device("cpu"))}
     results.write_json(dense_file, dense_row)
     print(f"dense: demo ppl {dense.ppl:.3f}, {right} questions right", flush=True)
-    for k in counts:
-        for method in wanted:
-            if any(r["method"] == method[0] and r["removed"] == k for r in done):
-                continue
-            started = time.perf_counter()
-            row = run_row(dense, *method, k, out)
-            row["row_seconds"] = round(time.perf_counter() - started, 1)
-            done.append(row)
-            with open(done_file, "a") as handle:
-                handle.write(json.dumps(results.to_jsonable(row)) + "\n")
-            write_table(out, dense_row, done)
-            print(json.dumps(results.to_jsonable(row)), flush=True)
+    for method, k in _order(wanted, counts):
+        if any(r["method"] == method[0] and r["removed"] == k for r in done):
+            continue
+        started = time.perf_counter()
+        row = run_row(dense, *method, k, out)
+        row["row_seconds"] = round(time.perf_counter() - started, 1)
+        done.append(row)
+        with open(done_file, "a") as handle:
+            handle.write(json.dumps(results.to_jsonable(row)) + "\n")
+        write_table(out, dense_row, done)
+        print(json.dumps(results.to_jsonable(row)), flush=True)
 
 
 if __name__ == "__main__":
