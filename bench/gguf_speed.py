@@ -55,7 +55,7 @@ def _runs(folder: str, threads, repeats, warmup, prompt_len, generation_prompt_l
                                    new_tokens=new_tokens if mode == "generation" else None,
                                    result_folder=os.path.join(folder, mode), result_file="latency.json", **source)
         with contextlib.redirect_stdout(sys.stderr):  # the command's table; stdout holds the JSON line only
-            record = latency.run_latency(settings)
+            record = latency.run(settings)
         runs[mode] = {
             "sizes": record["sizes"], "threads": record["engine"]["threads"],
             "dense_tokens_per_s": round(record["dense"]["tokens_per_s"], 1),

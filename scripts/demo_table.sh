@@ -36,4 +36,4 @@ for percent in 10 20; do
       --result_folder "$OUT" --result_file "heal_${source}_demo_${percent}.json"
   done
 done
-[ "$DRY_RUN" = 1 ] || "$PY" -m sleb.report "$OUT" --out docs/demo_report/report.md
+[ "$DRY_RUN" = 1 ] || "$PY" -m sleb report "$OUT" --out docs/demo_report/report.md

@@ -1,15 +1,6 @@
-"""python -m sleb: search which blocks to remove (SLEB), then evaluate the pruned model."""
+"""python -m sleb [search|eval|heal|latency|report] [--flags]: flags alone run the search (the paper's command)."""
 
-from sleb.cli import run_cli
-from sleb.run_search import run_search
-from sleb.settings import SearchSettings
-
-
-def cli(argv=None) -> None:
-    run_cli(run_search, SearchSettings, "python -m sleb",
-            "Greedily remove the blocks whose removal raises calibration loss least; evaluate; write a results JSON.",
-            argv)
-
+from sleb.commands import main
 
 if __name__ == "__main__":
-    cli()
+    main()

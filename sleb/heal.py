@@ -1,16 +1,13 @@
-"""`python -m sleb.heal`: LoRA-heal a pruned model (the pipeline is sleb/run_heal.py).
+"""`python -m sleb.heal`: `sleb heal` under its earlier name.
 
-Imported (`import sleb.heal`), this module hands the package's `sleb.heal` back to the API function:
-Python binds a submodule to its package attribute from sys.modules, so the name stays the function.
+`sleb.heal` is the API function (sleb/api.py); importing this file as a module would bind the package
+attribute to the module instead, so an import is refused and the function stays in place.
 """
 
-import sys
-
 if __name__ == "__main__":
-    from sleb.run_heal import cli
+    from sleb.commands import cli
 
-    cli()
+    cli("heal")
 else:
-    from sleb.api import heal
-
-    sys.modules[__name__] = heal
+    raise ImportError("sleb.heal is the healing function (import sleb; sleb.heal(model, ...)); the command is "
+                      "`sleb heal` or `python -m sleb.heal`")

@@ -82,7 +82,7 @@ def default_result_file(settings) -> str:
             f"_n{settings.new_tokens}_removed{len(settings.removal_list)}{'_compiled' if settings.compile else ''}.json")
 
 
-def run_latency(settings) -> dict:
+def run(settings) -> dict:
     """Dense vs pruned latency, speedup and ideal speedup."""
     # checks
     settings.check()

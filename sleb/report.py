@@ -12,7 +12,6 @@ import statistics
 import sys
 from collections import defaultdict
 
-import fire
 
 from sleb.errors import UsageError
 from sleb.model_card import compensated_metric
@@ -238,8 +237,10 @@ def _plots(records: list, out_dir: str, stem: str) -> list:
     return written
 
 
-def main(folder: str, out: str = "report.md") -> None:
-    """Write `out` (markdown) and PNGs beside it from the results JSONs under `folder`."""
+def run(settings) -> None:
+    """`sleb report`: write `out` (markdown) and PNGs beside it from the results JSONs under `folder`."""
+    settings.check()
+    folder, out = settings.folder, settings.out
     if not os.path.isdir(folder):
         raise UsageError(f"results folder {folder!r} does not exist")
     records = load_results(folder)
@@ -271,14 +272,3 @@ def _markdown(headers, rows) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
-
-def cli() -> None:
-    try:
-        fire.Fire(main)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    cli()

@@ -10,7 +10,8 @@ def default_result_file(settings) -> str:
     return f"eval_{results.slug(settings.model_name)}_removed{len(settings.removal_list)}_{removed}.json"
 
 
-def run_eval(settings) -> dict:
+def run(settings) -> dict:
+    """`python -m eval` (`sleb eval`)."""
     # checks
     settings.check()
     _, config = models.load_config(settings.model_name, settings.trust_remote_code)

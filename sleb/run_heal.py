@@ -13,7 +13,6 @@ import shutil
 import time
 
 from sleb import api, blocks, data, guard, models, results, stages
-from sleb.cli import run_cli
 from sleb.errors import UsageError
 from sleb.recovery.lora import last_complete_checkpoint
 from sleb.settings import HealSettings
@@ -31,7 +30,8 @@ def default_result_file(settings) -> str:
     return f"heal_{results.slug(settings.model_name)}_to_{results.slug(settings.output_dir)}.json"
 
 
-def run_heal(settings: HealSettings) -> dict:
+def run(settings: HealSettings) -> dict:
+    """`python -m sleb.heal` (`sleb heal`)."""
     # checks
     settings.check()
     _, config = models.load_config(settings.model_name, settings.trust_remote_code)
@@ -121,8 +121,3 @@ def run_heal(settings: HealSettings) -> dict:
     print(f"results written to {path}")
     return record
 
-
-def cli(argv=None) -> None:
-    run_cli(run_heal, HealSettings, "python -m sleb.heal",
-            "LoRA-heal a pruned model with transformers' Trainer; save the merged checkpoint and a results JSON.",
-            argv)

@@ -44,7 +44,8 @@ def _resumed(path: str, settings) -> SearchResult:
     return resumed
 
 
-def run_search(settings) -> dict:
+def run(settings) -> dict:
+    """`python -m sleb` (`sleb search`)."""
     rank = 0
     if distributed.launched():  # under torchrun: each rank scores a slice of the candidates (sleb.search sees the group)
         rank, _, settings.device = distributed.setup()

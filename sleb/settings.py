@@ -413,6 +413,18 @@ class HealSettings(OutputFlags, GgufOutFlags, CalibrationFlags, KindFlags, EvalF
         return blocks.check_removal_list(self.removal_list, depth)
 
 
+@dataclass
+class ReportSettings:
+    """`sleb report`: a markdown report and plots from a folder of results files."""
+
+    folder: str = flag("sleb_results", "the folder of results JSONs to read")
+    out: str = flag("report.md", "the markdown file to write (PNGs go beside it)")
+
+    def check(self) -> None:
+        if not os.path.isdir(self.folder):
+            raise UsageError(f"results folder {self.folder!r} does not exist")
+
+
 # Latency sizes: the paper's settings on a GPU, and what finishes in about a minute on a small CPU.
 GPU_SIZES = {"prompt": {"batch_size": 1, "prompt_len": 2048, "new_tokens": 0},
              "generation": {"batch_size": 64, "prompt_len": 64, "new_tokens": 128}}

@@ -2,6 +2,7 @@
 signals or locks are what a test is about), or in this process through the same `cli(argv)`."""
 
 import contextlib
+import functools
 import importlib
 import io
 import os
@@ -15,9 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 OFFLINE = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
 
-# `python -m MODULE` -> the module holding its cli(argv)
-ENTRY = {"sleb": "sleb.__main__", "eval": "eval.__main__", "latency": "latency.__main__",
-         "sleb.heal": "sleb.run_heal"}
+# `python -m MODULE` -> its command in sleb/commands.py
+ENTRY = {"sleb": "search", "eval": "eval", "latency": "latency", "sleb.heal": "heal"}
 
 
 def run(module, *args, timeout=300):
@@ -29,7 +29,8 @@ def invoke(module, *args, timeout=None) -> subprocess.CompletedProcess:
     """`python -m module args` run in this process: the same flag parsing and pipeline, without
     starting Python, torch and transformers again. Returns what `run` returns; an unexpected
     exception is returncode 1 with its traceback as stderr, as in a subprocess."""
-    cli = importlib.import_module(ENTRY[module]).cli
+    command = ENTRY[module]
+    cli = functools.partial(importlib.import_module("sleb.commands").cli, command)
     stdout, stderr = io.StringIO(), io.StringIO()
     argv, cwd = sys.argv, os.getcwd()
     code = 0

@@ -52,5 +52,5 @@ def test_every_flag_on_a_command_line_is_a_flag_of_that_command(page):
                 name = word[2:].split("=")[0]
                 assert name in known, f"{page}: python -m {command} has no --{name}"
                 checked += 1
-    if os.path.basename(page) == "README.md":
+    if page == os.path.join(ROOT, "README.md"):
         assert checked >= 10

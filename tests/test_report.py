@@ -75,7 +75,7 @@ def test_report_tables_plots_and_skipped_files(model_dirs, text_file, tmp_path):
     (results / "pruned" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     (results / "broken.json").write_text("{not json")
 
-    out = run("sleb.report", str(results), "--out", str(tmp_path / "report" / "report.md"))
+    out = run("sleb", "report", str(results), "--out", str(tmp_path / "report" / "report.md"))
     assert out.returncode == 0, out.stderr
     warnings = out.stderr.strip().splitlines()
     assert len(warnings) == 2 and all(w.startswith("warning: skipping") for w in warnings)

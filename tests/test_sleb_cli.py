@@ -30,7 +30,7 @@ def test_resume_after_interruption_reaches_the_same_answer(model_dirs, text_file
     settings = dict(model_name=model_dirs["llama"], dataset=f"file:{text_file}", nsamples=60, seqlen=32,
                     num_remove_blocks=4, early_barrier=1, latter_barrier=0, eval_ppl=False,
                     result_folder=str(tmp_path))
-    whole = run_search_module.run_search(SearchSettings(**settings, result_file="whole.json"))
+    whole = run_search_module.run(SearchSettings(**settings, result_file="whole.json"))
 
     real_greedy = search_algorithms.METRICS["sleb"]
 
@@ -46,15 +46,15 @@ def test_resume_after_interruption_reaches_the_same_answer(model_dirs, text_file
 
     monkeypatch.setitem(search_algorithms.METRICS, "sleb", interrupted_greedy)
     with pytest.raises(KeyboardInterrupt):
-        run_search_module.run_search(SearchSettings(**settings, result_file="part.json"))
+        run_search_module.run(SearchSettings(**settings, result_file="part.json"))
     partial = json.loads((tmp_path / "part.json").read_text())
     assert partial["search"]["status"] == "searching" and len(partial["search"]["removal_list"]) == 2
 
     monkeypatch.setitem(search_algorithms.METRICS, "sleb", real_greedy)
-    resumed = run_search_module.run_search(SearchSettings(**settings, result_file="part.json", resume=True))
+    resumed = run_search_module.run(SearchSettings(**settings, result_file="part.json", resume=True))
     assert resumed["search"]["removal_list"] == whole["search"]["removal_list"]
     assert resumed["search"]["losses"] == whole["search"]["losses"]
 
     changed = dataclasses.replace(SearchSettings(**settings, result_file="part.json", resume=True), seed=1)
     with pytest.raises(Exception, match="--seed"):
-        run_search_module.run_search(changed)
+        run_search_module.run(changed)

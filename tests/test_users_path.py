@@ -86,7 +86,7 @@ def test_nan_in_a_later_phase_keeps_the_finished_phases(model_dirs, text_file, t
     settings = SearchSettings(model_name=model_dirs["llama"], dataset=f"file:{text_file}", nsamples=60, seqlen=32,
                               num_remove_blocks=3, eval_ppl=False, engine="reference", result_folder=str(tmp_path), result_file="p.json")
     with pytest.raises(UsageError, match="nan"):
-        pipeline.run_search(settings)
+        pipeline.run(settings)
     saved = json.loads((tmp_path / "p.json").read_text())["search"]
     assert saved["status"] == "searching" and len(saved["removal_list"]) == 1 and len(saved["losses"]) == 1
 
