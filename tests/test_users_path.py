@@ -272,8 +272,8 @@ socket.getaddrinfo = refuse
 sys.argv = ["eval", "--model_name", {model_dirs["llama"]!r}, "--removal_list", "[1]", "--ppl_datasets",
             "file:{text_file}", "--seqlen", "32", "--result_folder", {str(tmp_path)!r}]
 try:
-    from eval.__main__ import cli
-    cli()
+    from sleb.commands import cli
+    cli("eval")
 finally:
     print("NETWORK", attempts)
 """
