@@ -489,7 +489,6 @@ def save_gguf(model, tokenizer, path: str, *, gguf_type: Optional[str] = None, l
     converter (`llama_cpp_tree`), then quantized to `gguf_type` (Q8_0, Q4_K_M, ...) by llama.cpp's quantizer.
     A layout llama.cpp would read otherwise (sleb/serving.py) is one UsageError before anything is written.
     Returns what was written ({"path", "block_count", ...})."""
-    import json
     import os
     import shutil
     import tempfile
@@ -519,8 +518,6 @@ def save_gguf(model, tokenizer, path: str, *, gguf_type: Optional[str] = None, l
             gguf_file.quantize(converted, target, gguf_type)
         else:
             shutil.move(converted, target)
-        depth = json.load(open(os.path.join(folder, "config.json")))
     log(f"GGUF written to {target}" + (f" ({gguf_type}, llama.cpp's quantizer)" if gguf_type else " (f16)"))
-    text = depth.get("text_config") or depth
-    return {"path": target, "block_count": text.get("num_hidden_layers"), "type": gguf_type or "F16"}
+    return {"path": target, "block_count": blocks.num_blocks(model), "type": gguf_type or "F16"}
 

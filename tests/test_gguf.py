@@ -30,15 +30,9 @@ CONVERTER_PYTHON = os.environ.get("SLEB_LLAMA_CPP_PYTHON")
 
 
 def _missing() -> str:
-    try:
-        import llama_cpp as _  # noqa: F401
-    except ImportError:
-        return "llama-cpp-python is not installed (pip install '.[llama-cpp]')"
     if not SMOLLM2 or not os.path.isfile(SMOLLM2):
         return "SLEB_SMOLLM2 does not name SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not TREE or not os.path.isfile(os.path.join(TREE, "convert_hf_to_gguf.py")):
-        return "SLEB_LLAMA_CPP does not name a llama.cpp source tree"
-    return ""
+    return tiny_gguf.engine_missing(TREE)
 
 
 MISSING = _missing()

@@ -31,17 +31,7 @@ LOGIT_ATOL = {"llama": 1e-4, "qwen2": 1e-4, "mixtral": 1e-4, "gemma3": 1e-2}
 TOKENS = 48  # past Gemma 3's tiny sliding window (8), so a wrong attention pattern shows
 
 
-def _engine_ready() -> str:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return "llama-cpp-python is not installed (pip install '.[llama-cpp]')"
-    if not TREE or not os.path.isfile(os.path.join(TREE, "convert_hf_to_gguf.py")):
-        return "SLEB_LLAMA_CPP does not name a llama.cpp source tree"
-    return ""
-
-
-_MISSING = _engine_ready()
+_MISSING = tiny_gguf.engine_missing(TREE)
 if _MISSING and os.environ.get("SLEB_REQUIRE_LLAMA_CPP"):
     raise RuntimeError(f"SLEB_REQUIRE_LLAMA_CPP is set but {_MISSING}")
 pytestmark = pytest.mark.skipif(bool(_MISSING), reason=_MISSING)

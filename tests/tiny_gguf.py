@@ -15,6 +15,18 @@ SPM_VOCAB = 384
 GGUF_FAMILIES = ("llama", "qwen2", "mixtral", "gemma3")
 
 
+def engine_missing(tree) -> str:
+    """Why the llama.cpp engine tests cannot run here ("" when they can): llama-cpp-python and a llama.cpp
+    source tree (with its converter) are both needed."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return "llama-cpp-python is not installed (pip install '.[llama-cpp]')"
+    if not tree or not os.path.isfile(os.path.join(tree, "convert_hf_to_gguf.py")):
+        return "SLEB_LLAMA_CPP does not name a llama.cpp source tree"
+    return ""
+
+
 def train_sentencepiece(folder, vocab: int = SPM_VOCAB) -> str:
     """tokenizer.model of `vocab` pieces trained on the demo corpus's train split; returns its path."""
     import sentencepiece
