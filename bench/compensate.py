@@ -3,26 +3,21 @@
 search beside it for the ratio; on the demo model (the quickstart's calibration) and on random Llamas of
 hidden 1024 and 2048; prints one JSON line.
 
-    python bench/compensate.py                                  # demo + hidden 1024 and 2048, CPU
-    python bench/compensate.py --cases random --hidden 4096 --intermediate 11008 --layers 32 --heads 32 \\
+    python -m bench.compensate                                  # demo + hidden 1024 and 2048, CPU
+    python -m bench.compensate --cases random --hidden 4096 --intermediate 11008 --layers 32 --heads 32 \\
         --vocab 32000 --device cuda --dtype float16             # Llama-2-7B shape
 """
 
 import json
-import os
-import sys
 import time
 
 import fire
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import sleb  # noqa: E402
-from random_model import random_llama  # noqa: E402
-from sleb import memory  # noqa: E402
-from sleb.results import environment  # noqa: E402
+import sleb
+from bench.random_model import random_llama
+from sleb import memory
+from sleb.results import environment
 
 
 def _measured(device, work):

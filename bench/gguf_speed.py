@@ -8,8 +8,8 @@ conversion); prompt 1 x 256 and generation 32 + 128 new tokens, 10 repeats after
 Without --gguf: a demo-sized Llama (the demo model's config: 12 blocks of hidden 256) with a SentencePiece
 tokenizer trained on the demo corpus, random weights, converted by --tree's converter; 3 blocks removed.
 
-    python bench/gguf_speed.py --gguf FILE [--counts 3,6,9] [--threads N]
-    python bench/gguf_speed.py --tree /path/to/llama.cpp [--converter_python PY] [--outtype f16] [--threads N]
+    python -m bench.gguf_speed --gguf FILE [--counts 3,6,9] [--threads N]
+    python -m bench.gguf_speed --tree /path/to/llama.cpp [--converter_python PY] [--outtype f16] [--threads N]
 """
 
 import contextlib
@@ -21,17 +21,16 @@ import tempfile
 import fire
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from sleb import latency  # noqa: E402
-from sleb.settings import LatencySettings  # noqa: E402
+from sleb import latency
+from sleb.settings import LatencySettings
 
 
 def demo_sized(folder: str) -> str:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    sys.path.insert(0, os.path.join(ROOT, "tests"))  # the tests' sentencepiece helpers, for this synthetic model only
     import tiny_gguf
 
     spm = tiny_gguf.train_sentencepiece(os.path.join(folder, "spm"), vocab=8192)

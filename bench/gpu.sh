@@ -30,24 +30,24 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHO
 "$PYTHON" -m pytest -q -m cuda tests -p no:cacheprovider > "$out/tests.log" 2>&1
 echo "tests: $(tail -n 1 "$out/tests.log")" >&2
 
-"$PYTHON" bench/search_speed.py --layers 32 --hidden 4096 --intermediate 11008 --heads 32 --vocab 32000 \
+"$PYTHON" -m bench.search_speed --layers 32 --hidden 4096 --intermediate 11008 --heads 32 --vocab 32000 \
   --windows 16 --seqlen 2048 --phases 2 --device cuda --dtype float16 > "$out/search_speed.json" 2> "$out/search_speed.log"
 echo "search: $(cat "$out/search_speed.json")" >&2
 
-"$PYTHON" bench/guard.py --cases random --layers 32 --hidden 4096 --intermediate 11008 --heads 32 --vocab 32000 \
+"$PYTHON" -m bench.guard --cases random --layers 32 --hidden 4096 --intermediate 11008 --heads 32 --vocab 32000 \
   --device cuda --dtype float16 > "$out/guard.json" 2> "$out/guard.log"
 echo "guard: $(cat "$out/guard.json")" >&2
 
-"$PYTHON" bench/compensate.py --cases random --layers 32 --hidden 4096 --intermediate 11008 --heads 32 \
+"$PYTHON" -m bench.compensate --cases random --layers 32 --hidden 4096 --intermediate 11008 --heads 32 \
   --vocab 32000 --windows 8 --seqlen 2048 --device cuda --dtype float16 > "$out/compensate.json" 2> "$out/compensate.log"
 echo "compensate: $(cat "$out/compensate.json")" >&2
 
-"$PYTHON" bench/metric_speed.py --model_name random --layers 32 --hidden 4096 --intermediate 14336 --heads 32 \
+"$PYTHON" -m bench.metric_speed --model_name random --layers 32 --hidden 4096 --intermediate 14336 --heads 32 \
   --kv_heads 8 --vocab 128256 --windows 16 --seqlen 2048 --device cuda --dtype bfloat16 --num_remove_blocks 2 \
   --metrics sleb,evopress --objectives kl --kl_gb 1 --evo_generations 3 > "$out/objectives.json" 2> "$out/objectives.log"
 echo "objectives: $(cat "$out/objectives.json")" >&2
 
-"$PYTHON" bench/random_model.py "$out/llama-7b-shape" > "$out/random_model.log" 2>&1
+"$PYTHON" -m bench.random_model "$out/llama-7b-shape" > "$out/random_model.log" 2>&1
 for mode in prompt generation; do
   for compiled in False True; do
     flags=(--model_name "$out/llama-7b-shape" --result_folder "$out/latency" --overwrite True --compile "$compiled")

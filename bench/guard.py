@@ -2,26 +2,21 @@
 a short generation): seconds and peak memory above the loaded model, on the demo model and on a random
 Llama of hidden 1024; prints one JSON line.
 
-    python bench/guard.py                                     # both cases, CPU
-    python bench/guard.py --cases random --hidden 4096 --intermediate 11008 --layers 32 --heads 32 \\
+    python -m bench.guard                                     # both cases, CPU
+    python -m bench.guard --cases random --hidden 4096 --intermediate 11008 --layers 32 --heads 32 \\
         --vocab 32000 --device cuda --dtype float16            # Llama-2-7B shape
 """
 
 import json
-import os
-import sys
 import time
 
 import fire
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import sleb  # noqa: E402
-from random_model import random_llama  # noqa: E402
-from sleb import guard, memory, serving  # noqa: E402
-from sleb.results import environment  # noqa: E402
+import sleb
+from bench.random_model import random_llama
+from sleb import guard, memory, serving
+from sleb.results import environment
 
 
 def _case(model, removal_list, device, repeats: int) -> dict:

@@ -1,6 +1,6 @@
 """lm-eval's logits_cache on vs off: per-choice log-likelihoods of the pruned demo model on the demo tasks.
 
-    python bench/logits_cache.py [--removal_list 7,3,5] [--limit 200]
+    python -m bench.logits_cache [--removal_list 7,3,5] [--limit 200]
 
 Prints one JSON line: items and choices compared per task, the largest absolute difference of a
 choice's log-likelihood, and whether any item's prediction changed.
@@ -8,13 +8,9 @@ choice's log-likelihood, and whether any item's prediction changed.
 
 import argparse
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from sleb import accuracy, blocks  # noqa: E402
-from sleb.models import load_model  # noqa: E402
+from sleb import accuracy, blocks
+from sleb.models import load_model
 
 
 def main() -> None:

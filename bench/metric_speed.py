@@ -2,10 +2,10 @@
 calibration windows, one process; prints one JSON line: per run its seconds, block forwards, the list
 and its calibration loss on the run's own objective.
 
-    python bench/metric_speed.py                                 # the demo model, demo data, 3 of 12 removed
-    python bench/metric_speed.py --metrics sleb,evopress --objectives kl
-    python bench/metric_speed.py --model_name DIR --dataset wikitext2 --nsamples 128 --device cuda
-    python bench/metric_speed.py --model_name random --layers 32 --hidden 4096 --intermediate 14336 --heads 32 \
+    python -m bench.metric_speed                                 # the demo model, demo data, 3 of 12 removed
+    python -m bench.metric_speed --metrics sleb,evopress --objectives kl
+    python -m bench.metric_speed --model_name DIR --dataset wikitext2 --nsamples 128 --device cuda
+    python -m bench.metric_speed --model_name random --layers 32 --hidden 4096 --intermediate 14336 --heads 32 \
         --kv_heads 8 --vocab 128256 --windows 16 --seqlen 2048 --device cuda --dtype bfloat16 \
         --metrics sleb,evopress --objectives kl --kl_gb 1 --evo_generations 3   # a Llama-3-8B shape
 
@@ -17,21 +17,18 @@ can follow the model; `engine_block_forwards` is the fast engine's own count, wi
 
 import contextlib
 import json
-import os
 import sys
 import time
 
 import fire
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import sleb  # noqa: E402
-from sleb import blocks, memory, models  # noqa: E402
-from sleb.results import environment  # noqa: E402
-from sleb.search_algorithms import BY_LOSS, METRICS, Evolution  # noqa: E402
-from random_model import random_llama  # noqa: E402
+import sleb
+from sleb import blocks, memory, models
+from sleb.results import environment
+from sleb.evopress import Evolution
+from sleb.metrics import METRICS
+from bench.random_model import random_llama
 
 DEFAULT_METRICS = "sleb,sleb_oneshot,sleb_compensated,evopress,cosine,angular,random"
 
@@ -89,7 +86,7 @@ def main(model_name: str = "demo", dataset: str = "demo", nsamples: int = 64, se
     state = {name: tensor.clone() for name, tensor in model.state_dict().items()}  # sleb_compensated folds maps in
     runs = []
     for metric in names:
-        for objective in (goals if metric in BY_LOSS else ["ce"]):
+        for objective in [goal for goal in goals if goal in METRICS[metric].objectives]:
             model.load_state_dict(state)
             counter = _BlockForwards(model)
             memory.reset_peak(device_)
@@ -103,7 +100,7 @@ def main(model_name: str = "demo", dataset: str = "demo", nsamples: int = 64, se
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - started
             counter.close()
-            run = {"metric": metric, "objective": objective if metric in BY_LOSS else None,
+            run = {"metric": metric, "objective": objective if len(METRICS[metric].objectives) > 1 else None,
                    "seconds": round(seconds, 2), "block_forwards": counter.count,
                    "removal_list": found.removal_list, "peak_mem_mb": memory.peak_mb(device_)}
             if "block_forwards" in found.stats:

@@ -1,18 +1,15 @@
 """Save a random Llama of a given shape (weights from a config, nothing downloaded) with a small tokenizer,
 so `python -m latency` can load it like any checkpoint. Skips the work when DIR already holds one.
 
-    python bench/random_model.py DIR [--layers 32 --hidden 4096 --intermediate 11008 --heads 32 --vocab 32000]
+    python -m bench.random_model DIR [--layers 32 --hidden 4096 --intermediate 11008 --heads 32 --vocab 32000]
 """
 
 import os
-import sys
 
 import fire
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-
-import tiny  # noqa: E402  (the tests' word-level tokenizer: latency feeds random token ids anyway)
+from sleb.models import DEMO_MODEL_DIR
 
 
 def random_llama(layers: int, hidden: int, intermediate: int, heads: int, vocab: int, dtype, device, seed: int = 0,
@@ -40,11 +37,14 @@ def main(directory: str, layers: int = 32, hidden: int = 4096, intermediate: int
     if os.path.isfile(os.path.join(directory, "config.json")):
         print(f"{directory} holds a model already; kept")
         return
+    from transformers import AutoTokenizer
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = random_llama(layers, hidden, intermediate, heads, vocab, getattr(torch, dtype), device, seed,
                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model.save_pretrained(directory)
-    tiny.make_tokenizer().save_pretrained(directory)
+    # the demo model's tokenizer: latency feeds random token ids, so any small tokenizer will do
+    AutoTokenizer.from_pretrained(DEMO_MODEL_DIR).save_pretrained(directory)
     print(f"random {layers}-block Llama ({sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters) "
           f"saved to {directory}")
 

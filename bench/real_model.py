@@ -1,7 +1,7 @@
 """The real-model study: SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32) with 3, 6 and 9 of its
 30 blocks removed, one row per method, written to docs/real_model/ (rows.jsonl, README.md's table, plots).
 
-    python bench/real_model.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf [--counts 3,6,9] [--rows a,b] [--out docs/real_model]
+    python -m bench.real_model --gguf SmolLM2-135M-Instruct.Q4_1.gguf [--counts 3,6,9] [--rows a,b] [--out docs/real_model]
 
 Everything runs in one process through the public API: the dense model is loaded once, and what every row is
 compared with is taken from it once (perplexity, next-token distributions, greedy continuations, the
@@ -20,18 +20,16 @@ speedup of each count is the one bench/gguf_speed.py measured on the pruned Q4_1
 import copy
 import json
 import os
-import sys
 import time
 
 import fire
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-import sleb  # noqa: E402
-from sleb import agreement, demo_corpus, questions, results  # noqa: E402
-from sleb.accuracy import answers_kept  # noqa: E402
+import sleb
+from sleb import agreement, demo_corpus, questions, results
+from sleb.accuracy import answers_kept
 
 SEQLEN = 256
 CALIBRATION_ROWS = {"demo": 64, "self": 16, "chat": 64}  # demo: 64 docstrings -> ~25 windows of 256 tokens
@@ -45,6 +43,7 @@ METHODS = [
     ("sleb_compensated / demo", "sleb_compensated", "ce", "demo", None),
     ("sleb ce / self + LoRA (self)", "sleb", "ce", "self", "lora"),
     ("sleb kl / demo", "sleb", "kl", "demo", None),
+    ("sleb kl / self", "sleb", "kl", "self", None),
     ("sleb ce / chat", "sleb", "ce", "chat", None),
     ("BI (cosine) / demo", "cosine", "ce", "demo", None),
     ("angular / demo", "angular", "ce", "demo", None),
@@ -105,21 +104,54 @@ class Dense:
                 "agreement_prefix": found["prefix_mean"], "agreement_overall": found["overall"]}
 
 
-def run_row(dense: Dense, name: str, metric: str, objective: str, calibration: str, recovery, k: int,
-            folder: str) -> dict:
+class Searches:
+    """Greedy searches shared across counts: the paper's loop removes one block a phase, and what phase k
+    removes depends only on the phases before it, so one search to the largest count gives the exact list
+    (and the time) of every smaller count. Kept in searches.jsonl so a resumed study does not redo them."""
+
+    SHARED = ("sleb",)  # sleb_compensated folds maps into the model as it goes: searched per count
+
+    def __init__(self, folder: str, largest: int):
+        self.path, self.largest = os.path.join(folder, "searches.jsonl"), largest
+        self.found = {}
+        if os.path.isfile(self.path):
+            for line in open(self.path):
+                entry = json.loads(line)
+                self.found[tuple(entry["key"])] = entry["phases"]
+
+    def removal_list(self, model, windows, k: int, metric: str, objective: str, calibration: str):
+        """(removal list, search seconds) for k blocks."""
+        key = (metric, objective, calibration, SEQLEN, int(windows.shape[0]))
+        if metric in self.SHARED and key in self.found and len(self.found[key]) >= k:
+            removal_list, seconds = self.found[key][k - 1]
+            return removal_list, seconds, False
+        started, phases = time.perf_counter(), []
+        shared = metric in self.SHARED
+        found = sleb.search(copy.deepcopy(model) if shared else model, windows, max(k, self.largest) if shared else k,
+                            metric, objective=objective, progress=False,
+                            on_phase=lambda r: phases.append([list(r.removal_list),
+                                                              round(time.perf_counter() - started, 1)]))
+        if not shared:
+            return found.removal_list, round(time.perf_counter() - started, 1), found.fits
+        self.found[key] = phases
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps({"key": list(key), "phases": phases}) + "\n")
+        return phases[k - 1][0], phases[k - 1][1], False
+
+
+def run_row(dense: Dense, searches: Searches, name: str, metric: str, objective: str, calibration: str, recovery,
+            k: int, folder: str) -> dict:
     model = copy.deepcopy(dense.model)
     windows = dense.calibration(calibration)
-    started = time.perf_counter()
-    found = sleb.search(model, windows, k, metric, objective=objective, progress=False)
-    search_seconds = time.perf_counter() - started
-    row = {"method": name, "removed": k, "removal_list": found.removal_list, "metric": metric,
+    removal_list, search_seconds, fits = searches.removal_list(model, windows, k, metric, objective, calibration)
+    row = {"method": name, "removed": k, "removal_list": removal_list, "metric": metric,
            "objective": objective, "calibration": calibration, "calibration_windows": list(windows.shape),
-           "recovery": recovery or ("linear, inside the search" if found.fits else "none"),
-           "search_seconds": round(search_seconds, 1)}
+           "recovery": recovery or ("linear, inside the search" if fits else "none"),
+           "search_seconds": search_seconds}
     if recovery == "linear":
-        sleb.compensate(model, windows, found.removal_list, progress=False)
+        sleb.compensate(model, windows, removal_list, progress=False)
     else:
-        sleb.remove_blocks(model, found.removal_list)
+        sleb.remove_blocks(model, removal_list)
     if recovery == "lora":
         started = time.perf_counter()
         healed = sleb.heal(model, windows=windows, work_dir=os.path.join(folder, "lora_work"), **LORA)
@@ -164,7 +196,7 @@ def write_table(out: str, dense_row: dict, rows: list) -> None:
     counts = sorted({row["removed"] for row in rows})
     header = [
         "# SmolLM2-135M-Instruct: 3, 6 and 9 of 30 blocks removed, every method", "",
-        "Written by `python bench/real_model.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf` (rows.jsonl holds every "
+        "Written by `python -m bench.real_model --gguf SmolLM2-135M-Instruct.Q4_1.gguf` (rows.jsonl holds every "
         "figure; the module's docstring says how each is measured). The Q4_1 GGUF dequantized to float32, on "
         "2 CPU cores. Calibration: demo " f"{CALIBRATION_ROWS['demo']} docstrings, self {CALIBRATION_ROWS['self']} "
         "sampled chat replies, chat the docstrings as conversations; windows of "
@@ -206,8 +238,9 @@ def _plots(out: str, dense_row: dict, rows: list) -> None:
 
 # What the targets are stated on comes first: 3 blocks with no training, 6 with LoRA.
 PRIORITY = [("sleb ce / demo", 3), ("sleb ce / self", 3), ("sleb ce / demo + linear", 3),
-            ("sleb_compensated / demo", 3), ("sleb ce / self + LoRA (self)", 6), ("sleb ce / demo", 6),
-            ("sleb ce / self", 6), ("sleb ce / self + LoRA (self)", 3)]
+            ("sleb ce / self", 6), ("sleb ce / self + LoRA (self)", 6), ("sleb kl / self", 3),
+            ("sleb ce / self + linear (self)", 3), ("sleb ce / self", 9), ("sleb kl / self", 6),
+            ("sleb ce / self + LoRA (self)", 3), ("sleb_compensated / demo", 3), ("sleb ce / demo", 6)]
 
 
 def _order(wanted: list, counts: list) -> list:
@@ -226,7 +259,7 @@ def main(gguf: str, counts="3,6,9", rows=None, out: str = os.path.join(ROOT, "do
         return
     counts = [int(c) for c in (counts.split(",") if isinstance(counts, str) else counts)]
     wanted = [m for m in METHODS if rows is None or m[0] in (rows.split(",") if isinstance(rows, str) else rows)]
-    dense = Dense(gguf, out)
+    dense, searches = Dense(gguf, out), Searches(out, max(counts))
     right = len(dense.zeroshot["right"]["answers"])
     dense_row = {"ppl_demo": dense.ppl, "demo_cloze": dense.zeroshot["tasks"]["demo_cloze"]["acc"],
                  "demo_order": dense.zeroshot["tasks"]["demo_order"]["acc"],
@@ -239,7 +272,7 @@ def main(gguf: str, counts="3,6,9", rows=None, out: str = os.path.join(ROOT, "do
         if any(r["method"] == method[0] and r["removed"] == k for r in done):
             continue
         started = time.perf_counter()
-        row = run_row(dense, *method, k, out)
+        row = run_row(dense, searches, *method, k, out)
         row["row_seconds"] = round(time.perf_counter() - started, 1)
         done.append(row)
         with open(done_file, "a") as handle:

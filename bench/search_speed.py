@@ -1,25 +1,21 @@
 """Reference vs fast search engine, same model and calibration windows, one process; prints one JSON line.
 
-    python bench/search_speed.py                       # random Llama, 16 blocks, hidden 512, vocab 8000, CPU
-    python bench/search_speed.py --model_name demo --dataset demo --windows 8
-    python bench/search_speed.py --layers 32 --hidden 4096 --intermediate 11008 --heads 32 --vocab 32000 \\
+    python -m bench.search_speed                       # random Llama, 16 blocks, hidden 512, vocab 8000, CPU
+    python -m bench.search_speed --model_name demo --dataset demo --windows 8
+    python -m bench.search_speed --layers 32 --hidden 4096 --intermediate 11008 --heads 32 --vocab 32000 \\
         --windows 16 --seqlen 2048 --phases 2 --device cuda --dtype float16   # Llama-2-7B shape
 """
 
 import json
-import os
-import sys
 import time
 
 import fire
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from sleb import data, memory, models, search_algorithms  # noqa: E402
-from sleb.engines import ReferenceEngine  # noqa: E402
-from sleb.fast_search import FastEngine  # noqa: E402
-from sleb.results import environment  # noqa: E402
+from sleb import data, memory, models, search_algorithms
+from sleb.engines import ReferenceEngine
+from sleb.fast_search import FastEngine
+from sleb.results import environment
 
 
 def _random_llama(layers, hidden, intermediate, heads, vocab, seqlen, dtype, device, seed):

@@ -19,7 +19,7 @@ from sleb.api import (CompensationResult, HealResult, SearchResult, calibration_
                       serving_problems, skipping, zeroshot, zeroshot_tasks)
 from sleb.errors import UsageError  # noqa: E402
 from sleb.recovery.lora import LoraRecipe  # noqa: E402
-from sleb.search_algorithms import Evolution  # noqa: E402
+from sleb.evopress import Evolution  # noqa: E402
 
 __all__ = ["load", "calibration_windows", "evaluation_windows", "search", "SearchResult", "remove_blocks",
            "skipping", "check_compensable", "compensate", "CompensationResult", "serving_problems", "perplexity",

@@ -180,20 +180,21 @@ def search(model, windows: torch.Tensor, num_remove_blocks: Optional[int] = None
     `objective`: ce (the paper's loss) or kl (mean KL from the dense model's next-token distributions,
     kept whole within `kl_gb`, else their top `kl_top_k` and the rest; sleb/objectives.py), for every
     metric that scores by calibration loss (sleb, sleb_oneshot, sleb_compensated, evopress). `metric`
-    evopress is EvoPress's evolutionary search; `evolution` (a search_algorithms.Evolution) its settings."""
-    from sleb import objectives
-    from sleb.search_algorithms import (METRICS, Evolution, SearchJob, SearchState, check_choices, check_objective,
-                                        check_resumable, check_shape)
+    evopress is EvoPress's evolutionary search; `evolution` (a sleb.Evolution) its settings."""
+    from sleb import metrics, objectives
+    from sleb.evopress import Evolution
+    from sleb.metrics import check_choices, check_objective, check_resumable
+    from sleb.search_algorithms import SearchJob, SearchState, check_shape
 
     check_choices(metric, engine, early_barrier, latter_barrier)
+    chosen = metrics.get(metric)
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype != torch.long:
         raise UsageError("windows must be a (windows, seqlen) tensor of token ids, as calibration_windows returns")
     depth = blocks.num_blocks(model)
     k = blocks.default_remove_count(depth) if num_remove_blocks is None else num_remove_blocks
     check_at_least("num_remove_blocks", k, 1)
     check_at_least("compensation_gb", compensation_gb, 0)
-    objectives.check(objective, kl_top_k, kl_gb)
-    check_objective(objective, metric)
+    check_objective(metric, objective, kl_top_k, kl_gb)
     evolution = evolution or Evolution()
     evolution.check()
     check_shape(depth, k, early_barrier, latter_barrier)
@@ -202,9 +203,9 @@ def search(model, windows: torch.Tensor, num_remove_blocks: Optional[int] = None
     ran_on = identity.of_run(model, windows, num_remove_blocks=k, metric=metric, early_barrier=early_barrier,
                              latter_barrier=latter_barrier, seed=seed, keep_block_kinds=keep_block_kinds,
                              objective=objective, kl_top_k=kl_top_k if objective == "kl" else None,
-                             evolution=dataclasses.asdict(evolution) if metric == "evopress" else None)
+                             evolution=dataclasses.asdict(evolution) if chosen.evolves else None)
     compensated = None
-    if metric == "sleb_compensated":
+    if chosen.compensates:
         compensated = dict(early_barrier=early_barrier, latter_barrier=latter_barrier, budget_gb=compensation_gb,
                            progress=progress, log=log)
     state = SearchState(depth)
@@ -245,7 +246,7 @@ def search(model, windows: torch.Tensor, num_remove_blocks: Optional[int] = None
                     kinds=guard.binding_kinds(model) if keep_block_kinds else None)
     with _evaluating(model):
         if len(state.removal_list) < k:  # a finished search handed back in is returned as it is
-            state = METRICS[metric](job, state)
+            state = chosen.run(job, state)
     return result(state, "done")
 
 

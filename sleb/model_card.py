@@ -6,6 +6,8 @@ import os
 import shlex
 import sys
 
+from sleb import metrics
+
 
 def command_line(module: str) -> str:
     """The command this process was started with, as a user would type it."""
@@ -65,13 +67,11 @@ def _search_lines(record: dict) -> list:
 def compensated_metric(record: dict) -> str:
     """How a search or eval run's blocks were chosen, with "+ linear" where --compensate linear followed
     (sleb_compensated compensates inside the search and says so itself)."""
-    metric = _settings(record).get("metric", "given") if record["command"] == "sleb" else "given"
-    objective = _settings(record).get("objective", "ce")
-    if record["command"] == "sleb" and (objective != "ce" or metric == "evopress"):
-        metric = f"{metric} ({objective})"  # evopress's own paper scores by KL: its ce runs say so too
-    if record.get("compensation") and not metric.startswith("sleb_compensated"):
-        return f"{metric} + linear"
-    return metric
+    if record["command"] != "sleb":
+        return "given + linear" if record.get("compensation") else "given"
+    metric = metrics.get(_settings(record).get("metric", metrics.PAPER))
+    label = metric.label(_settings(record).get("objective", "ce"))
+    return f"{label} + linear" if record.get("compensation") and not metric.compensates else label
 
 
 def compensation_lines(record: dict) -> list:

@@ -13,6 +13,7 @@ import sys
 from collections import defaultdict
 
 
+from sleb import metrics
 from sleb.errors import UsageError
 from sleb.model_card import compensated_metric
 
@@ -57,12 +58,17 @@ def _metric(record) -> str:
     return compensated_metric(record)
 
 
+def _searched_by(record):
+    """The metric record of a search run; None for every other run."""
+    return metrics.get(record["settings"].get("metric", metrics.PAPER)) if record["command"] == "sleb" else None
+
+
 def _calibration(record) -> str:
     settings = record["settings"]
     if record["command"] == "heal":
         steps = (record.get("loss_curve") or [{"step": 0}])[-1]["step"]
         return f"LoRA on {settings['dataset']}, {steps} steps"
-    if record["command"] != "sleb" or settings.get("metric") == "random":
+    if record["command"] != "sleb" or not _searched_by(record).calibrated:
         return "-"  # given lists and random choices use no calibration data
     return f"{settings['dataset']}, {settings['nsamples']} rows, seed {settings['seed']}"
 
@@ -70,7 +76,8 @@ def _calibration(record) -> str:
 def _group(record) -> tuple:
     """Runs that are the same experiment: random runs differ only in their seed and are averaged;
     every other run is its own row unless model, list, metric and calibration all agree."""
-    removed = () if _metric(record) == "random" else tuple(record["removal_list"])
+    metric = _searched_by(record)
+    removed = () if metric and metric.seeded_draw else tuple(record["removal_list"])
     return (_model(record), len(record["removal_list"]), _metric(record), _calibration(record), removed)
 
 
@@ -95,7 +102,7 @@ def quality_rows(records: list):
     rows = []
     for (model, removed, metric, calibration, _), group in sorted(groups.items()):
         depth = group[0]["num_blocks"]
-        runs = "seeds" if metric == "random" else "runs"
+        runs = "seeds" if any(_searched_by(r) and _searched_by(r).seeded_draw for r in group) else "runs"
         row = [model, f"{removed}/{depth} ({100 * removed / depth:.0f}%)", metric + (
             f" (mean of {len(group)} {runs})" if len(group) > 1 else ""), calibration]
         for name in datasets:
@@ -141,13 +148,13 @@ def sleb_difference_rows(records: list):
     on the first evaluation set."""
     reference = {}
     for record in records:
-        if record["command"] == "sleb" and _metric(record) == "sleb":
+        if record["command"] == "sleb" and _metric(record) == metrics.PAPER:
             reference[(_model(record), len(record["removal_list"]), _calibration(record))] = record
     rows = []
     for record in sorted(records, key=lambda r: (_model(r), len(r.get("removal_list") or []), _metric(r))):
         key = (_model(record), len(record.get("removal_list") or []), _calibration(record))
         base = reference.get(key)
-        if record["command"] != "sleb" or base is None or record is base or _metric(record).startswith("random"):
+        if record["command"] != "sleb" or base is None or record is base or _searched_by(record).seeded_draw:
             continue
         mine, theirs = set(record["removal_list"]), set(base["removal_list"])
         changes = "same set" if mine == theirs else (f"-{sorted(theirs - mine)} +{sorted(mine - theirs)}")

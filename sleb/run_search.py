@@ -6,10 +6,10 @@ import os
 import sys
 import time
 
-from sleb import api, data, distributed, models, results, stages
+from sleb import api, data, distributed, metrics, results, stages
 from sleb.api import SearchResult
 from sleb.errors import UsageError
-from sleb.search_algorithms import CHANGES_WEIGHTS, check_resumable
+from sleb.metrics import check_resumable
 
 # Settings that define a search's answer: a resumed run must match them.
 _RESUME_KEYS = ("model_name", "num_blocks", "num_remove_blocks", "early_barrier", "latter_barrier", "dataset",
@@ -44,6 +44,30 @@ def _resumed(path: str, settings) -> SearchResult:
     return resumed
 
 
+def _search(model, windows, settings, resumed, base: dict, path: str, main_rank: bool, log) -> SearchResult:
+    """sleb.search with the settings, its result saved after every phase so an interrupted run can resume."""
+    saved = [resumed]
+
+    def save_partial(partial: SearchResult):
+        saved[0] = partial
+        if main_rank:
+            results.write_json(path, {**base, "search": partial.to_dict()})
+
+    try:
+        return api.search(model, windows, settings.num_remove_blocks, settings.metric, settings.engine,
+                          early_barrier=settings.early_barrier, latter_barrier=settings.latter_barrier,
+                          batch_size=settings.search_batch_size, cache_gb=settings.cache_gb, seed=settings.seed,
+                          progress=main_rank, resume=resumed, on_phase=save_partial, log=log,
+                          keep_block_kinds=settings.keep_block_kinds, compensation_gb=settings.compensation_gb,
+                          objective=settings.objective, kl_top_k=settings.kl_top_k, kl_gb=settings.kl_gb,
+                          evolution=settings.evolution())
+    except KeyboardInterrupt:
+        if saved[0] is not None and saved[0].removal_list and main_rank:
+            print(f"interrupted after phase {len(saved[0].removal_list)}; partial result in {path}; "
+                  "rerun the same command with --resume True to continue", file=sys.stderr)
+        raise
+
+
 def run(settings) -> dict:
     """`python -m sleb` (`sleb search`)."""
     rank = 0
@@ -51,106 +75,45 @@ def run(settings) -> dict:
         rank, _, settings.device = distributed.setup()
     main_rank = rank == 0
     log = print if main_rank else (lambda *args, **kwargs: None)
-
-    # checks
-    settings.check()
-    _, config = models.load_config(settings.model_name, settings.trust_remote_code)
-    settings.check_depth(models.config_depth(config), config)
+    config, depth = stages.checked_config(settings)
+    settings.check_depth(depth, config)
+    metric, k = metrics.get(settings.metric), settings.num_remove_blocks
     result_file = settings.result_file or default_result_file(settings)
-    claim = (results.claim(settings.result_folder, result_file, settings.overwrite or settings.resume)
-             if main_rank else contextlib.nullcontext(os.path.join(settings.result_folder, result_file)))
+    claim = (results.claim(settings.result_folder, result_file, settings.overwrite or settings.resume) if main_rank
+             else contextlib.nullcontext(os.path.join(settings.result_folder, result_file)))
     with claim as path:
         resumed = _resumed(path, settings) if settings.resume else None
         started = time.perf_counter()
-        # data
         data.calibration_text(settings.dataset, settings.nsamples, settings.seed)  # fails before the load, cached
         eval_data = stages.fetch_eval_data(settings)
-        # load
         model, tokenizer = stages.load(settings)
         windows = api.calibration_windows(tokenizer, settings.dataset, settings.nsamples, settings.seqlen,
                                           settings.seed, model=model)
-        seqlen = windows.shape[1]
-        depth, k = settings.num_blocks, settings.num_remove_blocks
-        log(f"calibration: {settings.dataset}, {settings.nsamples} rows -> {len(windows)} windows of {seqlen} "
-            f"tokens; {settings.metric} removes {k} of {depth} blocks")
-        base = stages.record("sleb", settings, model, depth, calibration_windows=len(windows), seqlen=seqlen)
-
-        if settings.compensate == "linear" or settings.metric == "sleb_compensated":  # refused before any long work
+        log(f"calibration: {settings.dataset}, {settings.nsamples} rows -> {len(windows)} windows of "
+            f"{windows.shape[1]} tokens; {settings.metric} removes {k} of {depth} blocks")
+        base = stages.record("sleb", settings, model, depth, calibration_windows=len(windows), seqlen=windows.shape[1])
+        if settings.compensate == "linear" or metric.compensates:  # refused before any long work
             api.check_compensable(model, windows, settings.early_barrier, settings.latter_barrier)
         eval_windows = stages.tokenize_eval_texts(model, tokenizer, eval_data, settings.seqlen)
-        changes_weights = settings.metric in CHANGES_WEIGHTS  # its dense perplexity must come first
-        dense, reference = {}, None
-        if main_rank and changes_weights:
-            dense = stages.perplexity(model, eval_windows, settings.batch_size)
-            reference = stages.dense_reference(model, tokenizer, eval_windows, eval_data, settings)
 
-        # search (saved after every phase, so an interrupted run can resume)
-        saved = [resumed]
+        def dense_figures():
+            return stages.dense_reference(model, tokenizer, eval_windows, eval_data, settings, with_ppl=True)
 
-        def save_partial(partial: SearchResult):
-            saved[0] = partial
-            if main_rank:
-                results.write_json(path, {**base, "search": partial.to_dict()})
-
-        try:
-            found = api.search(model, windows, k, settings.metric, settings.engine,
-                               early_barrier=settings.early_barrier, latter_barrier=settings.latter_barrier,
-                               batch_size=settings.search_batch_size, cache_gb=settings.cache_gb, seed=settings.seed,
-                               progress=main_rank, resume=resumed, on_phase=save_partial, log=log,
-                               keep_block_kinds=settings.keep_block_kinds, compensation_gb=settings.compensation_gb,
-                               objective=settings.objective, kl_top_k=settings.kl_top_k, kl_gb=settings.kl_gb,
-                               evolution=settings.evolution())
-        except KeyboardInterrupt:
-            if saved[0] is not None and saved[0].removal_list and main_rank:
-                print(f"interrupted after phase {len(saved[0].removal_list)}; partial result in {path}; "
-                      "rerun the same command with --resume True to continue", file=sys.stderr)
-            raise
-        search_seconds = found.total_seconds
+        dense = dense_figures() if main_rank and metric.changes_weights else None  # before it folds maps in
+        found = _search(model, windows, settings, resumed, base, path, main_rank, log)
         if not main_rank:
             return None  # rank 0 evaluates and writes
-        print(f"removal list: {found.removal_list} (search took {search_seconds:.1f} s)")
-
-        # prune and evaluate
-        record = {**base, "search": found.to_dict()}
-        if not changes_weights:
-            dense = stages.perplexity(model, eval_windows, settings.batch_size)
-            reference = stages.dense_reference(model, tokenizer, eval_windows, eval_data, settings)
-        if dense:
-            record["ppl_dense"] = dense
-        if found.fits:  # sleb_compensated left each chosen block's map folded in
-            runs = [fit.record() for fit in found.fits]
-            record["compensation"] = {"method": "linear, inside the search", "ridge": 0.0, "runs": runs,
-                                      "seconds": round(sum(fit["seconds"] for fit in runs), 3)}
-            api.remove_blocks(model, found.removal_list, keep_block_kinds=settings.keep_block_kinds)
-        elif settings.compensate == "linear":
-            record["compensation"] = api.compensate(model, windows, found.removal_list, settings.ridge,
-                                                    batch_size=settings.search_batch_size,
-                                                    keep_block_kinds=settings.keep_block_kinds).to_dict()
-        else:
-            # the search honoured --keep_block_kinds; the list it found is removed as found
-            api.remove_blocks(model, found.removal_list, keep_block_kinds=settings.keep_block_kinds)
-        record["removal_list"] = found.removal_list
-        record["serving_warnings"] = stages.serving_warnings(model)
-        if eval_windows:
-            record["ppl"] = stages.perplexity(model, eval_windows, settings.batch_size)
-        zeroshot = stages.zeroshot_accuracy(model, tokenizer, eval_data, settings)
-        if zeroshot is not None:
-            record["zeroshot"] = zeroshot
-        stages.compare_with_dense(model, reference, record, settings.batch_size)
-        del reference  # the dense distributions are not needed past here
-        record["times"] = {"search_s": round(search_seconds, 3), "total_s": round(time.perf_counter() - started, 3)}
-        if "compensation" in record:
-            record["times"]["compensate_s"] = record["compensation"]["seconds"]
-
-        # write, save and report (the results stand even where the checkpoint cannot be saved)
-        results.write_json(path, record)
-        stages.save_outputs(model, tokenizer, settings, record, path)
-    if dense:
-        kl = record.get("kl_to_dense", {})
-        rows = [[name, f"{dense[name]['ppl']:.3f}", f"{record['ppl'][name]['ppl']:.3f}"]
-                + ([f"{kl[name]['kl']:.4f}"] if kl else []) + [record["ppl"][name]["windows"]] for name in dense]
-        print(results.table(["data set", f"ppl dense ({depth} blocks)", f"ppl pruned ({depth - k} blocks)"]
-                            + (["KL to dense (nats/token)"] if kl else []) + ["windows"], rows))
+        print(f"removal list: {found.removal_list} (search took {found.total_seconds:.1f} s)")
+        dense = dense or dense_figures()
+        record = {**base, "search": found.to_dict(), "ppl_dense": dense.ppl, "removal_list": found.removal_list,
+                  "times": {"search_s": round(found.total_seconds, 3)}}
+        stages.remove(model, found.removal_list, settings, record, windows, found.fits)
+        stages.evaluate(model, tokenizer, eval_windows, eval_data, dense, settings, record)
+        del dense  # the dense distributions are not needed past here
+        stages.write_and_save(model, tokenizer, settings, record, path, started)
+    if record["ppl"]:
+        print(stages.ppl_table({f"dense, {depth} blocks": record["ppl_dense"], f"pruned, {depth - k} blocks":
+                                record["ppl"]}, kl=record.get("kl_to_dense")))
     if settings.plot:
         from sleb.plots import plot_search
 

@@ -17,7 +17,10 @@ from sleb import blocks, data, models
 from sleb.checkpoint import check_new_directory
 from sleb.cli import flag
 from sleb.errors import UsageError, check_at_least, comma_list
-from sleb.search_algorithms import Evolution, check_choices, check_objective, check_shape
+from sleb import metrics
+from sleb.evopress import Evolution
+from sleb.metrics import check_choices, check_objective
+from sleb.search_algorithms import check_shape
 from sleb.recovery.lora import LoraRecipe
 
 PAPER_PPL_DATASETS = "wikitext2,c4"
@@ -266,9 +269,7 @@ class SearchSettings(OutputFlags, GgufOutFlags, SaveFlags, CompensateFlags, Dive
     num_remove_blocks: Optional[int] = flag(None, "blocks to remove (default: ceil(0.2 x num_blocks))")
     early_barrier: int = flag(1, "the first this-many alive blocks are never candidates")
     latter_barrier: int = flag(1, "the last this-many alive blocks are never candidates")
-    metric: str = flag("sleb", "sleb (iterative, metric 3), sleb_compensated (the same loop, each candidate scored with "
-                               "its linear map folded in, the chosen maps kept), evopress (EvoPress's evolutionary "
-                               "search, started from the sleb list), sleb_oneshot (metric 2), cosine, angular or random")
+    metric: str = flag(metrics.PAPER, metrics.described())
     objective: str = flag("ce", "what the loss-scored metrics minimise: ce (the paper's cross-entropy) or kl (mean KL "
                                 "from the dense model's next-token distributions)")
     evo_generations: Optional[int] = flag(None, "evopress: generations (default k (n - k) / 1.5, rounded up)")
@@ -292,20 +293,18 @@ class SearchSettings(OutputFlags, GgufOutFlags, SaveFlags, CompensateFlags, Dive
             raise UsageError("--resume True continues the results file and --overwrite True replaces it; pass one")
         check_choices(self.metric, self.engine, self.early_barrier, self.latter_barrier)
         self.check_compensate()
-        if self.compensate is not None and self.metric == "sleb_compensated":
-            raise UsageError("--metric sleb_compensated compensates as it searches; drop --compensate linear")
+        if self.compensate is not None and metrics.get(self.metric).compensates:
+            raise UsageError(f"--metric {self.metric} compensates as it searches; drop --compensate linear")
         if self.compensate is not None and self.early_barrier < 1:
             raise UsageError("--compensate linear folds each run's map into the block before it; keep "
                              "--early_barrier at least 1 so block 0 is never removed")
         for name, minimum in (("search_batch_size", 1), ("cache_gb", 0), ("compensation_gb", 0)):
             check_at_least(name, getattr(self, name), minimum)
-        from sleb import objectives
-
-        objectives.check(self.objective, self.kl_top_k, self.kl_gb)
-        check_objective(self.objective, self.metric)
+        check_objective(self.metric, self.objective, self.kl_top_k, self.kl_gb)
         self.evolution().check()
-        if self.metric != "evopress" and self.evolution() != Evolution():
-            raise UsageError(f"the --evo_* flags set evopress's search; add --metric evopress or drop them "
+        if not metrics.get(self.metric).evolves and self.evolution() != Evolution():
+            evolving = " or ".join(name for name, metric in metrics.METRICS.items() if metric.evolves)
+            raise UsageError(f"the --evo_* flags set {evolving}'s search; add --metric {evolving} or drop them "
                              f"(--metric is {self.metric})")
         if self.num_remove_blocks is not None:
             check_at_least("num_remove_blocks", self.num_remove_blocks, 1)
@@ -333,10 +332,8 @@ class SearchSettings(OutputFlags, GgufOutFlags, SaveFlags, CompensateFlags, Dive
             self.num_remove_blocks = blocks.default_remove_count(depth)
         check_shape(depth, self.num_remove_blocks, self.early_barrier, self.latter_barrier)
         if config is not None:
-            from sleb.search_algorithms import CHANGES_WEIGHTS
-
             self.check_save_gguf_depth(config, depth - self.num_remove_blocks,
-                                       self.compensate is not None or self.metric in CHANGES_WEIGHTS)
+                                       self.compensate is not None or metrics.get(self.metric).changes_weights)
 
 
 RECIPE = LoraRecipe()  # the recipe's defaults are the flags' defaults

@@ -2,7 +2,7 @@
 accuracy, and start a results record (saving a checkpoint is sleb/checkpoint.py).
 
 A pipeline (run_search, run_eval, latency, heal) is a short list of these calls in one order:
-checks -> data -> load -> work -> record -> write -> table.
+checks -> data -> load -> work (search, remove or compensate, heal) -> evaluate -> record -> write -> table.
 """
 
 import time
@@ -10,6 +10,13 @@ from dataclasses import dataclass
 
 from sleb import api, data, models, results
 from sleb.accuracy import zeroshot_table
+
+
+def checked_config(settings):
+    """The settings' own checks, then the model's config read (no weights): (config, depth)."""
+    settings.check()
+    _, config = models.load_config(settings.model_name, settings.trust_remote_code)
+    return config, models.config_depth(config)
 
 
 @dataclass
@@ -87,13 +94,17 @@ class DenseReference:
     continuations: list = None
     prompts: list = None
     zeroshot: dict = None
+    ppl: dict = None  # its perplexity, where the pipeline reports dense beside pruned
 
 
-def dense_reference(model, tokenizer, eval_windows: dict, eval_data: EvalData, settings) -> DenseReference:
+def dense_reference(model, tokenizer, eval_windows: dict, eval_data: EvalData, settings,
+                    with_ppl: bool = False) -> DenseReference:
     from sleb import agreement
     from sleb.demo_tasks import GENERATIVE
 
     reference = DenseReference(dense_distributions(model, eval_windows, settings))
+    if with_ppl:
+        reference.ppl = perplexity(model, eval_windows, settings.batch_size)
     if getattr(settings, "eval_agreement", 0):
         reference.prompts = agreement.prompts(tokenizer, settings.eval_agreement)
         reference.continuations = agreement.continuations(model, reference.prompts)
@@ -121,6 +132,35 @@ def compare_with_dense(model, reference: DenseReference, record: dict, batch_siz
         for name, kept in record["answers_kept"].items():
             print(f"{name}: {kept['kept']} of the dense model's {kept['dense_right']} right answers kept "
                   f"({100 * (kept['share'] or 0):.1f}%)")
+
+
+def remove(model, removal_list: list, settings, record: dict, windows=None, fits=None) -> None:
+    """Take the blocks out: with the maps a compensated search already folded in (`fits`), with --compensate
+    linear fitted on `windows`, or as they are; what was fitted goes into the record as "compensation"."""
+    if fits:
+        runs = [fit.record() for fit in fits]
+        record["compensation"] = {"method": "linear, inside the search", "ridge": 0.0, "runs": runs,
+                                  "seconds": round(sum(fit["seconds"] for fit in runs), 3)}
+    elif getattr(settings, "compensate", None) == "linear":
+        record["compensation"] = api.compensate(model, windows, removal_list, settings.ridge,
+                                                batch_size=getattr(settings, "search_batch_size", 4),
+                                                keep_block_kinds=settings.keep_block_kinds).to_dict()
+        return
+    api.remove_blocks(model, removal_list, keep_block_kinds=settings.keep_block_kinds)
+
+
+def evaluate(model, tokenizer, eval_windows: dict, eval_data: EvalData, reference: DenseReference, settings,
+             record: dict, ppl_key: str = "ppl", zeroshot_key: str = "zeroshot") -> None:
+    """The model's figures into the record: serving warnings where blocks went, perplexity, zero-shot
+    accuracy, and (with a dense `reference`) KL, agreement and answers kept."""
+    if record.get("removal_list"):
+        record["serving_warnings"] = serving_warnings(model)
+    record[ppl_key] = perplexity(model, eval_windows, settings.batch_size)
+    zeroshot = zeroshot_accuracy(model, tokenizer, eval_data, settings)
+    if zeroshot is not None:
+        record[zeroshot_key] = zeroshot
+    if reference is not None:
+        compare_with_dense(model, reference, record, settings.batch_size)
 
 
 def zeroshot_accuracy(model, tokenizer, eval_data: EvalData, settings):
@@ -178,9 +218,23 @@ def serving_warnings(model) -> list:
     return found
 
 
-def ppl_table(ppl: dict, label: str = "pruned", kl: dict = None) -> str:
+def ppl_table(columns: dict, kl: dict = None) -> str:
+    """The one perplexity table every command prints: {column label: {data set: perplexity entry}} side by
+    side (dense, pruned, healed), KL to dense where measured, and the windows they were measured on."""
     kl = kl or {}
-    rows = [[name, f"{entry['ppl']:.3f}"] + ([f"{kl[name]['kl']:.4f}" if name in kl else "-"] if kl else [])
-            + [entry["windows"], entry["seqlen"]] for name, entry in ppl.items()]
-    return results.table(["data set", f"perplexity ({label})"] + (["KL to dense (nats/token)"] if kl else [])
-                         + ["windows", "seqlen"], rows)
+    last = list(columns.values())[-1]
+    rows = [[name] + [f"{column[name]['ppl']:.3f}" if name in column else "-" for column in columns.values()]
+            + ([f"{kl[name]['kl']:.4f}" if name in kl else "-"] if kl else []) + [entry["windows"], entry["seqlen"]]
+            for name, entry in last.items()]
+    return results.table(["data set"] + [f"perplexity ({label})" for label in columns]
+                         + (["KL to dense (nats/token)"] if kl else []) + ["windows", "seqlen"], rows)
+
+
+def write_and_save(model, tokenizer, settings, record: dict, path: str, started: float) -> None:
+    """Total time into the record, the results written, then --save_model and --save_gguf (the results stand
+    even where a checkpoint cannot be saved)."""
+    record.setdefault("times", {})["total_s"] = round(time.perf_counter() - started, 3)
+    if record.get("compensation"):
+        record["times"]["compensate_s"] = record["compensation"]["seconds"]
+    results.write_json(path, record)
+    save_outputs(model, tokenizer, settings, record, path)

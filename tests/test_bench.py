@@ -28,11 +28,11 @@ def test_gpu_bench_needs_an_output_directory():
 def test_metric_bench_times_every_metric_and_counts_block_forwards():
     import json
 
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "metric_speed.py"), "--model_name", "random",
+    out = subprocess.run([sys.executable, "-m", "bench.metric_speed", "--model_name", "random",
                           "--layers", "6", "--hidden", "32", "--intermediate", "64", "--heads", "2", "--vocab", "300",
                           "--windows", "4", "--seqlen", "32", "--num_remove_blocks", "2",
                           "--metrics", "sleb,evopress,cosine", "--evo_generations", "2"],
-                         capture_output=True, text=True, env=OFFLINE, timeout=300)
+                         capture_output=True, text=True, env=OFFLINE, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 1
@@ -45,3 +45,20 @@ def test_metric_bench_times_every_metric_and_counts_block_forwards():
     evo = runs[("evopress", "kl")]
     assert evo["generations"] == 2 and evo["loss"] <= evo["greedy_loss"] and evo["kl_vocabulary"] == "full"
     assert evo["block_forwards"] > runs[("sleb", "kl")]["block_forwards"]  # the greedy list, then the generations
+
+
+def test_benchmarks_are_modules_without_path_preludes():
+    """`python -m bench.NAME` from a checkout finds sleb and its sibling benchmarks by package: no benchmark
+    edits sys.path when it is imported."""
+    import ast
+
+    found = []
+    for name in sorted(os.listdir(os.path.join(ROOT, "bench"))):
+        if name.endswith(".py"):
+            tree = ast.parse(open(os.path.join(ROOT, "bench", name)).read())
+            found += [f"bench/{name}:{node.lineno}" for node in tree.body  # module level only
+                      if isinstance(node, ast.Expr) and "sys.path" in ast.unparse(node)]
+    assert not found
+    out = subprocess.run([sys.executable, "-m", "bench.random_model", "--help"], capture_output=True, text=True,
+                         env=OFFLINE, timeout=120, cwd=ROOT)
+    assert out.returncode == 0 and "DIRECTORY" in out.stdout + out.stderr, out.stderr

@@ -128,20 +128,28 @@ def test_smollm2_pruned_gguf_runs_in_llama_cpp_within_the_dense_files_gap(smollm
 
 @needs_engine
 def test_smollm2_gguf_through_the_search_command_saves_a_checkpoint_and_a_gguf(tmp_path):
-    """python -m sleb on the .gguf: one phase over one window; --save_model writes a plain checkpoint (no
-    quantization record) that reloads as the model scored (the guard), and --save_gguf the pruned file."""
-    out = invoke("sleb", "--model_name", SMOLLM2, "--num_remove_blocks", "1", "--dataset", "demo", "--nsamples", "4",
-                 "--seqlen", "64", "--eval_ppl", "False", "--save_model", str(tmp_path / "ckpt"), "--save_gguf",
-                 str(tmp_path / "p.gguf"), "--result_folder", str(tmp_path / "results"), "--result_file", "r.json")
+    """The real model in CI: python -m sleb on the .gguf, one phase over one window, a few of the answers
+    questions; --save_model writes a plain checkpoint (no quantization record) that reloads and answers
+    those questions as the model scored did, and --save_gguf the pruned file."""
+    out = invoke("sleb", "--model_name", SMOLLM2, "--num_remove_blocks", "1", "--dataset", "demo", "--nsamples", "3",
+                 "--seqlen", "64", "--eval_ppl", "False", "--eval_zeroshot", "True", "--tasks", "answers",
+                 "--limit", "6", "--save_model", str(tmp_path / "ckpt"), "--save_gguf", str(tmp_path / "p.gguf"),
+                 "--result_folder", str(tmp_path / "results"), "--result_file", "r.json")
     assert out.returncode == 0, out.stderr[-2000:]
     record = json.loads((tmp_path / "results" / "r.json").read_text())
     removed = record["removal_list"]
+    assert record["calibration_windows"] == 1 and len(record["search"]["losses"]) == 1
     assert len(removed) == 1 and record["gguf"]["block_count"] == 29
     assert record["settings"]["model_name"] == SMOLLM2
+    kept = record["answers_kept"]["answers"]
+    assert kept["dense_right"] >= 3 and 0 <= kept["kept"] <= kept["dense_right"]  # SmolLM2 knows a few of six
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert config["num_hidden_layers"] == 29 and "quantization_config" not in config
-    reloaded, _ = sleb.load(str(tmp_path / "ckpt"))
+    reloaded, tokenizer = sleb.load(str(tmp_path / "ckpt"))
     assert blocks.num_blocks(reloaded) == 29
+    again = sleb.zeroshot(reloaded, tokenizer, "answers", limit=6)
+    assert again["right"] == record["zeroshot"]["right"]  # the same questions right, greedy, as scored
+    assert again["tasks"]["answers"]["acc"] == record["zeroshot"]["tasks"]["answers"]["acc"]
     import gguf
 
     assert gguf.GGUFReader(str(tmp_path / "p.gguf")).get_field(gguf_file.REMOVAL_KEY).contents() == removed

@@ -177,3 +177,48 @@ def test_tests_and_benchmarks_bind_no_public_name_to_another_module():
                         if target.split(".")[0] in PACKAGES and alias.asname in public and alias.asname != alias.name:
                             found.append(f"{folder}/{file}:{node.lineno} imports {target} as {alias.asname}")
     assert not found
+
+
+def test_metric_names_are_compared_only_in_the_registry():
+    """What a metric can do is read from its record in sleb/metrics.py: a module that compares --metric with
+    a name ("evopress", "sleb_compensated") is a second, drifting copy of that record. ("sleb" is also the
+    command's and the package's name, so the paper's metric is read as metrics.PAPER and not looked for.)"""
+    from sleb.metrics import METRICS, PAPER
+
+    found = []
+    for module, path in MODULES.items():
+        if module == "sleb.metrics":
+            continue
+        for node in ast.walk(ast.parse(open(path).read())):
+            named = []
+            if isinstance(node, ast.Compare):
+                named = [side for side in [node.left, *node.comparators]]
+                named += [element for side in node.comparators if isinstance(side, (ast.Tuple, ast.List, ast.Set))
+                          for element in side.elts]
+            elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) in ("startswith", "endswith"):
+                named = list(node.args)
+            found += [f"{module}:{node.lineno} compares with {side.value!r}" for side in named
+                      if isinstance(side, ast.Constant) and side.value in set(METRICS) - {PAPER}]
+    assert not found
+
+
+def test_the_design_page_draws_every_module_in_its_layer():
+    """docs/design.md's drawing names each module once, inside the box of the layer this file assigns it."""
+    import re
+
+    text = open(os.path.join(ROOT, "docs", "design.md")).read()
+    drawing = text.split("```text", 1)[1].split("```", 1)[0]
+    drawn, current = {}, None
+    for line in drawing.splitlines():
+        header = re.match(r"\+- (.+?) -", line)
+        if header:
+            current = header.group(1)
+            continue
+        for token in re.findall(r"[\w/]+\.py", line):
+            path = token if token.split("/")[0] in PACKAGES else f"sleb/{token}"
+            name = path[:-3].replace("/", ".").removesuffix(".__init__")
+            assert name not in drawn, f"{name} drawn twice"
+            drawn[name] = current
+    assert set(drawn) == set(MODULES), (set(MODULES) - set(drawn), set(drawn) - set(MODULES))
+    misplaced = {name: where for name, where in drawn.items() if where != LAYERS[layer(name)]}
+    assert not misplaced

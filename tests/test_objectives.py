@@ -14,7 +14,7 @@ import tiny
 from clitools import invoke
 from sleb import objectives
 from sleb.engines import ReferenceEngine
-from sleb.search_algorithms import Evolution
+from sleb.evopress import Evolution
 
 K = 3  # of 8 blocks; barriers 1 and 1 leave blocks 1..6, 20 subsets
 

@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from sleb import blocks, data, search_algorithms
+from sleb import blocks, data, metrics, search_algorithms
 from sleb.engines import ReferenceEngine
 from sleb.errors import UsageError
 from sleb.fast_search import FastEngine
@@ -20,7 +20,7 @@ def quiet(*args, **kwargs):
 def run_metric(metric, engine, model, windows, k, early=1, latter=1, seed=0):
     """Run a registered metric on a fresh state, as the pipeline does."""
     job = SearchJob(model, windows, k, early, latter, seed, build_engine=lambda: engine, log=quiet)
-    return search_algorithms.METRICS[metric](job, SearchState(blocks.num_blocks(model)))
+    return metrics.get(metric).run(job, SearchState(blocks.num_blocks(model)))
 
 
 def greedy(engine, model, windows, k):

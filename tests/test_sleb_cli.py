@@ -6,7 +6,7 @@ import json
 import pytest
 
 from sleb import run_search as run_search_module
-from sleb import search_algorithms
+from sleb import metrics
 from sleb.settings import SearchSettings
 from clitools import invoke
 
@@ -18,7 +18,7 @@ def test_sleb_end_to_end(model_dirs, text_file, tmp_path):
     assert out.returncode == 0, out.stderr
     result = json.loads((tmp_path / "s.json").read_text())
     chosen = result["search"]["removal_list"]
-    assert f"removal list: {chosen}" in out.stdout and "ppl pruned (4 blocks)" in out.stdout
+    assert f"removal list: {chosen}" in out.stdout and "perplexity (pruned, 4 blocks)" in out.stdout
     assert result["search"]["status"] == "done" and result["search"]["engine"] == "fast"
     assert len(result["search"]["losses"]) == 2 and len(result["search"]["losses"][0]) == 6
     assert result["settings"]["num_blocks"] == 6 and result["settings"]["num_remove_blocks"] == 2
@@ -32,7 +32,7 @@ def test_resume_after_interruption_reaches_the_same_answer(model_dirs, text_file
                     result_folder=str(tmp_path))
     whole = run_search_module.run(SearchSettings(**settings, result_file="whole.json"))
 
-    real_greedy = search_algorithms.METRICS["sleb"]
+    real_greedy = metrics.METRICS["sleb"].run
 
     def interrupted_greedy(job, state):
         save = job.on_phase
@@ -44,13 +44,13 @@ def test_resume_after_interruption_reaches_the_same_answer(model_dirs, text_file
         job.on_phase = save_then_stop
         return real_greedy(job, state)
 
-    monkeypatch.setitem(search_algorithms.METRICS, "sleb", interrupted_greedy)
+    monkeypatch.setitem(metrics.METRICS, "sleb", dataclasses.replace(metrics.METRICS["sleb"], run=interrupted_greedy))
     with pytest.raises(KeyboardInterrupt):
         run_search_module.run(SearchSettings(**settings, result_file="part.json"))
     partial = json.loads((tmp_path / "part.json").read_text())
     assert partial["search"]["status"] == "searching" and len(partial["search"]["removal_list"]) == 2
 
-    monkeypatch.setitem(search_algorithms.METRICS, "sleb", real_greedy)
+    monkeypatch.setitem(metrics.METRICS, "sleb", dataclasses.replace(metrics.METRICS["sleb"], run=real_greedy))
     resumed = run_search_module.run(SearchSettings(**settings, result_file="part.json", resume=True))
     assert resumed["search"]["removal_list"] == whole["search"]["removal_list"]
     assert resumed["search"]["losses"] == whole["search"]["losses"]

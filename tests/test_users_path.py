@@ -1,6 +1,7 @@
 """What goes wrong on the path users take: half precision, broken checkpoints, two runs on one results
 file, resuming every metric, the hub behind a proxy, a model spread by accelerate."""
 
+import dataclasses
 import http.server
 import json
 import os
@@ -16,7 +17,7 @@ import torch
 
 import tiny
 from clitools import ROOT, invoke, run, start
-from sleb import blocks, data, search_algorithms
+from sleb import blocks, data, metrics, search_algorithms
 from sleb.engines import ReferenceEngine
 from sleb.errors import UsageError
 from sleb.fast_search import FastEngine
@@ -69,7 +70,7 @@ def test_nan_in_a_later_phase_keeps_the_finished_phases(model_dirs, text_file, t
     from sleb import run_search as pipeline
     from sleb.settings import SearchSettings
 
-    real = search_algorithms.METRICS["sleb"]
+    real = metrics.METRICS["sleb"].run
 
     def poison_after_first_phase(job, state):
         save = job.on_phase
@@ -81,7 +82,8 @@ def test_nan_in_a_later_phase_keeps_the_finished_phases(model_dirs, text_file, t
         job.on_phase = on_phase
         return real(job, state)
 
-    monkeypatch.setitem(search_algorithms.METRICS, "sleb", poison_after_first_phase)
+    monkeypatch.setitem(metrics.METRICS, "sleb", dataclasses.replace(metrics.METRICS["sleb"],
+                                                                      run=poison_after_first_phase))
     # The reference engine: the fast one would reuse states it cached before the weights were poisoned.
     settings = SearchSettings(model_name=model_dirs["llama"], dataset=f"file:{text_file}", nsamples=60, seqlen=32,
                               num_remove_blocks=3, eval_ppl=False, engine="reference", result_folder=str(tmp_path), result_file="p.json")
@@ -104,7 +106,7 @@ def test_fast_equals_reference_in_half_precision(arch, dtype, model_dirs, text_f
         lists = []
         for engine in (ReferenceEngine(model, windows), FastEngine(model, windows, 4)):
             job = SearchJob(model, windows, 3, 1, 1, build_engine=lambda: engine, log=lambda *a: None)
-            state = search_algorithms.METRICS[metric](job, SearchState(6))
+            state = metrics.get(metric).run(job, SearchState(6))
             lists.append(state.removal_list)
             if state.max_rescore_gap is not None:
                 assert state.max_rescore_gap < engine.tie_margin / 10  # the margin is not too small
