@@ -127,7 +127,7 @@ class Searches:
             return removal_list, seconds, False
         started, phases = time.perf_counter(), []
         shared = metric in self.SHARED
-        found = sleb.search(copy.deepcopy(model) if shared else model, windows, max(k, self.largest) if shared else k,
+        found = sleb.search(model, windows, max(k, self.largest) if shared else k,
                             metric, objective=objective, progress=False,
                             on_phase=lambda r: phases.append([list(r.removal_list),
                                                               round(time.perf_counter() - started, 1)]))

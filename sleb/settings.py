@@ -13,11 +13,10 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from sleb import blocks, data, models
+from sleb import blocks, data, metrics, models
 from sleb.checkpoint import check_new_directory
 from sleb.cli import flag
 from sleb.errors import UsageError, check_at_least, comma_list
-from sleb import metrics
 from sleb.evopress import Evolution
 from sleb.metrics import check_choices, check_objective
 from sleb.search_algorithms import check_shape

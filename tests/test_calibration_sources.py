@@ -31,13 +31,14 @@ def test_self_text_is_sampled_once_cached_and_recorded_for_search_compensation_a
     assert searched.returncode == 0, searched.stderr[-2000:]
     cached = list((cache / "self_text").iterdir())
     assert len(cached) == 1 and len(cached[0].read_text().splitlines()) == 3
+    sampled_at = cached[0].stat().st_mtime_ns
     record = json.loads((tmp_path / "s.json").read_text())
     assert record["settings"]["dataset"] == "self" and record["calibration_windows"] >= 3
     assert record["compensation"]["runs"]  # the map was fitted on the sampled text
 
     model, tokenizer = sleb.load("demo", dtype="float32", device="cpu")
     texts = self_text.texts(model, tokenizer, 3, seed=0, log=lambda *a: None)
-    assert cached[0].stat().st_mtime == list((cache / "self_text").iterdir())[0].stat().st_mtime  # read, not redone
+    assert cached[0].stat().st_mtime_ns == sampled_at  # read from the cache, not sampled and written again
     windows = sleb.calibration_windows(tokenizer, "self", 3, 64, model=model)
     assert windows.shape[0] == record["calibration_windows"]  # the search calibrated on exactly this text
     # a base model continues openings of the demo corpus: three distinct texts, each well past its opening
@@ -83,13 +84,11 @@ def test_messages_are_rendered_by_the_chat_template(model_dirs, tmp_path):
 
 
 def test_a_search_calibrates_on_conversations(model_dirs, tmp_path):
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = tmp_path / "chat_model"
     tokenizer = AutoTokenizer.from_pretrained(model_dirs["llama"])
     tokenizer.chat_template = CHAT_TEMPLATE
-    from transformers import AutoModelForCausalLM
-
     AutoModelForCausalLM.from_pretrained(model_dirs["llama"]).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     name = _conversations(tmp_path / "chat.jsonl")
