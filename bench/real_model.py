@@ -240,7 +240,11 @@ def _plots(out: str, dense_row: dict, rows: list) -> None:
 PRIORITY = [("sleb ce / demo", 3), ("sleb ce / self", 3), ("sleb ce / demo + linear", 3),
             ("sleb ce / self", 6), ("sleb ce / self + LoRA (self)", 6), ("sleb kl / self", 3),
             ("sleb ce / self + linear (self)", 3), ("sleb ce / self", 9), ("sleb kl / self", 6),
-            ("sleb ce / self + LoRA (self)", 3), ("sleb_compensated / demo", 3), ("sleb ce / demo", 6)]
+            ("BI (cosine) / demo", 3), ("angular / demo", 3), ("sleb ce / self + LoRA (self)", 3),
+            ("sleb_compensated / demo", 3), ("sleb ce / chat", 3), ("BI (cosine) / demo", 6),
+            ("angular / demo", 6), ("BI (cosine) / demo", 9), ("angular / demo", 9), ("sleb ce / chat", 6),
+            ("sleb ce / chat", 9), ("evopress kl / demo", 3), ("sleb ce / demo", 6), ("sleb ce / demo", 9),
+            ("sleb ce / self + LoRA (self)", 9)]
 
 
 def _order(wanted: list, counts: list) -> list:
