@@ -32,6 +32,7 @@ from sleb import agreement, demo_corpus, questions, results
 from sleb.accuracy import answers_kept
 
 SEQLEN = 256
+COUNTS = (3, 6, 9)  # blocks removed, of 30
 CALIBRATION_ROWS = {"demo": 64, "self": 16, "chat": 64}  # demo: 64 docstrings -> ~25 windows of 256 tokens
 AGREEMENT_PROMPTS = 16
 # (row name, search metric, objective, calibration, recovery), in the order they are run: the cheap and the
@@ -68,6 +69,18 @@ def chat_file(folder: str) -> str:
     return path
 
 
+def _kept(path: str, key: dict, compute):
+    """The dense model's zero-shot result, computed once per file and task list (about 5 minutes here):
+    a resumed study starts its rows sooner."""
+    if os.path.isfile(path):
+        saved = json.load(open(path))
+        if saved["key"] == key:
+            return saved["value"]
+    value = results.to_jsonable(compute())
+    results.write_json(path, {"key": key, "value": value})
+    return value
+
+
 class Dense:
     """The dense model and what every row is compared with, taken once."""
 
@@ -79,7 +92,9 @@ class Dense:
         self.distributions = sleb.dense_distributions(self.model, self.eval_windows)
         self.prompts = agreement.prompts(self.tokenizer, AGREEMENT_PROMPTS)
         self.continuations = agreement.continuations(self.model, self.prompts)
-        self.zeroshot = sleb.zeroshot(self.model, self.tokenizer, TASKS)
+        self.zeroshot = _kept(os.path.join(folder, "dense_zeroshot.json"),
+                              {"gguf": os.path.basename(gguf), "bytes": os.path.getsize(gguf), "tasks": TASKS},
+                              lambda: sleb.zeroshot(self.model, self.tokenizer, TASKS))
         self.seconds = time.perf_counter() - started
         self.chat = f"file:{chat_file(folder)}"
         self.windows = {}
@@ -207,7 +222,11 @@ def write_table(out: str, dense_row: dict, rows: list) -> None:
         "bench/gguf_speed.py's for the count (it does not depend on which blocks go). Search seconds were "
         "measured while other jobs shared the 2 cores at times.", "",
         f"Rows measured so far: {len(rows)} (counts {counts}).", ""]
-    text = "\n".join(header + lines) + "\n\n![answers kept and perplexity](answers_kept.png)\n"
+    missing = [f"{name} ({k})" for k in COUNTS for name, *_ in METHODS
+               if not any(r["method"] == name and r["removed"] == k for r in rows)]
+    footer = [f"Not measured yet ({len(missing)} of {len(COUNTS) * len(METHODS)}, as method (blocks removed)): "
+              + ", ".join(missing) + "."] if missing else []
+    text = "\n".join(header + lines + [""] + footer) + "\n\n![answers kept and perplexity](answers_kept.png)\n"
     with open(os.path.join(out, "README.md"), "w") as handle:
         handle.write(text)
     _plots(out, dense_row, rows)
@@ -241,10 +260,13 @@ PRIORITY = [("sleb ce / demo", 3), ("sleb ce / self", 3), ("sleb ce / demo + lin
             ("sleb ce / self", 6), ("sleb ce / self + LoRA (self)", 6), ("sleb kl / self", 3),
             ("sleb ce / self + linear (self)", 3), ("sleb ce / self", 9), ("sleb kl / self", 6),
             ("BI (cosine) / demo", 3), ("angular / demo", 3), ("sleb ce / self + LoRA (self)", 3),
-            ("sleb_compensated / demo", 3), ("sleb ce / chat", 3), ("BI (cosine) / demo", 6),
-            ("angular / demo", 6), ("BI (cosine) / demo", 9), ("angular / demo", 9), ("sleb ce / chat", 6),
-            ("sleb ce / chat", 9), ("evopress kl / demo", 3), ("sleb ce / demo", 6), ("sleb ce / demo", 9),
-            ("sleb ce / self + LoRA (self)", 9)]
+            ("sleb_compensated / demo", 3), ("sleb ce / chat", 3), ("evopress kl / demo", 3),
+            ("sleb ce / self + linear (self)", 6), ("BI (cosine) / demo", 6), ("angular / demo", 6),
+            ("sleb kl / self", 9), ("BI (cosine) / demo", 9), ("angular / demo", 9),
+            ("sleb ce / self + linear (self)", 9), ("sleb ce / chat", 6), ("sleb ce / chat", 9),
+            ("sleb ce / self + LoRA (self)", 9), ("sleb ce / demo", 6), ("sleb ce / demo", 9),
+            ("sleb ce / demo + linear", 6), ("sleb ce / demo + linear", 9), ("sleb kl / demo", 3),
+            ("sleb kl / demo", 6), ("sleb kl / demo", 9)]
 
 
 def _order(wanted: list, counts: list) -> list:
@@ -253,7 +275,7 @@ def _order(wanted: list, counts: list) -> list:
     return first + [pair for pair in pairs if pair not in first]
 
 
-def main(gguf: str, counts="3,6,9", rows=None, out: str = os.path.join(ROOT, "docs", "real_model"),
+def main(gguf: str, counts=",".join(map(str, COUNTS)), rows=None, out: str = os.path.join(ROOT, "docs", "real_model"),
          table_only: bool = False):
     os.makedirs(out, exist_ok=True)
     done_file, dense_file = os.path.join(out, "rows.jsonl"), os.path.join(out, "dense.json")
