@@ -69,11 +69,11 @@ def chat_file(folder: str) -> str:
     return path
 
 
-def _kept(path: str, key: dict, compute):
-    """The dense model's zero-shot result, computed once per file and task list (about 5 minutes here):
-    a resumed study starts its rows sooner."""
+def _cached(path: str, key: dict, compute):
+    """compute()'s value, kept in path under key: the dense zero-shot result takes about 5 minutes here,
+    and a resumed study starts its rows sooner without it."""
     if os.path.isfile(path):
-        saved = json.load(open(path))
+        saved = results.read_json(path)
         if saved["key"] == key:
             return saved["value"]
     value = results.to_jsonable(compute())
@@ -92,9 +92,9 @@ class Dense:
         self.distributions = sleb.dense_distributions(self.model, self.eval_windows)
         self.prompts = agreement.prompts(self.tokenizer, AGREEMENT_PROMPTS)
         self.continuations = agreement.continuations(self.model, self.prompts)
-        self.zeroshot = _kept(os.path.join(folder, "dense_zeroshot.json"),
-                              {"gguf": os.path.basename(gguf), "bytes": os.path.getsize(gguf), "tasks": TASKS},
-                              lambda: sleb.zeroshot(self.model, self.tokenizer, TASKS))
+        self.zeroshot = _cached(os.path.join(folder, "dense_zeroshot.json"),
+                                {"gguf": os.path.basename(gguf), "bytes": os.path.getsize(gguf), "tasks": TASKS},
+                                lambda: sleb.zeroshot(self.model, self.tokenizer, TASKS))
         self.seconds = time.perf_counter() - started
         self.chat = f"file:{chat_file(folder)}"
         self.windows = {}
@@ -191,6 +191,11 @@ def _f(value, digits=3, percent=False):
     return f"{100 * value:.1f}" if percent else f"{value:.{digits}f}"
 
 
+def _measured(rows: list) -> set:
+    """The (method, blocks removed) pairs that rows.jsonl already holds."""
+    return {(row["method"], row["removed"]) for row in rows}
+
+
 def write_table(out: str, dense_row: dict, rows: list) -> None:
     speed = speedups()
     lines = ["| blocks removed | method | removal list | ppl demo | KL to dense | demo_cloze % | demo_order % | "
@@ -222,8 +227,8 @@ def write_table(out: str, dense_row: dict, rows: list) -> None:
         "bench/gguf_speed.py's for the count (it does not depend on which blocks go). Search seconds were "
         "measured while other jobs shared the 2 cores at times.", "",
         f"Rows measured so far: {len(rows)} (counts {counts}).", ""]
-    missing = [f"{name} ({k})" for k in COUNTS for name, *_ in METHODS
-               if not any(r["method"] == name and r["removed"] == k for r in rows)]
+    measured = _measured(rows)
+    missing = [f"{name} ({k})" for k in COUNTS for name, *_ in METHODS if (name, k) not in measured]
     footer = [f"Not measured yet ({len(missing)} of {len(COUNTS) * len(METHODS)}, as method (blocks removed)): "
               + ", ".join(missing) + "."] if missing else []
     text = "\n".join(header + lines + [""] + footer) + "\n\n![answers kept and perplexity](answers_kept.png)\n"
@@ -295,7 +300,7 @@ def main(gguf: str, counts=",".join(map(str, COUNTS)), rows=None, out: str = os.
     results.write_json(dense_file, dense_row)
     print(f"dense: demo ppl {dense.ppl:.3f}, {right} questions right", flush=True)
     for method, k in _order(wanted, counts):
-        if any(r["method"] == method[0] and r["removed"] == k for r in done):
+        if (method[0], k) in _measured(done):
             continue
         started = time.perf_counter()
         row = run_row(dense, searches, *method, k, out)
