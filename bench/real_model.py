@@ -43,6 +43,7 @@ METHODS = [
     ("sleb ce / demo + linear", "sleb", "ce", "demo", "linear"),
     ("sleb_compensated / demo", "sleb_compensated", "ce", "demo", None),
     ("sleb ce / self + LoRA (self)", "sleb", "ce", "self", "lora"),
+    ("sleb ce / self + LoRA KL (self)", "sleb", "ce", "self", "lora_kl"),  # LoRA distilled from the dense model
     ("sleb kl / demo", "sleb", "kl", "demo", None),
     ("sleb kl / self", "sleb", "kl", "self", None),
     ("sleb ce / chat", "sleb", "ce", "chat", None),
@@ -167,12 +168,13 @@ def run_row(dense: Dense, searches: Searches, name: str, metric: str, objective:
         sleb.compensate(model, windows, removal_list, progress=False)
     else:
         sleb.remove_blocks(model, removal_list)
-    if recovery == "lora":
+    if recovery in ("lora", "lora_kl"):
         started = time.perf_counter()
-        healed = sleb.heal(model, windows=windows, work_dir=os.path.join(folder, "lora_work"), **LORA)
+        distil = {"objective": "kl", "dense": dense.model} if recovery == "lora_kl" else {}
+        healed = sleb.heal(model, windows=windows, work_dir=os.path.join(folder, "lora_work"), **LORA, **distil)
         model = healed.model
-        row["lora"] = {**LORA, "train_seconds": round(time.perf_counter() - started, 1),
-                       "train_windows": healed.train_windows}
+        row["lora"] = {**LORA, "objective": "kl" if distil else "ce",
+                       "train_seconds": round(time.perf_counter() - started, 1), "train_windows": healed.train_windows}
     row.update(dense.measure(model))
     return row
 
@@ -272,7 +274,9 @@ PRIORITY = [("sleb ce / demo", 3), ("sleb ce / self", 3), ("sleb ce / demo + lin
             ("sleb ce / self + LoRA (self)", 9), ("sleb ce / demo", 6), ("sleb ce / demo", 9),
             ("sleb ce / demo + linear", 6), ("sleb ce / demo + linear", 9), ("sleb kl / demo", 3),
             ("sleb kl / demo", 6), ("sleb kl / demo", 9), ("sleb_compensated / demo", 6),
-            ("sleb_compensated / demo", 9), ("evopress kl / demo", 6), ("evopress kl / demo", 9)]
+            ("evopress kl / demo", 6), ("evopress kl / demo", 9), ("sleb ce / self + LoRA KL (self)", 6),
+            ("sleb_compensated / demo", 9), ("sleb ce / self + LoRA KL (self)", 3),
+            ("sleb ce / self + LoRA KL (self)", 9)]
 
 
 def _order(wanted: list, counts: list) -> list:

@@ -390,7 +390,7 @@ class HealResult:
 def heal(model, tokenizer=None, dataset: Data = "c4", *, windows: Optional[torch.Tensor] = None,
          nsamples: int = 20000, seqlen: int = 256, recipe=None, work_dir: Optional[str] = None,
          resume_from: Optional[str] = None, adapter_dir: Optional[str] = None, full_precision_base=None,
-         **recipe_fields) -> HealResult:
+         dense=None, **recipe_fields) -> HealResult:
     """LoRA-heal a (pruned) model with transformers' Trainer and merge it into the weights.
 
     Training data: `windows` (token ids), else `calibration_windows(tokenizer, dataset, nsamples,
@@ -400,7 +400,10 @@ def heal(model, tokenizer=None, dataset: Data = "c4", *, windows: Optional[torch
     save_steps=100: Shortened LLaMA's). The Trainer's checkpoints go to `work_dir` (a temporary
     folder, removed after, by default); `resume_from` continues from one of them. `adapter_dir` also
     keeps the adapter alone (peft format). A 4-bit model (QLoRA) is merged into
-    `full_precision_base()`, the same pruned model unquantized."""
+    `full_precision_base()`, the same pruned model unquantized. `objective="kl"` distils instead of
+    learning the text: the loss is the mean KL from the dense model's next-token distributions on the
+    training windows; `dense` is that model (before its blocks went) or its distributions,
+    `sleb.dense_distributions(dense_model, windows)`."""
     import shutil
     import tempfile
 
@@ -419,11 +422,12 @@ def heal(model, tokenizer=None, dataset: Data = "c4", *, windows: Optional[torch
         if tokenizer is None:
             raise UsageError("heal needs a tokenizer and a data set, or windows=token ids")
         windows = calibration_windows(tokenizer, dataset, nsamples, seqlen, recipe.seed, model=model)
+    dense = _dense_distributions(dense, windows, recipe.objective)
     use_cache = model.config.get_text_config().use_cache  # training turns it off; the merged model gets it back
     folder = work_dir or tempfile.mkdtemp(prefix="sleb-heal-")
     _check_same_training(folder, model, windows, recipe, resume_from)
     try:
-        trained = lora.train(model, windows, recipe, folder, resume_from)
+        trained = lora.train(model, windows, recipe, folder, resume_from, dense=dense)
         if adapter_dir:
             trained.peft_model.save_pretrained(adapter_dir)
         merged = lora.merge(trained.peft_model, full_precision_base)
@@ -432,6 +436,25 @@ def heal(model, tokenizer=None, dataset: Data = "c4", *, windows: Optional[torch
             shutil.rmtree(folder, ignore_errors=True)
     merged.config.get_text_config().use_cache = use_cache
     return HealResult(merged, trained.loss_curve, round(trained.seconds, 3), len(windows), trained.targets.record())
+
+
+def _dense_distributions(dense, windows: torch.Tensor, objective: str):
+    """What healing with `objective` distils from: the dense model's distributions of `windows` (None for ce)."""
+    from sleb import objectives
+
+    if objective != "kl":
+        if dense is not None:
+            raise UsageError("dense= is what objective='kl' distils from; the cross-entropy heals on the text alone")
+        return None
+    if dense is None:
+        raise UsageError("objective='kl' distils from the dense model: pass dense= (the model before its blocks "
+                         "went, or sleb.dense_distributions(it, windows))")
+    if not isinstance(dense, objectives.KLToDense):
+        return dense_distributions(dense, windows, batch_size=4)
+    if not torch.equal(dense.windows, windows):
+        raise UsageError("the dense distributions were taken on other windows than the training windows; build "
+                         "them on the same windows")
+    return dense
 
 
 @dataclass

@@ -127,7 +127,9 @@ def healed_card(record: dict):
               f"batch {settings['train_batch_size']} x {settings['grad_accum']} accumulation, "
               + (f"{settings['max_steps']} steps" if settings["max_steps"] > 0 else f"{settings['epochs']} epochs"),
               f"- data: {settings['dataset']}, {record['train_windows']} windows of {settings['seqlen']} tokens; "
-              f"trained {record['train_seconds']:.0f} s" + (" on a 4-bit base (QLoRA)" if settings["load_in_4bit"] else "")]
+              f"trained {record['train_seconds']:.0f} s" + (" on a 4-bit base (QLoRA)" if settings["load_in_4bit"] else ""),
+              "- loss: " + ("mean KL from the dense model's next-token distributions on the same windows "
+                            "(distillation)" if settings.get("objective") == "kl" else "next-token cross-entropy")]
     quality = _ppl_lines("perplexity after removal", record.get("ppl_pruned")) + \
         _ppl_lines("perplexity after healing", record.get("ppl_healed"))
     if quality and record.get("ppl_precision"):

@@ -83,6 +83,8 @@ def run(settings: HealSettings) -> dict:
         # the training windows come from the model before its blocks go: --dataset self samples the dense model
         train_windows = api.calibration_windows(tokenizer, settings.dataset, settings.nsamples, settings.seqlen,
                                                 settings.seed, model=model)
+        dense = (api.dense_distributions(model, train_windows, settings.kl_top_k, settings.kl_gb, settings.batch_size)
+                 if settings.objective == "kl" else None)  # what distillation learns: taken before the blocks go
         api.remove_blocks(model, removal_list, keep_block_kinds=settings.keep_block_kinds)
         original_depth, removed = ((depth, removal_list) if removal_list
                                    else (depth + len(card_removal), card_removal))
@@ -94,6 +96,8 @@ def run(settings: HealSettings) -> dict:
                                    ", before and after (training ran on a 4-bit NF4 base)" if settings.load_in_4bit
                                    else ", before and after"),
                                ppl_pruned=stages.perplexity(model, eval_windows, settings.batch_size))
+        if dense is not None:
+            record["distilled_from"] = dense.record()
         if eval_data.tasks:
             record["zeroshot_pruned"] = stages.zeroshot_accuracy(model, tokenizer, eval_data, settings)
         if settings.load_in_4bit:  # QLoRA trains a 4-bit base, then merges into the full-precision one loaded again
@@ -101,8 +105,8 @@ def run(settings: HealSettings) -> dict:
             model, tokenizer = _pruned(settings, removal_list, quantize_4bit=True)
         print(f"healing {settings.model_name}: {blocks.num_blocks(model)} of {original_depth} blocks (removed "
               f"{removed}); {len(train_windows)} training windows of {train_windows.shape[1]} tokens from "
-              f"{settings.dataset}")
-        healed = api.heal(model, windows=train_windows, recipe=settings.recipe(), work_dir=work_dir,
+              f"{settings.dataset}, loss: " + ("KL to the dense model" if dense is not None else "cross-entropy"))
+        healed = api.heal(model, windows=train_windows, recipe=settings.recipe(), work_dir=work_dir, dense=dense,
                           resume_from=resume_from, adapter_dir=settings.save_adapter,
                           full_precision_base=lambda: _pruned(settings, removal_list)[0])
         model = healed.model

@@ -195,23 +195,29 @@ class CompensateFlags:
 
 
 @dataclass
-class DivergenceFlags:
-    eval_kl: bool = flag(False, "also measure the mean KL from the dense model's next-token distributions on each "
-                                "--ppl_datasets set (nats per token)")
+class KLFlags:
     kl_top_k: int = flag(512, "KL's dense distributions where the whole vocabulary does not fit --kl_gb: the top "
                               "log-probabilities kept per token (the rest as one bucket)")
     kl_gb: float = flag(0.0, "memory for KL's dense distributions (0: a quarter of the machine's)")
+
+    def check_kl(self, uses_kl: bool, users: str) -> None:
+        from sleb import objectives
+
+        objectives.check("kl", self.kl_top_k, self.kl_gb)
+        if not uses_kl and (self.kl_top_k, self.kl_gb) != (objectives.DEFAULT_TOP_K, 0.0):
+            raise UsageError(f"--kl_top_k and --kl_gb apply to {users}; add one or drop them")
+
+
+@dataclass
+class DivergenceFlags(KLFlags):
+    eval_kl: bool = flag(False, "also measure the mean KL from the dense model's next-token distributions on each "
+                                "--ppl_datasets set (nats per token)")
 
     eval_agreement: int = flag(0, "also compare the first 32 greedy tokens with the dense model's over this many "
                                   "held-out prompts (0: off): tokens matched before the first divergence and overall")
 
     def check_divergence(self) -> None:
-        from sleb import objectives
-
-        objectives.check("kl", self.kl_top_k, self.kl_gb)
-        uses_kl = self.eval_kl or getattr(self, "objective", "ce") == "kl"
-        if not uses_kl and (self.kl_top_k, self.kl_gb) != (objectives.DEFAULT_TOP_K, 0.0):
-            raise UsageError("--kl_top_k and --kl_gb apply to --objective kl or --eval_kl True; add one or drop them")
+        self.check_kl(self.eval_kl or getattr(self, "objective", "ce") == "kl", "--objective kl or --eval_kl True")
         check_at_least("eval_agreement", self.eval_agreement, 0)
         if self.eval_kl and not self.ppl_dataset_names():
             raise UsageError("--eval_kl True measures KL on the --ppl_datasets sets; name one or drop --eval_kl")
@@ -339,7 +345,7 @@ RECIPE = LoraRecipe()  # the recipe's defaults are the flags' defaults
 
 
 @dataclass
-class HealSettings(OutputFlags, GgufOutFlags, CalibrationFlags, KindFlags, EvalFlags, ModelFlags):
+class HealSettings(OutputFlags, GgufOutFlags, KLFlags, CalibrationFlags, KindFlags, EvalFlags, ModelFlags):
     """`python -m sleb.heal`: LoRA-heal a pruned model and save the merged checkpoint."""
 
     output_dir: Optional[str] = flag(None, "where the healed (merged) checkpoint is written; must be new or empty")
@@ -361,6 +367,9 @@ class HealSettings(OutputFlags, GgufOutFlags, CalibrationFlags, KindFlags, EvalF
     weight_decay: float = flag(RECIPE.weight_decay, "AdamW weight decay")
     logging_steps: int = flag(RECIPE.logging_steps, "log the training loss every this many steps")
     save_steps: int = flag(RECIPE.save_steps, "write a Trainer checkpoint (for --resume) every this many steps")
+    objective: str = flag(RECIPE.objective, "what LoRA minimises: ce (cross-entropy on the training text) or kl "
+                                            "(distillation: mean KL from the dense model's next-token distributions "
+                                            "on the same windows)")
     save_adapter: Optional[str] = flag(None, "also write the LoRA adapter alone (peft format) to this directory")
     load_in_4bit: bool = flag(False, "QLoRA: train on a 4-bit (NF4) base through bitsandbytes; CUDA only")
     resume: bool = flag(False, "continue from the last Trainer checkpoint of an interrupted run with these settings")
@@ -373,6 +382,7 @@ class HealSettings(OutputFlags, GgufOutFlags, CalibrationFlags, KindFlags, EvalF
         if self.resume and self.overwrite:
             raise UsageError("--resume True continues the training and --overwrite True starts it again; pass one")
         self.recipe().check()
+        self.check_kl(self.objective == "kl", "--objective kl")
         for name, minimum in (("seqlen", 2), ("eval_seqlen", 2)):
             check_at_least(name, getattr(self, name), minimum)
         if self.removal_list is not None:

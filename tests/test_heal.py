@@ -52,6 +52,37 @@ def test_heal_lowers_the_loss_and_saves_a_checkpoint_stock_transformers_loads(ar
     assert not (tmp_path / "h_trainer").exists()  # the Trainer's checkpoints are gone once the merge is saved
 
 
+def test_distillation_starts_at_the_mean_kl_to_dense_and_lowers_it(model_dirs, text_file):
+    model, tokenizer = sleb.load(model_dirs["llama"], device="cpu")
+    texts = open(text_file).read().splitlines()
+    windows = sleb.calibration_windows(tokenizer, texts, nsamples=300, seqlen=32)[:4]
+    dense = sleb.dense_distributions(model, windows, progress=False)
+    sleb.remove_blocks(model, [2, 4])
+    before = dense.mean_kl(model, progress=False)
+    result = sleb.heal(model, windows=windows, objective="kl", dense=dense, lr=1e-2, warmup_steps=0, max_steps=12,
+                       train_batch_size=2, grad_accum=2, logging_steps=1, lora_dropout=0.0)
+    # Step 1 sees all 4 windows (2 x 2 accumulated) while the adapter is still zero: its loss is the pruned
+    # model's mean KL per token, neither summed over the accumulation nor the cross-entropy.
+    assert result.loss_curve[0]["loss"] == pytest.approx(before, rel=1e-3)
+    assert dense.mean_kl(result.model, progress=False) < 0.7 * before
+    with pytest.raises(sleb.UsageError, match="other windows"):
+        sleb.heal(result.model, windows=windows[:2], objective="kl", dense=dense, max_steps=1)
+    with pytest.raises(sleb.UsageError, match="pass dense="):
+        sleb.heal(result.model, windows=windows, objective="kl", max_steps=1)
+
+
+def test_heal_by_distillation_from_the_command_records_it(model_dirs, text_file, tmp_path):
+    out = invoke("sleb.heal", *_heal_args(model_dirs["llama"], text_file, tmp_path, "--max_steps", "10",
+                                          "--objective", "kl"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "loss: KL to the dense model" in out.stdout
+    record = json.loads((tmp_path / "h.json").read_text())
+    assert record["settings"]["objective"] == "kl" and record["distilled_from"]["kl_vocabulary"] == "full"
+    curve = [point["loss"] for point in record["loss_curve"]]
+    assert curve[-1] < curve[0]
+    assert "(distillation)" in (tmp_path / "healed" / "README.md").read_text()
+
+
 def test_merged_checkpoint_reloads_to_the_peft_models_logits(model_dirs, text_file, tmp_path):
 
     settings = HealSettings(model_name=model_dirs["llama"], removal_list=[1], dataset=f"file:{text_file}",
@@ -117,6 +148,8 @@ BAD = [
     (["--output_dir", "FULL"], "not empty"),
     (["--removal_list", "[]"], "nothing to heal"),
     (["--resume", "True"], "no complete Trainer checkpoint"),
+    (["--objective", "mse"], "--objective must be ce"),
+    (["--kl_top_k", "8"], "apply to --objective kl"),
 ]
 
 

@@ -1,6 +1,11 @@
 """LoRA healing: adapt every projection of the (pruned) blocks with peft, train with transformers'
 Trainer, merge the adapter into the weights.
 
+The loss is the next-token cross-entropy on the training text (`objective="ce"`), or, for distillation
+(`objective="kl"`), the mean KL(p_dense || p_model) per predicted token, the dense model's distributions
+of the same windows taken before its blocks went (sleb/objectives.py, as the KL search objective keeps
+them): the pruned model is taught to say what the dense one said, not what the text says next.
+
 Training is the Trainer's own (schedule, gradient accumulation, logging, checkpoints, resume,
 accelerate/torchrun). The defaults of `LoraRecipe` follow Shortened LLaMA's published recipe
 (nota-netspresso/shortened-llm): rank 8, alpha 16, dropout 0.05 on every attention and MLP
@@ -13,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from sleb import blocks, models
+from sleb import blocks, models, objectives
 from sleb.errors import UsageError, check_at_least, check_finite
 
 
@@ -34,8 +39,12 @@ class LoraRecipe:
     seed: int = 0  # LoRA initialisation, dropout and data order
     logging_steps: int = 10
     save_steps: int = 100  # a Trainer checkpoint (to resume from) every this many steps
+    objective: str = "ce"  # ce: cross-entropy on the text; kl: KL to the dense model's distributions (distillation)
 
     def check(self) -> None:
+        if self.objective not in objectives.OBJECTIVES:
+            raise UsageError(f"--objective must be ce (cross-entropy on the text) or kl (distillation to the dense "
+                             f"model), got {self.objective!r}")
         if self.lr <= 0:
             raise UsageError(f"--lr must be positive, got {self.lr!r}")
         if not 0 <= self.lora_dropout < 1:
@@ -110,11 +119,43 @@ def lora_targets(model) -> LoraTargets:
     return LoraTargets(modules, experts if _peft_wraps_parameters() else [])
 
 
-def training_dataset(windows):
-    """Token windows as the Trainer's data set (labels = inputs; the model shifts them)."""
+def training_dataset(windows, numbered: bool = False):
+    """Token windows as the Trainer's data set (labels = inputs; the model shifts them); `numbered` adds
+    each window's row, which finds its dense distributions when distilling."""
     from datasets import Dataset
 
-    return Dataset.from_dict({"input_ids": windows.tolist(), "labels": windows.tolist()})
+    columns = {"input_ids": windows.tolist(), "labels": windows.tolist()}
+    if numbered:
+        columns["row"] = list(range(len(windows)))
+    return Dataset.from_dict(columns)
+
+
+def _distilling_trainer():
+    """transformers' Trainer whose loss is the mean KL to the dense model's distributions (`dense`, a
+    sleb.objectives.KLToDense of the training windows). The loss goes through the Trainer's own
+    `compute_loss_func` hook, so gradient accumulation and multi-device scaling stay the Trainer's."""
+    from transformers import Trainer
+
+    class Distilling(Trainer):
+        def __init__(self, *args, dense, **kwargs):
+            super().__init__(*args, compute_loss_func=self._kl_loss, **kwargs)
+            self.dense, self._rows = dense, None
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            self._rows = inputs.pop("row").tolist()  # which windows: the model takes no such input
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+        def _kl_loss(self, outputs, labels, num_items_in_batch=None):
+            logits = outputs.logits[:, :-1].float()
+            total = self.dense.chunk_sums(logits, self._rows, 0, logits.shape[1]).sum()
+            # the Trainer counts the predicted positions of all the step's micro-batches (labels[..., 1:])
+            # and does not divide a compute_loss_func's loss again
+            count = num_items_in_batch if num_items_in_batch is not None else (
+                logits.shape[0] * logits.shape[1] * self.current_gradient_accumulation_steps)
+            return total / count
+
+    return Distilling
 
 
 def _progress_callback():
@@ -135,9 +176,11 @@ def quantized(model) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
 
 
-def train(model, windows, recipe: LoraRecipe, work_dir: str, resume_from: Optional[str] = None) -> Trained:
+def train(model, windows, recipe: LoraRecipe, work_dir: str, resume_from: Optional[str] = None,
+          dense=None) -> Trained:
     """LoRA on `model` over the token `windows` with transformers' Trainer, from the Trainer checkpoint
-    `resume_from` if given; the Trainer's checkpoints go to `work_dir`."""
+    `resume_from` if given; the Trainer's checkpoints go to `work_dir`. `dense`: the dense model's
+    distributions of the windows (sleb.objectives.KLToDense), which `recipe.objective` "kl" distils from."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
@@ -167,8 +210,10 @@ def train(model, windows, recipe: LoraRecipe, work_dir: str, resume_from: Option
         bf16=cuda and torch.cuda.is_bf16_supported(), use_cpu=not cuda,
         dataloader_num_workers=0, remove_unused_columns=False,
         disable_tqdm=False)  # else quiet transformers logging swaps the bar for a printed dict per log
-    trainer = Trainer(model=peft_model, args=arguments, train_dataset=training_dataset(windows),
-                      data_collator=default_data_collator)
+    distilling = recipe.objective == "kl"
+    trainer = (_distilling_trainer() if distilling else Trainer)(
+        model=peft_model, args=arguments, train_dataset=training_dataset(windows, numbered=distilling),
+        data_collator=default_data_collator, **({"dense": dense} if distilling else {}))
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(_progress_callback())
     started = time.perf_counter()
