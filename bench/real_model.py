@@ -274,9 +274,8 @@ PRIORITY = [("sleb ce / demo", 3), ("sleb ce / self", 3), ("sleb ce / demo + lin
             ("sleb ce / self + LoRA (self)", 9), ("sleb ce / demo", 6), ("sleb ce / demo", 9),
             ("sleb ce / demo + linear", 6), ("sleb ce / demo + linear", 9), ("sleb kl / demo", 3),
             ("sleb kl / demo", 6), ("sleb kl / demo", 9), ("sleb_compensated / demo", 6),
-            ("evopress kl / demo", 6), ("evopress kl / demo", 9), ("sleb ce / self + LoRA KL (self)", 6),
-            ("sleb_compensated / demo", 9), ("sleb ce / self + LoRA KL (self)", 3),
-            ("sleb ce / self + LoRA KL (self)", 9)]
+            ("sleb ce / self + LoRA KL (self)", 6), ("evopress kl / demo", 6), ("sleb ce / self + LoRA KL (self)", 3),
+            ("sleb ce / self + LoRA KL (self)", 9), ("evopress kl / demo", 9), ("sleb_compensated / demo", 9)]
 
 
 def _order(wanted: list, counts: list) -> list:
