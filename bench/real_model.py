@@ -292,7 +292,7 @@ def main(gguf: str, counts=",".join(map(str, COUNTS)), rows=None, out: str = os.
     if table_only:
         write_table(out, json.load(open(dense_file)), done)
         return
-    counts = [int(c) for c in (counts.split(",") if isinstance(counts, str) else counts)]
+    counts = [int(c) for c in (str(counts).split(",") if isinstance(counts, (str, int)) else counts)]
     wanted = [m for m in METHODS if rows is None or m[0] in (rows.split(",") if isinstance(rows, str) else rows)]
     dense, searches = Dense(gguf, out), Searches(out, max(counts))
     right = len(dense.zeroshot["right"]["answers"])
