@@ -20,6 +20,7 @@ speedup of each count is the one bench/gguf_speed.py measured on the pruned Q4_1
 import copy
 import json
 import os
+import sys
 import time
 
 import fire
@@ -30,6 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import sleb
 from sleb import agreement, demo_corpus, questions, results
 from sleb.accuracy import answers_kept
+from sleb.errors import UsageError
 
 SEQLEN = 256
 COUNTS = (3, 6, 9)  # blocks removed, of 30
@@ -284,16 +286,32 @@ def _order(wanted: list, counts: list) -> list:
     return first + [pair for pair in pairs if pair not in first]
 
 
+def select(counts, rows) -> tuple:
+    """--counts and --rows as fire hands them over (3 -> int, "3,6" -> str or tuple) -> (counts, methods).
+    A count that is not a number of blocks, or a name that is no row, is refused before anything loads."""
+    names = [str(c).strip() for c in (str(counts).split(",") if isinstance(counts, (str, int)) else counts)]
+    if not names or not all(name.isdigit() and 0 < int(name) < 30 for name in names):
+        raise UsageError(f"--counts must be block counts between 1 and 29, e.g. 3,6,9; got {counts!r}")
+    asked = None if rows is None else [name.strip() for name in (rows.split(",") if isinstance(rows, str) else rows)]
+    unknown = [name for name in asked or [] if name not in {method[0] for method in METHODS}]
+    if unknown:
+        raise UsageError(f"--rows: no row named {unknown[0]!r}; the rows are: " + ", ".join(m[0] for m in METHODS))
+    return [int(name) for name in names], [method for method in METHODS if asked is None or method[0] in asked]
+
+
 def main(gguf: str, counts=",".join(map(str, COUNTS)), rows=None, out: str = os.path.join(ROOT, "docs", "real_model"),
          table_only: bool = False):
-    os.makedirs(out, exist_ok=True)
+    counts, wanted = select(counts, rows)
     done_file, dense_file = os.path.join(out, "rows.jsonl"), os.path.join(out, "dense.json")
+    if table_only and not os.path.isfile(dense_file):
+        raise UsageError(f"nothing measured in {out} yet: run without --table_only first")
+    if not table_only and not os.path.isfile(gguf):
+        raise UsageError(f"no GGUF file at {gguf!r}")
+    os.makedirs(out, exist_ok=True)
     done = [json.loads(line) for line in open(done_file)] if os.path.isfile(done_file) else []
     if table_only:
         write_table(out, json.load(open(dense_file)), done)
         return
-    counts = [int(c) for c in (str(counts).split(",") if isinstance(counts, (str, int)) else counts)]
-    wanted = [m for m in METHODS if rows is None or m[0] in (rows.split(",") if isinstance(rows, str) else rows)]
     dense, searches = Dense(gguf, out), Searches(out, max(counts))
     right = len(dense.zeroshot["right"]["answers"])
     dense_row = {"ppl_demo": dense.ppl, "demo_cloze": dense.zeroshot["tasks"]["demo_cloze"]["acc"],
@@ -317,4 +335,8 @@ def main(gguf: str, counts=",".join(map(str, COUNTS)), rows=None, out: str = os.
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    try:
+        fire.Fire(main)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

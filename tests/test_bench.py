@@ -62,3 +62,30 @@ def test_benchmarks_are_modules_without_path_preludes():
     out = subprocess.run([sys.executable, "-m", "bench.random_model", "--help"], capture_output=True, text=True,
                          env=OFFLINE, timeout=120, cwd=ROOT)
     assert out.returncode == 0 and "DIRECTORY" in out.stdout + out.stderr, out.stderr
+
+
+def test_real_model_study_reads_counts_and_rows_as_fire_hands_them_over():
+    from bench.real_model import METHODS, select
+
+    assert select(3, None) == ([3], list(METHODS))  # fire turns a lone "3" into an int
+    assert select("3,6,9", None)[0] == select((3, 6, 9), None)[0] == [3, 6, 9]
+    counts, methods = select(9, "sleb ce / self + LoRA KL (self),sleb_compensated / demo")
+    assert counts == [9] and [m[0] for m in methods] == ["sleb_compensated / demo", "sleb ce / self + LoRA KL (self)"]
+    assert [m[0] for m in select(6, ("angular / demo",))[1]] == ["angular / demo"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rows", "sleb ce / dmeo"], "--rows: no row named 'sleb ce / dmeo'; the rows are: sleb ce / demo"),
+    (["--counts", "3,x"], "--counts must be block counts between 1 and 29"),
+    (["--counts", "30"], "--counts must be block counts between 1 and 29"),
+    (["--gguf", "missing.gguf"], "no GGUF file at 'missing.gguf'"),
+    (["--table_only", "True"], "nothing measured in"),
+])
+def test_real_model_study_refuses_bad_flags_in_one_line_before_writing(tmp_path, flags, message):
+    out_dir = tmp_path / "study"
+    args = ["--gguf", "missing.gguf", "--out", str(out_dir)]
+    out = subprocess.run([sys.executable, "-m", "bench.real_model", *args, *flags], capture_output=True, text=True,
+                         env=OFFLINE, timeout=300, cwd=ROOT)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and message in lines[0], out.stderr
+    assert not out_dir.exists()
