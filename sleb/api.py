@@ -429,7 +429,9 @@ def heal(model, tokenizer=None, dataset: Data = "c4", *, windows: Optional[torch
     try:
         trained = lora.train(model, windows, recipe, folder, resume_from, dense=dense)
         if adapter_dir:
-            trained.peft_model.save_pretrained(adapter_dir)
+            from sleb import distributed
+
+            trained.peft_model.save_pretrained(adapter_dir, is_main_process=distributed.rank() == 0)  # one writer
         merged = lora.merge(trained.peft_model, full_precision_base)
     finally:
         if work_dir is None:

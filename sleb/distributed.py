@@ -37,6 +37,11 @@ def setup() -> tuple:
     return rank, world, device
 
 
+def rank() -> int:
+    """This process's rank in an initialised group (0 when there is none)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 class CandidateParallel:
     """An engine over ranks: this rank scores positions[rank::world] with its own engine; every rank
     gets every loss. Re-scores for near ties are split the same way, so each candidate is computed

@@ -8,11 +8,12 @@ atomically, as a normal checkpoint that stock transformers loads. The recipe's d
 Shortened LLaMA's (sleb/recovery/lora.py).
 """
 
+import contextlib
 import os
 import shutil
 import time
 
-from sleb import api, blocks, data, guard, models, results, stages
+from sleb import api, blocks, data, distributed, guard, models, results, stages
 from sleb.errors import UsageError
 from sleb.recovery.lora import last_complete_checkpoint
 from sleb.settings import HealSettings
@@ -30,10 +31,11 @@ def default_result_file(settings) -> str:
     return f"heal_{results.slug(settings.model_name)}_to_{results.slug(settings.output_dir)}.json"
 
 
-def _resume_point(settings: HealSettings, work_dir: str):
+def _resume_point(settings: HealSettings, work_dir: str, main_rank: bool = True):
     """The Trainer checkpoint --resume continues from (None: a fresh run, whose old checkpoints go)."""
     if not settings.resume:
-        shutil.rmtree(work_dir, ignore_errors=True)  # a finished or abandoned earlier run's checkpoints
+        if main_rank:
+            shutil.rmtree(work_dir, ignore_errors=True)  # a finished or abandoned earlier run's checkpoints
         return None
     resume_from = last_complete_checkpoint(work_dir)
     if resume_from is None:
@@ -65,7 +67,12 @@ def _save(model, tokenizer, settings: HealSettings, record: dict, path: str, hea
 
 
 def run(settings: HealSettings) -> dict:
-    """`python -m sleb.heal` (`sleb heal`)."""
+    """`python -m sleb.heal` (`sleb heal`). Under torchrun every rank loads, prunes and trains (the Trainer
+    runs them as one data-parallel job); rank 0 alone claims the results file, evaluates and saves."""
+    rank = 0
+    if distributed.launched():
+        rank, _, settings.device = distributed.setup()
+    main_rank = rank == 0
     config, depth = stages.checked_config(settings)
     card = _pruned_card(settings.model_name)
     card_removal = card.get("sleb_removal_list") or []  # a pruned checkpoint names what was removed
@@ -73,8 +80,10 @@ def run(settings: HealSettings) -> dict:
     settings.check_save_gguf_depth(config, depth - len(removal_list), changes_weights=True)
     result_file = settings.result_file or default_result_file(settings)
     work_dir = os.path.join(settings.result_folder, os.path.splitext(result_file)[0] + "_trainer")
-    with results.claim(settings.result_folder, result_file, settings.overwrite or settings.resume) as path:
-        resume_from = _resume_point(settings, work_dir)
+    claim = (results.claim(settings.result_folder, result_file, settings.overwrite or settings.resume) if main_rank
+             else contextlib.nullcontext(os.path.join(settings.result_folder, result_file)))
+    with claim as path:
+        resume_from = _resume_point(settings, work_dir, main_rank)
         started = time.perf_counter()
         data.calibration_text(settings.dataset, settings.nsamples, settings.seed)  # fails before the load, cached
         eval_data = stages.fetch_eval_data(settings)
@@ -103,12 +112,15 @@ def run(settings: HealSettings) -> dict:
         if settings.load_in_4bit:  # QLoRA trains a 4-bit base, then merges into the full-precision one loaded again
             del model
             model, tokenizer = _pruned(settings, removal_list, quantize_4bit=True)
-        print(f"healing {settings.model_name}: {blocks.num_blocks(model)} of {original_depth} blocks (removed "
-              f"{removed}); {len(train_windows)} training windows of {train_windows.shape[1]} tokens from "
-              f"{settings.dataset}, loss: " + ("KL to the dense model" if dense is not None else "cross-entropy"))
+        if main_rank:
+            print(f"healing {settings.model_name}: {blocks.num_blocks(model)} of {original_depth} blocks (removed "
+                  f"{removed}); {len(train_windows)} training windows of {train_windows.shape[1]} tokens from "
+                  f"{settings.dataset}, loss: " + ("KL to the dense model" if dense is not None else "cross-entropy"))
         healed = api.heal(model, windows=train_windows, recipe=settings.recipe(), work_dir=work_dir, dense=dense,
                           resume_from=resume_from, adapter_dir=settings.save_adapter,
                           full_precision_base=lambda: _pruned(settings, removal_list)[0])
+        if not main_rank:
+            return None  # rank 0 evaluates and saves the merged model
         model = healed.model
         guard.check(model)  # before the healed perplexity: a model that cannot be saved stops here
         record.update(train_seconds=healed.train_seconds, train_windows=healed.train_windows,

@@ -100,3 +100,32 @@ def test_torchrun_splits_evopress_stages_and_finds_the_same_set(model_dirs, text
     assert [g["best"] for g in two["generations"]] == [g["best"] for g in one["generations"]]
     for a, b in zip(one["generations"], two["generations"]):
         assert b["value"] == pytest.approx(a["value"], rel=1e-6)
+
+
+
+def test_heal_by_distillation_on_two_ranks_trains_as_one_process_with_the_same_global_batch(model_dirs, text_file,
+                                                                                          tmp_path):
+    """`python -m sleb.heal` under torchrun: the Trainer runs the ranks as one data-parallel job, rank 0 alone
+    writes. The distilling loss divides by the Trainer's num_items_in_batch, which the ranks gather: 2 ranks x 2
+    windows x 8 accumulated must log and step as 1 process x 2 x 16 (a per-rank count logs twice the KL)."""
+    args = ["--model_name", model_dirs["llama"], "--removal_list", "[2, 4]", "--dataset", f"file:{text_file}",
+            "--nsamples", "300", "--seqlen", "32", "--ppl_datasets", f"file:{text_file}", "--eval_seqlen", "32",
+            "--objective", "kl", "--max_steps", "3", "--warmup_steps", "0", "--lr", "1e-2", "--lora_dropout", "0",
+            "--logging_steps", "1", "--train_batch_size", "2", "--result_folder", str(tmp_path)]
+    one = invoke("sleb.heal", *args, "--grad_accum", "16", "--output_dir", str(tmp_path / "one"),
+                 "--result_file", "one.json")
+    assert one.returncode == 0, one.stderr[-2000:]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29537", "-m", "sleb.heal", *args, "--grad_accum", "8", "--output_dir", str(tmp_path / "two"),
+                          "--result_file", "two.json", "--save_adapter", str(tmp_path / "adapter")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("results written to") == 1  # rank 0 alone reports and writes
+    records = [json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json")]
+    curves = [[point["loss"] for point in record["loss_curve"]] for record in records]
+    assert len(curves[0]) == 3 and curves[0][-1] < curves[0][0]
+    assert curves[1] == pytest.approx(curves[0], rel=1e-4)
+    name = f"file:{text_file}"
+    assert records[1]["ppl_healed"][name]["ppl"] == pytest.approx(records[0]["ppl_healed"][name]["ppl"], rel=1e-4)
+    assert (tmp_path / "two" / "config.json").is_file() and (tmp_path / "adapter" / "adapter_config.json").is_file()
