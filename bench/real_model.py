@@ -29,7 +29,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import sleb
-from sleb import agreement, demo_corpus, questions, results
+from sleb import agreement, demo_corpus, metrics, questions, results
 from sleb.accuracy import answers_kept
 from sleb.errors import UsageError
 
@@ -138,23 +138,38 @@ class Searches:
                 self.found[tuple(entry["key"])] = entry["phases"]
 
     def removal_list(self, model, windows, k: int, metric: str, objective: str, calibration: str):
-        """(removal list, search seconds) for k blocks."""
+        """(removal list, search seconds, the maps of a compensated search) for k blocks."""
         key = (metric, objective, calibration, SEQLEN, int(windows.shape[0]))
         if metric in self.SHARED and key in self.found and len(self.found[key]) >= k:
             removal_list, seconds = self.found[key][k - 1]
             return removal_list, seconds, False
+        if metric not in self.SHARED:
+            return self._one_count(model, windows, k, metric, objective, calibration)
         started, phases = time.perf_counter(), []
-        shared = metric in self.SHARED
-        found = sleb.search(model, windows, max(k, self.largest) if shared else k,
-                            metric, objective=objective, progress=False,
+        sleb.search(model, windows, max(k, self.largest), metric, objective=objective, progress=False,
                             on_phase=lambda r: phases.append([list(r.removal_list),
                                                               round(time.perf_counter() - started, 1)]))
-        if not shared:
-            return found.removal_list, round(time.perf_counter() - started, 1), found.fits
         self.found[key] = phases
         with open(self.path, "a") as handle:
             handle.write(json.dumps({"key": list(key), "phases": phases}) + "\n")
         return phases[k - 1][0], phases[k - 1][1], False
+
+    def _one_count(self, model, windows, k: int, metric: str, objective: str, calibration: str):
+        """A search for k blocks alone. One that can be continued (EvoPress: a generation at a time) is kept
+        in a file after every phase, so an interrupted study goes on from its last generation (its time
+        included) and a finished one is not redone; sleb_compensated folds maps into the model as it goes
+        and starts again."""
+        if metrics.get(metric).changes_weights:
+            started = time.perf_counter()
+            found = sleb.search(model, windows, k, metric, objective=objective, progress=False)
+            return found.removal_list, round(time.perf_counter() - started, 1), found.fits
+        path = os.path.join(os.path.dirname(self.path), f"search_{metric}_{objective}_{calibration}_{k}.json")
+        found = sleb.SearchResult.from_dict(json.load(open(path))) if os.path.isfile(path) else None
+        if found is None or found.status != "done":
+            found = sleb.search(model, windows, k, metric, objective=objective, progress=False, resume=found,
+                                on_phase=lambda partial: results.write_json(path, partial.to_dict()))
+            results.write_json(path, found.to_dict())
+        return found.removal_list, round(found.total_seconds, 1), found.fits
 
 
 def run_row(dense: Dense, searches: Searches, name: str, metric: str, objective: str, calibration: str, recovery,
