@@ -7,8 +7,8 @@ Everything runs in one process through the public API: the dense model is loaded
 compared with is taken from it once (perplexity, next-token distributions, greedy continuations, the
 answers it gets right). Each row is then a copy of the dense model, searched on its calibration windows,
 pruned (or compensated, or healed) and measured the same way. A row is appended to rows.jsonl as soon as it
-is measured; a rerun skips the rows already there (resumable), and `--table_only True` rewrites the table
-and plots from rows.jsonl.
+is measured; a rerun skips the rows already there (resumable), and goes on with an EvoPress search from its
+last generation (search_*.json); `--table_only True` rewrites the table and plots from rows.jsonl.
 
 Calibration sets: demo (the demo corpus's docstrings), self (text sampled from the dense model through its
 chat template, sleb/self_text.py), chat (the same docstrings as conversations, {"messages": [user asks what a
