@@ -77,6 +77,10 @@ def run(settings: HealSettings) -> dict:
     card = _pruned_card(settings.model_name)
     card_removal = card.get("sleb_removal_list") or []  # a pruned checkpoint names what was removed
     removal_list = settings.check_depth(depth, card.get("sleb_removal_list"))
+    if settings.objective == "kl" and not removal_list:  # the dense model is not in a pruned checkpoint
+        raise UsageError(f"--objective kl distils from the dense model, and {settings.model_name!r} is already "
+                         f"pruned; heal from the dense one: --model_name {card.get('sleb_base_model', 'BASE')} "
+                         f"--removal_list '{card_removal}'")
     settings.check_save_gguf_depth(config, depth - len(removal_list), changes_weights=True)
     result_file = settings.result_file or default_result_file(settings)
     work_dir = os.path.join(settings.result_folder, os.path.splitext(result_file)[0] + "_trainer")

@@ -204,6 +204,13 @@ def test_pruned_checkpoint_carries_a_card_and_heals_without_a_list(model_dirs, t
     assert healed.returncode == 0, healed.stderr[-2000:]
     record = json.loads((tmp_path / "h.json").read_text())
     assert record["removal_list"] == [4, 1] and record["num_blocks"] == 6 and record["source_metric"] == "given"
+    # distillation needs the dense model, which the pruned checkpoint no longer is (it would distil from itself)
+    refused = run("sleb.heal", "--model_name", str(saved), "--objective", "kl", "--output_dir", str(tmp_path / "kl"),
+                  "--result_folder", str(tmp_path / "kl_results"))
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        f"error: --objective kl distils from the dense model, and {str(saved)!r} is already pruned; heal from the "
+        f"dense one: --model_name {model_dirs['llama']} --removal_list '[4, 1]'"]
+    assert not (tmp_path / "kl").exists() and not (tmp_path / "kl_results").exists()
 
 
 def test_a_checkpoint_pruned_from_the_demo_model_defaults_to_demo_data(tmp_path):
