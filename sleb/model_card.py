@@ -115,6 +115,15 @@ def read_card(directory: str):
     return {key: value for key, value in data.items() if key.startswith("sleb_")}
 
 
+def checkpoint_card(model_name: str) -> dict:
+    """The sleb metadata of the card of the checkpoint --model_name names ({} for any other model): a pruned
+    or healed checkpoint names its removed blocks and the dense model they came from."""
+    from sleb import models
+
+    path = os.path.expanduser(models.resolve_model_name(model_name))
+    return read_card(path) if os.path.isdir(path) else {}
+
+
 def healed_card(record: dict):
     """Card of a checkpoint healed by `python -m sleb.heal`."""
     settings = _settings(record)

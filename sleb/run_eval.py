@@ -2,7 +2,8 @@
 
 import time
 
-from sleb import api, blocks, data, results, stages
+from sleb import api, blocks, data, model_card, results, stages
+from sleb.errors import UsageError
 
 
 def default_result_file(settings) -> str:
@@ -10,10 +11,28 @@ def default_result_file(settings) -> str:
     return f"eval_{results.slug(settings.model_name)}_removed{len(settings.removal_list)}_{removed}.json"
 
 
+def _pruned_already(settings) -> bool:
+    """Whether --model_name is a checkpoint sleb pruned: it is not the dense model that KL, agreement and
+    answers kept compare with, so those asked for are refused (with the command that measures them) and
+    answers kept is left out."""
+    card = model_card.checkpoint_card(settings.model_name)
+    removed = card.get("sleb_removal_list")
+    if not removed:
+        return False
+    asked = [flag for flag, value in (("--eval_kl", settings.eval_kl), ("--eval_agreement", settings.eval_agreement))
+             if value]
+    if asked:
+        raise UsageError(f"{asked[0]} compares with the dense model, and {settings.model_name!r} is already pruned; "
+                         f"evaluate from the dense one: --model_name {card.get('sleb_base_model', 'BASE')} "
+                         f"--removal_list '{removed}'")
+    return True
+
+
 def run(settings) -> dict:
     """`python -m eval` (`sleb eval`)."""
     config, depth = stages.checked_config(settings)
     settings.check_depth(depth, config)
+    pruned_already = _pruned_already(settings)
     with results.claim(settings.result_folder, settings.result_file or default_result_file(settings),
                        settings.overwrite) as path:
         started = time.perf_counter()
@@ -24,7 +43,8 @@ def run(settings) -> dict:
         model, tokenizer = stages.load(settings)
         load_seconds = time.perf_counter() - started
         eval_windows = stages.tokenize_eval_texts(model, tokenizer, eval_data, settings.seqlen)
-        dense = stages.dense_reference(model, tokenizer, eval_windows, eval_data, settings)  # before any block goes
+        dense = (stages.DenseReference({}) if pruned_already  # nothing to compare with
+                 else stages.dense_reference(model, tokenizer, eval_windows, eval_data, settings))  # before blocks go
         # remove (or compensate), evaluate, record
         windows = (api.calibration_windows(tokenizer, settings.dataset, settings.nsamples, settings.seqlen,
                                            settings.seed, model=model) if settings.compensate else None)

@@ -13,18 +13,10 @@ import os
 import shutil
 import time
 
-from sleb import api, blocks, data, distributed, guard, models, results, stages
+from sleb import api, blocks, data, distributed, guard, model_card, results, stages
 from sleb.errors import UsageError
 from sleb.recovery.lora import last_complete_checkpoint
 from sleb.settings import HealSettings
-
-
-def _pruned_card(model_name: str) -> dict:
-    """The sleb metadata of a pruned checkpoint's model card ({} for any other model)."""
-    from sleb.model_card import read_card
-
-    path = os.path.expanduser(models.resolve_model_name(model_name))
-    return read_card(path) if os.path.isdir(path) else {}
 
 
 def default_result_file(settings) -> str:
@@ -74,7 +66,7 @@ def run(settings: HealSettings) -> dict:
         rank, _, settings.device = distributed.setup()
     main_rank = rank == 0
     config, depth = stages.checked_config(settings)
-    card = _pruned_card(settings.model_name)
+    card = model_card.checkpoint_card(settings.model_name)
     card_removal = card.get("sleb_removal_list") or []  # a pruned checkpoint names what was removed
     removal_list = settings.check_depth(depth, card.get("sleb_removal_list"))
     if settings.objective == "kl" and not removal_list:  # the dense model is not in a pruned checkpoint

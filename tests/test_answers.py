@@ -2,7 +2,7 @@
 
 import json
 
-from clitools import invoke
+from clitools import invoke, run
 from sleb import agreement, questions
 
 
@@ -33,3 +33,24 @@ def test_eval_reports_answers_kept_and_agreement(model_dirs, tmp_path):
     assert pruned.returncode == 0, pruned.stderr[-1500:]
     record = json.loads((tmp_path / "pruned.json").read_text())
     assert record["agreement"]["overall"] < 1.0 and record["zeroshot"]["tasks"]["answers"]["acc"] is not None
+
+
+def test_a_pruned_checkpoint_is_not_compared_with_itself_as_if_dense(model_dirs, text_file, tmp_path):
+    """KL, agreement and answers kept compare with the dense model; a checkpoint sleb pruned is not it (they
+    read 0, 100% and all kept against itself)."""
+    saved = tmp_path / "pruned"
+    out = invoke("eval", "--model_name", model_dirs["llama"], "--removal_list", "[4, 1]", "--eval_ppl", "False",
+                 "--save_model", str(saved), "--result_folder", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-1500:]
+    for flags in (["--eval_kl", "True", "--ppl_datasets", f"file:{text_file}", "--seqlen", "32"],
+                  ["--eval_agreement", "2", "--eval_ppl", "False"]):
+        refused = run("eval", "--model_name", str(saved), *flags, "--result_folder", str(tmp_path / "no"))
+        assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+            f"error: {flags[0]} compares with the dense model, and {str(saved)!r} is already pruned; evaluate from "
+            f"the dense one: --model_name {model_dirs['llama']} --removal_list '[4, 1]'"]
+        assert not (tmp_path / "no").exists()
+    answered = invoke("eval", "--model_name", str(saved), "--eval_ppl", "False", "--eval_zeroshot", "True", "--tasks",
+                      "answers", "--limit", "4", "--result_folder", str(tmp_path), "--result_file", "answers.json")
+    assert answered.returncode == 0, answered.stderr[-1500:]
+    record = json.loads((tmp_path / "answers.json").read_text())
+    assert record["zeroshot"]["tasks"]["answers"]["acc"] is not None and "answers_kept" not in record
