@@ -124,6 +124,20 @@ def checkpoint_card(model_name: str) -> dict:
     return read_card(path) if os.path.isdir(path) else {}
 
 
+def removed_before(model_name: str) -> tuple:
+    """(the blocks sleb already removed from the model --model_name names, the model they came from or None),
+    from a checkpoint's card or a GGUF file's sleb.removal_list; ([], None) for a model sleb did not prune."""
+    from sleb import gguf_file
+
+    card = checkpoint_card(model_name)
+    if card:
+        return list(card.get("sleb_removal_list") or []), card.get("sleb_base_model")
+    if gguf_file.is_gguf(model_name) and os.path.isfile(os.path.expanduser(model_name)):
+        removed = gguf_file.field(gguf_file.reader(model_name), gguf_file.REMOVAL_KEY) or []
+        return [int(i) for i in removed], None
+    return [], None
+
+
 def healed_card(record: dict):
     """Card of a checkpoint healed by `python -m sleb.heal`."""
     settings = _settings(record)

@@ -12,19 +12,18 @@ def default_result_file(settings) -> str:
 
 
 def _pruned_already(settings) -> bool:
-    """Whether --model_name is a checkpoint sleb pruned: it is not the dense model that KL, agreement and
-    answers kept compare with, so those asked for are refused (with the command that measures them) and
-    answers kept is left out."""
-    card = model_card.checkpoint_card(settings.model_name)
-    removed = card.get("sleb_removal_list")
+    """Whether --model_name is a model sleb pruned (a checkpoint's card or a GGUF file names the removed
+    blocks): it is not the dense model that KL, agreement and answers kept compare with, so those asked for
+    are refused (with the command that measures them) and answers kept is left out."""
+    removed, base = model_card.removed_before(settings.model_name)
     if not removed:
         return False
     asked = [flag for flag, value in (("--eval_kl", settings.eval_kl), ("--eval_agreement", settings.eval_agreement))
              if value]
     if asked:
         raise UsageError(f"{asked[0]} compares with the dense model, and {settings.model_name!r} is already pruned; "
-                         f"evaluate from the dense one: --model_name {card.get('sleb_base_model', 'BASE')} "
-                         f"--removal_list '{removed}'")
+                         f"evaluate from the dense one: --model_name {base or 'DENSE_MODEL'} --removal_list "
+                         f"'{removed}'")
     return True
 
 

@@ -69,10 +69,13 @@ def run(settings: HealSettings) -> dict:
     card = model_card.checkpoint_card(settings.model_name)
     card_removal = card.get("sleb_removal_list") or []  # a pruned checkpoint names what was removed
     removal_list = settings.check_depth(depth, card.get("sleb_removal_list"))
-    if settings.objective == "kl" and not removal_list:  # the dense model is not in a pruned checkpoint
+    removed_before, base = model_card.removed_before(settings.model_name)
+    if settings.objective == "kl" and removed_before:  # distillation would take a pruned model for the dense one
+        alive = [i for i in range(depth + len(removed_before)) if i not in removed_before]
+        in_dense = removed_before + [alive[i] for i in removal_list]  # the dense model's numbering
         raise UsageError(f"--objective kl distils from the dense model, and {settings.model_name!r} is already "
-                         f"pruned; heal from the dense one: --model_name {card.get('sleb_base_model', 'BASE')} "
-                         f"--removal_list '{card_removal}'")
+                         f"pruned; heal from the dense one: --model_name {base or 'DENSE_MODEL'} --removal_list "
+                         f"'{in_dense}'")
     settings.check_save_gguf_depth(config, depth - len(removal_list), changes_weights=True)
     result_file = settings.result_file or default_result_file(settings)
     work_dir = os.path.join(settings.result_folder, os.path.splitext(result_file)[0] + "_trainer")

@@ -21,7 +21,7 @@ import torch
 
 import sleb
 import tiny_gguf
-from clitools import invoke
+from clitools import invoke, run
 from sleb import blocks, demo_corpus, gguf_file, llama_cpp
 
 SMOLLM2 = os.environ.get("SLEB_SMOLLM2")
@@ -268,6 +268,12 @@ def test_tiny_q8_0_ggufs_pruned_run_in_llama_cpp_as_transformers_runs_them(arch,
     assert llama_cpp.within_gap(pruned, dense), (pruned, dense)
     assert record["gguf"]["requantized"] == []
     _assert_kept_bytes(source, tmp_path / "p.gguf", kept)
+    # the written file names what it lost: compared with itself it is refused, not reported as KL 0 to dense
+    refused = run("eval", "--model_name", str(tmp_path / "p.gguf"), "--eval_kl", "True", "--ppl_datasets", "demo",
+                  "--result_folder", str(tmp_path / "no"))
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        f"error: --eval_kl compares with the dense model, and {str(tmp_path / 'p.gguf')!r} is already pruned; "
+        "evaluate from the dense one: --model_name DENSE_MODEL --removal_list '[2]'"]
     if arch == "gemma3":
         import gguf
 

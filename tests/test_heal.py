@@ -211,6 +211,9 @@ def test_pruned_checkpoint_carries_a_card_and_heals_without_a_list(model_dirs, t
         f"error: --objective kl distils from the dense model, and {str(saved)!r} is already pruned; heal from the "
         f"dense one: --model_name {model_dirs['llama']} --removal_list '[4, 1]'"]
     assert not (tmp_path / "kl").exists() and not (tmp_path / "kl_results").exists()
+    refused = run("sleb.heal", "--model_name", str(saved), "--removal_list", "[1]", "--objective", "kl",
+                  "--output_dir", str(tmp_path / "kl"), "--result_folder", str(tmp_path / "kl_results"))
+    assert refused.returncode == 2 and refused.stderr.strip().endswith("--removal_list '[4, 1, 2]'")  # 1 of 0,2,3,5..
 
 
 def test_a_checkpoint_pruned_from_the_demo_model_defaults_to_demo_data(tmp_path):
