@@ -58,6 +58,17 @@ def _save(model, tokenizer, settings: HealSettings, record: dict, path: str, hea
         results.write_json(path, record)
 
 
+def _check_dense(model_name: str, depth: int, removal_list: list) -> None:
+    """Distillation takes the loaded model's distributions for the dense model's: refuse a model sleb already
+    pruned, naming the command that starts from the dense one (its removal list in the dense numbering)."""
+    removed_before, base = model_card.removed_before(model_name)
+    if removed_before:
+        alive = [i for i in range(depth + len(removed_before)) if i not in removed_before]
+        in_dense = removed_before + [alive[i] for i in removal_list]
+        raise UsageError(f"--objective kl distils from the dense model, and {model_name!r} is already pruned; heal "
+                         f"from the dense one: --model_name {base or 'DENSE_MODEL'} --removal_list '{in_dense}'")
+
+
 def run(settings: HealSettings) -> dict:
     """`python -m sleb.heal` (`sleb heal`). Under torchrun every rank loads, prunes and trains (the Trainer
     runs them as one data-parallel job); rank 0 alone claims the results file, evaluates and saves."""
@@ -69,13 +80,8 @@ def run(settings: HealSettings) -> dict:
     card = model_card.checkpoint_card(settings.model_name)
     card_removal = card.get("sleb_removal_list") or []  # a pruned checkpoint names what was removed
     removal_list = settings.check_depth(depth, card.get("sleb_removal_list"))
-    removed_before, base = model_card.removed_before(settings.model_name)
-    if settings.objective == "kl" and removed_before:  # distillation would take a pruned model for the dense one
-        alive = [i for i in range(depth + len(removed_before)) if i not in removed_before]
-        in_dense = removed_before + [alive[i] for i in removal_list]  # the dense model's numbering
-        raise UsageError(f"--objective kl distils from the dense model, and {settings.model_name!r} is already "
-                         f"pruned; heal from the dense one: --model_name {base or 'DENSE_MODEL'} --removal_list "
-                         f"'{in_dense}'")
+    if settings.objective == "kl":
+        _check_dense(settings.model_name, depth, removal_list)
     settings.check_save_gguf_depth(config, depth - len(removal_list), changes_weights=True)
     result_file = settings.result_file or default_result_file(settings)
     work_dir = os.path.join(settings.result_folder, os.path.splitext(result_file)[0] + "_trainer")
