@@ -147,8 +147,7 @@ class Searches:
             return self._one_count(model, windows, k, metric, objective, calibration)
         started, phases = time.perf_counter(), []
         sleb.search(model, windows, max(k, self.largest), metric, objective=objective, progress=False,
-                            on_phase=lambda r: phases.append([list(r.removal_list),
-                                                              round(time.perf_counter() - started, 1)]))
+                    on_phase=lambda r: phases.append([list(r.removal_list), round(time.perf_counter() - started, 1)]))
         self.found[key] = phases
         with open(self.path, "a") as handle:
             handle.write(json.dumps({"key": list(key), "phases": phases}) + "\n")
@@ -163,7 +162,8 @@ class Searches:
             started = time.perf_counter()
             found = sleb.search(model, windows, k, metric, objective=objective, progress=False)
             return found.removal_list, round(time.perf_counter() - started, 1), found.fits
-        path = os.path.join(os.path.dirname(self.path), f"search_{metric}_{objective}_{calibration}_{k}.json")
+        shape = f"{int(windows.shape[0])}x{SEQLEN}"  # other windows make another search
+        path = os.path.join(os.path.dirname(self.path), f"search_{metric}_{objective}_{calibration}_{shape}_{k}.json")
         found = sleb.SearchResult.from_dict(json.load(open(path))) if os.path.isfile(path) else None
         if found is None or found.status != "done":
             found = sleb.search(model, windows, k, metric, objective=objective, progress=False, resume=found,
