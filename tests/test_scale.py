@@ -102,7 +102,6 @@ def test_torchrun_splits_evopress_stages_and_finds_the_same_set(model_dirs, text
         assert b["value"] == pytest.approx(a["value"], rel=1e-6)
 
 
-
 def test_heal_by_distillation_on_two_ranks_trains_as_one_process_with_the_same_global_batch(model_dirs, text_file,
                                                                                           tmp_path):
     """`python -m sleb.heal` under torchrun: the Trainer runs the ranks as one data-parallel job, rank 0 alone
