@@ -92,12 +92,16 @@ def _lock(path: str):
 
 
 @contextlib.contextmanager
-def claim(folder: str, file: str, overwrite: bool = False):
+def claim(folder: str, file: str, overwrite: bool = False, writer: bool = True):
     """Check, before any work, that the results file can be written, and hold it for this run.
 
     Yields its path. A second run aimed at the same file while this one runs stops at once with
-    one line; an existing file is an error unless `overwrite` (a resumed search continues its own)."""
+    one line; an existing file is an error unless `overwrite` (a resumed search continues its own).
+    `writer` False (a torchrun rank other than 0, which writes nothing) yields the path unclaimed."""
     path = os.path.join(folder, file)  # a .json name: OutputFlags.check_output checked it
+    if not writer:
+        yield path
+        return
     _check_writable(folder)
     fd, lock_path = _lock(path)
     try:

@@ -8,7 +8,6 @@ atomically, as a normal checkpoint that stock transformers loads. The recipe's d
 Shortened LLaMA's (sleb/recovery/lora.py).
 """
 
-import contextlib
 import os
 import shutil
 import time
@@ -85,9 +84,8 @@ def run(settings: HealSettings) -> dict:
     settings.check_save_gguf_depth(config, depth - len(removal_list), changes_weights=True)
     result_file = settings.result_file or default_result_file(settings)
     work_dir = os.path.join(settings.result_folder, os.path.splitext(result_file)[0] + "_trainer")
-    claim = (results.claim(settings.result_folder, result_file, settings.overwrite or settings.resume) if main_rank
-             else contextlib.nullcontext(os.path.join(settings.result_folder, result_file)))
-    with claim as path:
+    with results.claim(settings.result_folder, result_file, settings.overwrite or settings.resume,
+                       writer=main_rank) as path:
         resume_from = _resume_point(settings, work_dir, main_rank)
         started = time.perf_counter()
         data.calibration_text(settings.dataset, settings.nsamples, settings.seed)  # fails before the load, cached

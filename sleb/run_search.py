@@ -1,6 +1,5 @@
 """`python -m sleb`: checks -> data -> load -> search -> prune -> evaluate -> record -> write -> table."""
 
-import contextlib
 import dataclasses
 import os
 import sys
@@ -79,9 +78,8 @@ def run(settings) -> dict:
     settings.check_depth(depth, config)
     metric, k = metrics.get(settings.metric), settings.num_remove_blocks
     result_file = settings.result_file or default_result_file(settings)
-    claim = (results.claim(settings.result_folder, result_file, settings.overwrite or settings.resume) if main_rank
-             else contextlib.nullcontext(os.path.join(settings.result_folder, result_file)))
-    with claim as path:
+    with results.claim(settings.result_folder, result_file, settings.overwrite or settings.resume,
+                       writer=main_rank) as path:
         resumed = _resumed(path, settings) if settings.resume else None
         started = time.perf_counter()
         data.calibration_text(settings.dataset, settings.nsamples, settings.seed)  # fails before the load, cached
