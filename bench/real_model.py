@@ -248,9 +248,9 @@ def write_table(out: str, dense_row: dict, rows: list) -> None:
         f"Rows measured so far: {len(rows)} (counts {counts}).", ""]
     measured = _measured(rows)
     missing = [f"{name} ({k})" for k in COUNTS for name, *_ in METHODS if (name, k) not in measured]
-    footer = [f"Not measured yet ({len(missing)} of {len(COUNTS) * len(METHODS)}, as method (blocks removed)): "
-              + ", ".join(missing) + "."] if missing else []
-    text = "\n".join(header + lines + [""] + footer) + "\n\n![answers kept and perplexity](answers_kept.png)\n"
+    footer = ["", f"Not measured yet ({len(missing)} of {len(COUNTS) * len(METHODS)}, as method (blocks removed)): "
+                  + ", ".join(missing) + "."] if missing else []
+    text = "\n".join(header + lines + footer) + "\n\n![answers kept and perplexity](answers_kept.png)\n"
     with open(os.path.join(out, "README.md"), "w") as handle:
         handle.write(text)
     _plots(out, dense_row, rows)
