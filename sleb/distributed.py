@@ -37,6 +37,15 @@ def setup() -> tuple:
     return rank, world, device
 
 
+def join(settings) -> bool:
+    """Under torchrun, join the group and point settings.device at this rank's device. True on the process
+    that claims, prints and writes: rank 0, or the only process."""
+    if not launched():
+        return True
+    rank, _, settings.device = setup()
+    return rank == 0
+
+
 def rank() -> int:
     """This process's rank in an initialised group (0 when there is none)."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

@@ -5,6 +5,7 @@ says what it is and where it came from."""
 import os
 import shlex
 import sys
+from typing import Optional
 
 from sleb import metrics
 
@@ -124,12 +125,13 @@ def checkpoint_card(model_name: str) -> dict:
     return read_card(path) if os.path.isdir(path) else {}
 
 
-def removed_before(model_name: str) -> tuple:
+def removed_before(model_name: str, card: Optional[dict] = None) -> tuple:
     """(the blocks sleb already removed from the model --model_name names, the model they came from or None),
-    from a checkpoint's card or a GGUF file's sleb.removal_list; ([], None) for a model sleb did not prune."""
+    from a checkpoint's card (`card`, when the caller read it already) or a GGUF file's sleb.removal_list;
+    ([], None) for a model sleb did not prune."""
     from sleb import gguf_file
 
-    card = checkpoint_card(model_name)
+    card = checkpoint_card(model_name) if card is None else card
     if card:
         return list(card.get("sleb_removal_list") or []), card.get("sleb_base_model")
     if gguf_file.is_gguf(model_name) and os.path.isfile(os.path.expanduser(model_name)):

@@ -57,10 +57,9 @@ def _save(model, tokenizer, settings: HealSettings, record: dict, path: str, hea
         results.write_json(path, record)
 
 
-def _check_dense(model_name: str, depth: int, removal_list: list) -> None:
+def _check_dense(model_name: str, removed_before: list, base, depth: int, removal_list: list) -> None:
     """Distillation takes the loaded model's distributions for the dense model's: refuse a model sleb already
     pruned, naming the command that starts from the dense one (its removal list in the dense numbering)."""
-    removed_before, base = model_card.removed_before(model_name)
     if removed_before:
         alive = [i for i in range(depth + len(removed_before)) if i not in removed_before]
         in_dense = removed_before + [alive[i] for i in removal_list]
@@ -71,16 +70,14 @@ def _check_dense(model_name: str, depth: int, removal_list: list) -> None:
 def run(settings: HealSettings) -> dict:
     """`python -m sleb.heal` (`sleb heal`). Under torchrun every rank loads, prunes and trains (the Trainer
     runs them as one data-parallel job); rank 0 alone claims the results file, evaluates and saves."""
-    rank = 0
-    if distributed.launched():
-        rank, _, settings.device = distributed.setup()
-    main_rank = rank == 0
+    main_rank = distributed.join(settings)
     config, depth = stages.checked_config(settings)
     card = model_card.checkpoint_card(settings.model_name)
-    card_removal = card.get("sleb_removal_list") or []  # a pruned checkpoint names what was removed
-    removal_list = settings.check_depth(depth, card.get("sleb_removal_list"))
+    # a pruned checkpoint's card, or a pruned GGUF's sleb.removal_list, names what was removed
+    card_removal, base = model_card.removed_before(settings.model_name, card)
+    removal_list = settings.check_depth(depth, card_removal or None)
     if settings.objective == "kl":
-        _check_dense(settings.model_name, depth, removal_list)
+        _check_dense(settings.model_name, card_removal, base, depth, removal_list)
     settings.check_save_gguf_depth(config, depth - len(removal_list), changes_weights=True)
     result_file = settings.result_file or default_result_file(settings)
     work_dir = os.path.join(settings.result_folder, os.path.splitext(result_file)[0] + "_trainer")

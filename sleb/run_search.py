@@ -69,10 +69,7 @@ def _search(model, windows, settings, resumed, base: dict, path: str, main_rank:
 
 def run(settings) -> dict:
     """`python -m sleb` (`sleb search`)."""
-    rank = 0
-    if distributed.launched():  # under torchrun: each rank scores a slice of the candidates (sleb.search sees the group)
-        rank, _, settings.device = distributed.setup()
-    main_rank = rank == 0
+    main_rank = distributed.join(settings)  # under torchrun each rank scores a slice of the candidates
     log = print if main_rank else (lambda *args, **kwargs: None)
     config, depth = stages.checked_config(settings)
     settings.check_depth(depth, config)

@@ -408,11 +408,12 @@ class HealSettings(OutputFlags, GgufOutFlags, KLFlags, CalibrationFlags, KindFla
 
     def check_depth(self, depth: int, card_removal: Optional[list]) -> list:
         """The removal list to apply on load: the given one (checked against the depth), or none for a
-        checkpoint whose card says it is already pruned."""
+        checkpoint whose card (or a GGUF whose sleb.removal_list) says it is already pruned."""
         if self.removal_list is None:
             if card_removal is None:
-                raise UsageError(f"{self.model_name!r} is not a pruned checkpoint (no sleb model card names its "
-                                 "removed blocks); pass --removal_list '[..]' or a directory written by --save_model")
+                raise UsageError(f"{self.model_name!r} is not a pruned model (no sleb model card or GGUF "
+                                 "sleb.removal_list names its removed blocks); pass --removal_list '[..]', or a "
+                                 "directory or GGUF written by --save_model / --save_gguf")
             return []
         if not self.removal_list:
             raise UsageError("--removal_list is empty: there is nothing to heal; name the removed blocks")

@@ -141,7 +141,7 @@ def test_resume_steps_over_a_checkpoint_killed_while_written(tmp_path):
 
 
 BAD = [
-    (["--removal_list", None], "not a pruned checkpoint"),
+    (["--removal_list", None], "not a pruned model"),
     (["--dataset", "nowhere"], "unknown data set"),
     (["--dataset", "file:EMPTY"], "fewer than one window"),
     (["--lr", "0"], "--lr must be positive"),
