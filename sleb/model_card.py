@@ -109,6 +109,9 @@ def read_card(directory: str):
     path = os.path.join(directory, "README.md")
     if not os.path.isfile(path):
         return {}
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        if handle.readline().strip() != "---":  # no metadata block (the demo model's README): huggingface_hub
+            return {}                           # would log a line about it before any error of ours
     try:
         data = ModelCard.load(path).data.to_dict()
     except Exception:  # a README that is not a model card

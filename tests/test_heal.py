@@ -180,6 +180,16 @@ def test_bad_input_is_one_line_and_writes_nothing(override, message, model_dirs,
     assert list(full.iterdir()) == [full / "keep.txt"]
 
 
+def test_a_model_that_is_not_pruned_is_refused_in_exactly_one_line(tmp_path):
+    """The demo model's README has no card metadata: reading it must not log a line before the refusal."""
+    out = run("sleb.heal", "--model_name", "demo", "--output_dir", str(tmp_path / "healed"), "--result_folder",
+              str(tmp_path / "r"))
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "error: 'demo' is not a pruned model (no sleb model card or GGUF sleb.removal_list names its removed "
+        "blocks); pass --removal_list '[..]', or a directory or GGUF written by --save_model / --save_gguf"]
+    assert not (tmp_path / "healed").exists() and not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("arch, expected", [("gpt2", {"c_attn", "c_proj", "c_fc"}),  # Conv1D, c_proj twice
                                             ("gpt_neox", {"query_key_value", "dense", "dense_h_to_4h",
                                                           "dense_4h_to_h"})])
