@@ -274,7 +274,7 @@ def test_tiny_q8_0_ggufs_pruned_run_in_llama_cpp_as_transformers_runs_them(arch,
     assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
         f"error: --eval_kl compares with the dense model, and {str(tmp_path / 'p.gguf')!r} is already pruned; "
         "evaluate from the dense one: --model_name DENSE_MODEL --removal_list '[2]'"]
-    if arch == "qwen2":  # and heals without --removal_list, as a pruned checkpoint does: its removal list says what went
+    if arch == "qwen2":  # it heals with no --removal_list: its sleb.removal_list says what went
         out = invoke("sleb.heal", "--model_name", str(tmp_path / "p.gguf"), "--output_dir", str(tmp_path / "healed"),
                      "--dataset", "demo", "--nsamples", "8", "--seqlen", "64", "--max_steps", "1", "--ppl_datasets",
                      "demo", "--eval_seqlen", "64", "--result_folder", str(tmp_path / "r"), "--result_file", "h.json")
