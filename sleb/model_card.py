@@ -105,15 +105,17 @@ def pruned_card(record: dict):
 def read_card(directory: str):
     """The sleb metadata of a checkpoint's model card ({} when it has no sleb card)."""
     from huggingface_hub import ModelCard
+    from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
     path = os.path.join(directory, "README.md")
     if not os.path.isfile(path):
         return {}
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        if handle.readline().strip() != "---":  # no metadata block (the demo model's README): huggingface_hub
-            return {}                           # would log a line about it before any error of ours
     try:
-        data = ModelCard.load(path).data.to_dict()
+        with open(path, newline="", encoding="utf-8-sig") as handle:  # as ModelCard.load reads it
+            text = handle.read()
+        if not REGEX_YAML_BLOCK.search(text):  # no metadata block (the demo model's README): huggingface_hub
+            return {}                          # would log a line about it before any error of ours
+        data = ModelCard(text).data.to_dict()
     except Exception:  # a README that is not a model card
         return {}
     return {key: value for key, value in data.items() if key.startswith("sleb_")}

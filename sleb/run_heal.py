@@ -73,11 +73,11 @@ def run(settings: HealSettings) -> dict:
     main_rank = distributed.join(settings)
     config, depth = stages.checked_config(settings)
     card = model_card.checkpoint_card(settings.model_name)
-    # a pruned checkpoint's card, or a pruned GGUF's sleb.removal_list, names what was removed
-    card_removal, base = model_card.removed_before(settings.model_name, card)
-    removal_list = settings.check_depth(depth, card_removal or None)
+    # what sleb removed before: a pruned checkpoint's card or a pruned GGUF's sleb.removal_list names it
+    removed_before, base = model_card.removed_before(settings.model_name, card)
+    removal_list = settings.check_depth(depth, removed_before or None)
     if settings.objective == "kl":
-        _check_dense(settings.model_name, card_removal, base, depth, removal_list)
+        _check_dense(settings.model_name, removed_before, base, depth, removal_list)
     settings.check_save_gguf_depth(config, depth - len(removal_list), changes_weights=True)
     result_file = settings.result_file or default_result_file(settings)
     work_dir = os.path.join(settings.result_folder, os.path.splitext(result_file)[0] + "_trainer")
@@ -96,7 +96,7 @@ def run(settings: HealSettings) -> dict:
                  if settings.objective == "kl" else None)  # what distillation learns: taken before the blocks go
         api.remove_blocks(model, removal_list, keep_block_kinds=settings.keep_block_kinds)
         original_depth, removed = ((depth, removal_list) if removal_list
-                                   else (depth + len(card_removal), card_removal))
+                                   else (depth + len(removed_before), removed_before))
         eval_windows = stages.tokenize_eval_texts(model, tokenizer, eval_data, settings.eval_seqlen)
         record = stages.record("heal", settings, model, original_depth, removal_list=removed,
                                source_metric=card.get("sleb_metric", "given"),

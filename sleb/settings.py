@@ -406,11 +406,11 @@ class HealSettings(OutputFlags, GgufOutFlags, KLFlags, CalibrationFlags, KindFla
         """The LoRA recipe these flags describe."""
         return LoraRecipe(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LoraRecipe)})
 
-    def check_depth(self, depth: int, card_removal: Optional[list]) -> list:
+    def check_depth(self, depth: int, removed_before: Optional[list]) -> list:
         """The removal list to apply on load: the given one (checked against the depth), or none for a
         checkpoint whose card (or a GGUF whose sleb.removal_list) says it is already pruned."""
         if self.removal_list is None:
-            if card_removal is None:
+            if removed_before is None:
                 raise UsageError(f"{self.model_name!r} is not a pruned model (no sleb model card or GGUF "
                                  "sleb.removal_list names its removed blocks); pass --removal_list '[..]', or a "
                                  "directory or GGUF written by --save_model / --save_gguf")

@@ -190,6 +190,17 @@ def test_a_model_that_is_not_pruned_is_refused_in_exactly_one_line(tmp_path):
     assert not (tmp_path / "healed").exists() and not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("\n---\nsleb_removal_list: [1, 2]\n---\n# card\n", {"sleb_removal_list": [1, 2]}),  # as huggingface_hub reads it
+    ("\ufeff---\nsleb_removal_list: [3]\n---\n", {"sleb_removal_list": [3]}),  # a byte-order mark
+    ("# a README, no metadata\n", {}),
+    ("---\n: not yaml [\n---\n", {}),
+])
+def test_a_card_is_read_as_huggingface_hub_reads_it(text, expected, tmp_path):
+    (tmp_path / "README.md").write_text(text, encoding="utf-8")
+    assert read_card(str(tmp_path)) == expected
+
+
 @pytest.mark.parametrize("arch, expected", [("gpt2", {"c_attn", "c_proj", "c_fc"}),  # Conv1D, c_proj twice
                                             ("gpt_neox", {"query_key_value", "dense", "dense_h_to_4h",
                                                           "dense_4h_to_h"})])
