@@ -15,34 +15,23 @@ import torch.distributed as dist
 from sleb.engines import PhaseResult
 
 
-def launched() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def setup() -> tuple:
-    """(rank, world size, device) after joining the process group torchrun describes."""
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+def join(settings) -> bool:
+    """Under torchrun, join the process group it describes (NCCL on GPUs, gloo on CPU) and point
+    settings.device at this rank's device. True on the process that claims, prints and writes: rank 0, or
+    the only process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return True
+    rank = int(os.environ["RANK"])
     local = int(os.environ.get("LOCAL_RANK", rank))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
-        device = f"cuda:{local}"
-        backend = "nccl"
+        settings.device, backend = f"cuda:{local}", "nccl"
     else:
-        device = "cpu"
-        backend = "gloo"
+        settings.device, backend = "cpu", "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend)
     if rank != 0:
         os.environ["TQDM_DISABLE"] = "1"
-    return rank, world, device
-
-
-def join(settings) -> bool:
-    """Under torchrun, join the group and point settings.device at this rank's device. True on the process
-    that claims, prints and writes: rank 0, or the only process."""
-    if not launched():
-        return True
-    rank, _, settings.device = setup()
     return rank == 0
 
 
