@@ -44,9 +44,9 @@ def demo_sized(folder: str) -> str:
     return model_dir
 
 
-def _runs(folder: str, threads, repeats, warmup, prompt_len, generation_prompt_len, new_tokens, **source) -> dict:
+def runs(folder: str, threads, repeats, warmup, prompt_len, generation_prompt_len, new_tokens, **source) -> dict:
     """{mode: figures} of prompt processing and generation for one dense/pruned pair."""
-    runs = {}
+    found = {}
     for mode in ("prompt", "generation"):
         settings = LatencySettings(engine="llama.cpp", threads=threads, generation=mode == "generation",
                                    repeats=repeats, warmup=warmup,
@@ -55,14 +55,14 @@ def _runs(folder: str, threads, repeats, warmup, prompt_len, generation_prompt_l
                                    result_folder=os.path.join(folder, mode), result_file="latency.json", **source)
         with contextlib.redirect_stdout(sys.stderr):  # the command's table; stdout holds the JSON line only
             record = latency.run(settings)
-        runs[mode] = {
+        found[mode] = {
             "sizes": record["sizes"], "threads": record["engine"]["threads"],
             "dense_tokens_per_s": round(record["dense"]["tokens_per_s"], 1),
             "pruned_tokens_per_s": round(record["pruned"]["tokens_per_s"], 1),
             "speedup": round(record["speedup"], 3), "ideal_speedup": round(record["ideal_speedup"], 3),
             "speedup_over_ideal": round(record["speedup_over_ideal"], 3)}
-        runs["environment"], runs["llama_cpp_python"] = record["environment"], record["engine"]["llama_cpp_python"]
-    return runs
+        found["environment"], found["llama_cpp_python"] = record["environment"], record["engine"]["llama_cpp_python"]
+    return found
 
 
 def main(tree: str = None, gguf: str = None, counts="3,6,9", converter_python: str = None, outtype: str = "f16",
@@ -75,9 +75,9 @@ def main(tree: str = None, gguf: str = None, counts="3,6,9", converter_python: s
         report = {"model": os.path.basename(gguf), "counts": {}}
         with tempfile.TemporaryDirectory() as folder:
             for k in counts:
-                runs = _runs(os.path.join(folder, str(k)), model_name=gguf, removal_list=list(range(1, k + 1)), **sizes)
-                report["environment"], report["llama_cpp_python"] = runs.pop("environment"), runs.pop("llama_cpp_python")
-                report["counts"][k] = {"removed": list(range(1, k + 1)), **runs}
+                found = runs(os.path.join(folder, str(k)), model_name=gguf, removal_list=list(range(1, k + 1)), **sizes)
+                report["environment"], report["llama_cpp_python"] = found.pop("environment"), found.pop("llama_cpp_python")
+                report["counts"][k] = {"removed": list(range(1, k + 1)), **found}
         print(json.dumps(report))
         return
     if tree is None:
@@ -86,10 +86,10 @@ def main(tree: str = None, gguf: str = None, counts="3,6,9", converter_python: s
               "removed": [1, 2, 3], "runs": {}}
     with tempfile.TemporaryDirectory() as folder:
         model_dir = demo_sized(folder)
-        runs = _runs(folder, model_name=model_dir, llama_cpp=tree, converter_python=converter_python,
+        found = runs(folder, model_name=model_dir, llama_cpp=tree, converter_python=converter_python,
                      gguf_outtype=outtype, **sizes)
-        report["environment"], report["llama_cpp_python"] = runs.pop("environment"), runs.pop("llama_cpp_python")
-        report["runs"] = runs
+        report["environment"], report["llama_cpp_python"] = found.pop("environment"), found.pop("llama_cpp_python")
+        report["runs"] = found
     print(json.dumps(report))
 
 

@@ -2,10 +2,16 @@
 
 import functools
 import logging
+import os
+import sys
 from dataclasses import dataclass
 
-from sleb import hub, results
+from sleb import demo_tasks, hub, questions, results
 from sleb.errors import UsageError, first_line
+from sleb.questions import task as answers_task
+
+OFFLINE = demo_tasks.TASKS + answers_task.TASKS  # written here, no hub needed
+GENERATIVE = answers_task.TASKS  # answered by generation, through the chat template where the tokenizer has one
 
 
 @dataclass(frozen=True)
@@ -16,13 +22,21 @@ class Tasks:
     manager: object
 
 
-def task_manager(names: list):
-    """lm-eval's task registry plus the offline demo tasks (alone when only those are asked for:
-    indexing lm-eval's thousands of task files takes ~30 s, done once per process)."""
-    from sleb import demo_tasks
+def task_folder() -> str:
+    """Where the offline tasks are written, by Python version (their items are deterministic for one)."""
+    base = os.environ.get("SLEB_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "sleb"))
+    return os.path.join(base, f"lm_eval_tasks-py{sys.version_info.major}.{sys.version_info.minor}")
 
+
+def task_manager(names: list):
+    """lm-eval's task registry plus the offline tasks (alone when only those are asked for: indexing
+    lm-eval's thousands of task files takes ~30 s, done once per process)."""
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its warnings would bury one-line errors
-    return _indexed(demo_tasks.write_tasks(), not all(name in demo_tasks.TASKS for name in names))
+    folder = task_folder()
+    os.makedirs(folder, exist_ok=True)
+    demo_tasks.write_tasks(folder)
+    answers_task.write_task(folder)
+    return _indexed(folder, not all(name in OFFLINE for name in names))
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,8 +49,6 @@ def _indexed(include_path: str, include_defaults: bool):
 def check_tasks(names: list, manager) -> None:
     """Unknown names and data that cannot be loaded fail here, before the model loads."""
     from lm_eval.tasks import get_task_dict
-
-    from sleb.demo_tasks import TASKS as OFFLINE
 
     known = set(manager.all_tasks)
     unknown = [name for name in names if name not in known]
@@ -68,12 +80,10 @@ def evaluate_zeroshot(model, tokenizer, tasks: Tasks, num_fewshot: int = 0, limi
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    from sleb.demo_tasks import GENERATIVE
-
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, logits_cache=logits_cache)
     scored = [name for name in tasks.names if name not in GENERATIVE]
     generated = [name for name in tasks.names if name in GENERATIVE]
-    found, samples, right = {}, {}, {}
+    found, samples, right, replies = {}, {}, {}, {}
     for names, chat in ((scored, False), (generated, bool(getattr(tokenizer, "chat_template", None)))):
         if not names:
             continue
@@ -83,8 +93,9 @@ def evaluate_zeroshot(model, tokenizer, tasks: Tasks, num_fewshot: int = 0, limi
                                          task_manager=tasks.manager, verbosity="ERROR", apply_chat_template=chat)
         found.update(output["results"])
         samples.update(output.get("samples") or {})
-        for name in set(names) & set(GENERATIVE):  # which questions were right, for "answers kept"
+        for name in set(names) & set(GENERATIVE):  # which questions were right, for "answers kept", and the replies
             right[name] = sorted(int(item["doc"]["id"]) for item in output["samples"][name] if item["acc"])
+            replies[name] = {int(item["doc"]["id"]): _reply(item) for item in output["samples"][name]}
     per_task = {}
     for name in tasks.names:
         metrics = found[name]
@@ -95,16 +106,26 @@ def evaluate_zeroshot(model, tokenizer, tasks: Tasks, num_fewshot: int = 0, limi
         values = [entry[key] for entry in per_task.values() if entry[key] is not None]
         mean[key] = sum(values) / len(values) if values else None
     out = {"tasks": per_task, "mean": mean, "num_fewshot": num_fewshot, "limit": limit}
-    if right:
-        out["right"] = right
+    if replies:  # the question set's digest: answers kept compares only results on the same set
+        out.update(right=right, replies={name: dict(sorted(by_id.items())) for name, by_id in replies.items()},
+                   question_set=questions.digest())
     if log_samples:
         out["samples"] = samples
     return out
 
 
+def _reply(sample: dict) -> str:
+    """The generated text lm-eval scored (after its filters)."""
+    reply = sample["filtered_resps"]
+    return reply[0] if isinstance(reply, list) else reply
+
+
 def answers_kept(dense: dict, pruned: dict) -> dict:
     """{task: questions right for both over those right for the dense model} from two `evaluate_zeroshot`
     results: the answers a user still gets after pruning."""
+    if dense.get("right") and pruned.get("right") and dense.get("question_set") != pruned.get("question_set"):
+        raise ValueError(f"answers kept compares results on one question set; the dense model's is "
+                         f"{dense.get('question_set')}, the other's {pruned.get('question_set')}")
     kept = {}
     for name, before in (dense.get("right") or {}).items():
         after = set((pruned.get("right") or {}).get(name, []))

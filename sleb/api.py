@@ -183,8 +183,8 @@ def search(model, windows: torch.Tensor, num_remove_blocks: Optional[int] = None
     evopress is EvoPress's evolutionary search; `evolution` (a sleb.Evolution) its settings."""
     from sleb import metrics, objectives
     from sleb.evopress import Evolution
-    from sleb.metrics import check_choices, check_objective, check_resumable
-    from sleb.search_algorithms import SearchJob, SearchState, check_shape
+    from sleb.metrics import check_choices, check_objective
+    from sleb.search_algorithms import SearchJob, check_shape
 
     check_choices(metric, engine, early_barrier, latter_barrier)
     chosen = metrics.get(metric)
@@ -208,16 +208,7 @@ def search(model, windows: torch.Tensor, num_remove_blocks: Optional[int] = None
     if chosen.compensates:
         compensated = dict(early_barrier=early_barrier, latter_barrier=latter_barrier, budget_gb=compensation_gb,
                            progress=progress, log=log)
-    state = SearchState(depth)
-    if resume is not None:
-        check_resumable(metric, resume.status == "done", "the search result handed in", "search again without resume=")
-        changed = identity.first_difference(resume.identity, ran_on)
-        if changed:
-            raise UsageError(f"cannot resume this search: {changed}; resume on the same model, data, settings "
-                             "and libraries, or start again (--overwrite True)")
-        state = SearchState(depth, list(resume.removal_list), list(resume.losses), list(resume.lower_bounds),
-                            list(resume.phase_seconds), resume.rescored, resume.max_rescore_gap,
-                            generations=list(resume.generations))
+    state = _resumed_state(resume, ran_on, metric, depth)
     started = time.perf_counter() - (resume.total_seconds if resume is not None else 0.0)  # the resumed run's time counts
 
     def result(current, status: str) -> SearchResult:
@@ -248,6 +239,24 @@ def search(model, windows: torch.Tensor, num_remove_blocks: Optional[int] = None
         if len(state.removal_list) < k:  # a finished search handed back in is returned as it is
             state = chosen.run(job, state)
     return result(state, "done")
+
+
+def _resumed_state(resume: Optional[SearchResult], ran_on: dict, metric: str, depth: int):
+    """The search state a resumed search goes on from (a fresh one without `resume`), refused where the run it
+    continues was made on another model, data, settings or libraries."""
+    from sleb.metrics import check_resumable
+    from sleb.search_algorithms import SearchState
+
+    if resume is None:
+        return SearchState(depth)
+    check_resumable(metric, resume.status == "done", "the search result handed in", "search again without resume=")
+    changed = identity.first_difference(resume.identity, ran_on)
+    if changed:
+        raise UsageError(f"cannot resume this search: {changed}; resume on the same model, data, settings "
+                         "and libraries, or start again (--overwrite True)")
+    return SearchState(depth, list(resume.removal_list), list(resume.losses), list(resume.lower_bounds),
+                       list(resume.phase_seconds), resume.rescored, resume.max_rescore_gap,
+                       generations=list(resume.generations))
 
 
 def _check_kinds_kept(model, removal_list: list, keep_block_kinds: bool) -> None:
@@ -540,10 +549,17 @@ def save_gguf(model, tokenizer, path: str, *, gguf_type: Optional[str] = None, l
         checkpoint.save(model, tokenizer, folder)
         converted = llama_cpp.convert(folder, os.path.join(scratch, "converted.gguf"), llama_cpp_tree,
                                       converter_python, "f32" if gguf_type else "f16", log=log)
+        origin = blocks.origin(model)
+        removed = origin.removed
+        if removal_list is not None and sorted(removal_list) == removed:
+            removed = [int(i) for i in removal_list]  # the order they were chosen in
+        if removed:  # what a copied GGUF records too: the file is not the dense model
+            gguf_file.mark_removed(converted, removed, len(removed) + blocks.num_blocks(model))
         if gguf_type is not None:
             gguf_file.quantize(converted, target, gguf_type)
         else:
             shutil.move(converted, target)
     log(f"GGUF written to {target}" + (f" ({gguf_type}, llama.cpp's quantizer)" if gguf_type else " (f16)"))
-    return {"path": target, "block_count": blocks.num_blocks(model), "type": gguf_type or "F16"}
+    return {"path": target, "block_count": blocks.num_blocks(model), "type": gguf_type or "F16",
+            "removal_list": removed}
 

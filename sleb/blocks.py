@@ -111,6 +111,14 @@ class Origin:
         return [i for i in range(layout.depth_config(self.config).num_hidden_layers) if i not in set(self.kept)]
 
 
+def in_dense_numbering(removed_before: list, removal_list: list, depth: int) -> list:
+    """The blocks a model lacks in the numbering of the dense model it came from: `removed_before` (already in
+    that numbering) and then `removal_list`, indices of the `depth` blocks it had before these went."""
+    removed_before = [int(i) for i in removed_before]
+    alive = [i for i in range(depth + len(removed_before)) if i not in set(removed_before)]
+    return removed_before + [alive[int(i)] for i in removal_list]
+
+
 def origin(model) -> Origin:
     """The model's Origin, taken now if sleb has not met it before."""
     found = getattr(model, "_sleb_origin", None)

@@ -1,6 +1,12 @@
 """EvoPress's depth search (Sieberling et al., ICML 2025): a (1 + lambda) evolution over which k blocks
 are removed, scored on the search's objective by the same engines as SLEB's greedy loop, which also gives
-it its first parent."""
+it its first parent.
+
+Removed blocks are skipped, as every search here scores them, never deleted; mutations keep the barriers
+and the block kinds. With the greedy list in every last stage of the first generation, the answer is never
+worse than the greedy list on the calibration data. The fast engine resumes each set's batches from the
+longest cached prefix of blocks it shares with sets scored before (a child shares its parent's path up to
+its first swap)."""
 
 import dataclasses
 import math
@@ -44,18 +50,13 @@ class Evolution:
 
 
 def evopress(job: SearchJob, state: SearchState) -> SearchState:
-    """EvoPress's (1 + lambda) evolution over which k blocks are removed (blocks skipped, as every search
-    here scores them), on the job's objective. Offspring come from level-switch mutations of the parent
-    (a removed block swapped with a kept candidate, 1 to max_mutations times, keeping barriers and block
-    kinds); multi-step selection scores them all on a random share of the calibration batches, the best
-    `survivors` and the parent (elitism) on all of them, and the best becomes the parent. The first
-    population is SLEB's greedy list on the same objective plus `initial` random valid sets, with the
-    greedy list always in the last stage, so the answer is never worse than the greedy list on the
-    calibration data (`greedy_start` False: random sets only, as EvoPress's own code starts). Each
-    generation's best set and value is recorded (and saved: a resumed run goes on from the last one);
-    the generator of generation g is seeded with (seed, g), so a run is reproducible and a resumed one
-    follows the same path. The fast engine resumes each set's batches from the longest cached prefix
-    of blocks it shares with sets scored before (a child shares its parent's path up to its first swap)."""
+    """EvoPress's (1 + lambda) evolution over which k blocks are removed, on the job's objective (see the
+    module's docstring). Offspring are level-switch mutations of the parent (`_children`); multi-step
+    selection scores them all on a random share of the calibration batches, the best `survivors` and the
+    parent (elitism) on all of them, and the best becomes the parent. The first population is SLEB's greedy
+    list plus `initial` random valid sets, the greedy list always in the last stage (`greedy_start` False:
+    random sets only). Each generation's best set and value is recorded and saved; generation g's generator
+    is seeded with (seed, g), so a resumed run follows the same path."""
     engine = job.get_engine()
     evolution = job.evolution or Evolution()
     n, k = state.num_blocks, job.num_remove_blocks
@@ -90,12 +91,9 @@ def evopress(job: SearchJob, state: SearchState) -> SearchState:
         finalists = ([kept] if kept is not None else []) + stage
         return min(zip(on_all(finalists), finalists))[1]
 
-    started = time.perf_counter()
     if not state.generations:
-        greedy = None
-        if evolution.greedy_start:
-            greedy_job = dataclasses.replace(job, on_phase=lambda current: None, log=lambda *args, **kwargs: None)
-            greedy = tuple(sorted(sleb_iterative(greedy_job, SearchState(n)).removal_list))
+        started = time.perf_counter()
+        greedy = _greedy_start(job, n) if evolution.greedy_start else None
         rng = random.Random(f"{job.seed}-0")
         population = [c for c in (tuple(sorted(rng.sample(candidates, k))) for _ in range(evolution.initial))
                       if valid(c)]
@@ -115,18 +113,7 @@ def evopress(job: SearchJob, state: SearchState) -> SearchState:
     for generation in range(len(state.generations), generations + 1):
         started = time.perf_counter()
         rng = random.Random(f"{job.seed}-{generation}")
-        children = []
-        for _ in range(evolution.offspring):
-            for _attempt in range(100):  # a child that breaks a kind is drawn again
-                child = set(parent)
-                for _swap in range(rng.randint(1, evolution.max_mutations)):
-                    out = rng.choice(sorted(child))
-                    into = rng.choice([c for c in candidates if c not in child])
-                    child = (child - {out}) | {into}
-                if valid(child) and tuple(sorted(child)) != parent:
-                    children.append(child)
-                    break
-        parent = select(children, rng, parent)
+        parent = select(_children(parent, candidates, evolution, rng, valid), rng, parent)
         state.generations.append({"generation": generation, "best": list(parent), "value": full[parent],
                                   "seconds": round(time.perf_counter() - started, 3)})
         bar.update(1)
@@ -139,3 +126,26 @@ def evopress(job: SearchJob, state: SearchState) -> SearchState:
             f"(loss {full[parent]:.4f}" + (f"; the greedy list {start['greedy']} had {start['greedy_value']:.4f})"
                                             if start["greedy"] else ")"))
     return state
+
+
+def _greedy_start(job: SearchJob, depth: int) -> tuple:
+    """SLEB's greedy list on the job's objective, quietly: EvoPress's first parent."""
+    greedy_job = dataclasses.replace(job, on_phase=lambda current: None, log=lambda *args, **kwargs: None)
+    return tuple(sorted(sleb_iterative(greedy_job, SearchState(depth)).removal_list))
+
+
+def _children(parent: tuple, candidates: list, evolution: Evolution, rng: random.Random, valid) -> list:
+    """`offspring` level-switch mutations of the parent: a removed block swapped with a kept candidate, 1 to
+    max_mutations times; a child that breaks a block kind, or is the parent again, is drawn again."""
+    children = []
+    for _ in range(evolution.offspring):
+        for _attempt in range(100):
+            child = set(parent)
+            for _swap in range(rng.randint(1, evolution.max_mutations)):
+                out = rng.choice(sorted(child))
+                into = rng.choice([c for c in candidates if c not in child])
+                child = (child - {out}) | {into}
+            if valid(child) and tuple(sorted(child)) != parent:
+                children.append(child)
+                break
+    return children

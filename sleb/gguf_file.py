@@ -195,7 +195,8 @@ def write_pruned(source: str, target: str, kept: list, model=None, extra_keys: O
     `removal_order`: the removed blocks in the order they were chosen, for the record.
     `extra_keys` ({key without the arch prefix: value}) are added or replaced (llama.cpp layout keys).
     Returns {"copied": n, "requantized": [names], "block_count": n}; `target` appears only complete."""
-    gguf = _gguf()
+    from sleb.blocks import in_dense_numbering
+
     found = reader(source)
     arch = architecture(found)
     depth = int(field(found, f"{arch}.block_count", 0))
@@ -204,11 +205,102 @@ def write_pruned(source: str, target: str, kept: list, model=None, extra_keys: O
         raise UsageError(f"{source!r}: cannot keep blocks {kept} of {depth}")
     renumber = {old: new for new, old in enumerate(kept)}
     per_layer = set(_per_layer(found, arch, depth))
-    extra_keys = {**_layout_keys(found, arch, depth, kept, per_layer), **(extra_keys or {})}
     removed = [i for i in range(depth) if i not in renumber]
     if removal_order is not None and sorted(removal_order) == removed:
         removed = [int(i) for i in removal_order]  # the order the search removed them in
-    processing = _Processing(model, arch) if model is not None else None
+    # indices of the first source, so a twice-pruned file still names what its origin lost
+    previous = [int(i) for i in field(found, REMOVAL_KEY) or []]
+    removed_original = in_dense_numbering(previous, removed, depth)
+    keys = _kept_keys(found, arch, kept, per_layer, {**_layout_keys(found, arch, depth, kept, per_layer),
+                                                     **(extra_keys or {})})
+    keys += _removal_keys(removed_original, int(field(found, SOURCE_DEPTH_KEY, depth + len(previous))))
+    chosen, requantized = _kept_tensors(found, renumber, _Processing(model, arch) if model is not None else None)
+    _write(found, target, arch, keys, chosen)
+    if requantized:
+        log(f"quantized again ({len(requantized)} changed tensors): {', '.join(requantized[:6])}"
+            + (" ..." if len(requantized) > 6 else ""))
+    log(f"GGUF written to {target}: {len(kept)} of {depth} blocks, {len(chosen) - len(requantized)} tensors copied "
+        f"byte for byte")
+    return {"path": os.path.abspath(os.path.expanduser(target)), "block_count": len(kept),
+            "copied": len(chosen) - len(requantized), "requantized": requantized, "removal_list": removed_original}
+
+
+def mark_removed(path: str, removed: list, source_depth: int) -> None:
+    """Record in the GGUF at `path` (written by llama.cpp's converter from a checkpoint sleb pruned) which blocks
+    of the dense model it lacks, under the keys a copied file carries: `eval` then knows it is not the dense
+    model, and `heal` what it lacks. Every other key and tensor is copied as it is."""
+    found = reader(path)
+    arch = architecture(found)
+    depth = int(field(found, f"{arch}.block_count", 0))
+    keys = _kept_keys(found, arch, list(range(depth)), set(), {}) + _removal_keys(removed, source_depth)
+    chosen, _ = _kept_tensors(found, {i: i for i in range(depth)}, None)
+    _write(found, path, arch, keys, chosen)
+
+
+def _kept_keys(found, arch: str, kept: list, per_layer: set, extra_keys: dict) -> list:
+    """(name, contents, type, sub-type) of every key of `found` the copy keeps: the depth set, per-layer arrays
+    sliced to `kept`, `extra_keys` ({key without the arch prefix: value}) added or replacing, a removal record
+    left for _removal_keys."""
+    gguf = _gguf()
+    extra = {f"{arch}.{key}": value for key, value in extra_keys.items()}
+    keys = []
+    for name, value in found.fields.items():
+        if name == gguf.Keys.General.ARCHITECTURE or name.startswith("GGUF.") or name in extra:
+            continue
+        if name in (REMOVAL_KEY, SOURCE_DEPTH_KEY):
+            continue  # a file pruned before: its record is replaced
+        kind = value.types[0]
+        contents = value.contents()
+        if name == f"{arch}.block_count":
+            contents = len(kept)
+        elif name in per_layer:
+            contents = [contents[i] for i in kept]
+        keys.append((name, contents, kind, value.types[-1] if kind == gguf.GGUFValueType.ARRAY else None))
+    for name, value in extra.items():
+        if isinstance(value, list):
+            sub = gguf.GGUFValueType.BOOL if all(isinstance(v, bool) for v in value) else gguf.GGUFValueType.INT32
+            keys.append((name, value, gguf.GGUFValueType.ARRAY, sub))
+        else:
+            keys.append((name, value, gguf.GGUFValueType.BOOL if isinstance(value, bool) else gguf.GGUFValueType.UINT32,
+                         None))
+    return keys
+
+
+def _removal_keys(removed_original: list, source_depth: int) -> list:
+    types = _gguf().GGUFValueType
+    return [(REMOVAL_KEY, [int(i) for i in removed_original], types.ARRAY, types.INT32),
+            (SOURCE_DEPTH_KEY, int(source_depth), types.UINT32, None)]
+
+
+def _kept_tensors(found, renumber: dict, processing) -> tuple:
+    """([(name, data, type)] of the kept tensors renumbered, [names quantized again]): a tensor the model
+    changed (`processing` knows it) is quantized again to its source type, the rest copied as bytes."""
+    gguf = _gguf()
+    chosen, requantized = [], []
+    for tensor in found.tensors:
+        place = _block_index(tensor.name)
+        if place is not None and place[0] not in renumber:
+            continue
+        name = tensor.name if place is None else f"blk.{renumber[place[0]]}.{place[1]}"
+        data = tensor.data
+        if processing is not None:
+            # the pruned model's parameters are numbered as the output file's tensors are
+            changed = _changed(processing, _Renamed(tensor, name), gguf)
+            if changed is not None:
+                kind = tensor.tensor_type.name
+                if kind not in QUANTIZED_HERE:
+                    raise UsageError(f"--save_gguf: {name} changed and is {kind}, which gguf-py cannot write; "
+                                     f"it writes {', '.join(QUANTIZED_HERE)}. Use --save_model instead")
+                data = gguf.quants.quantize(changed.astype(np.float32), tensor.tensor_type)
+                requantized.append(name)
+        chosen.append((name, data, tensor.tensor_type))
+    return chosen, requantized
+
+
+def _write(found, target: str, arch: str, keys: list, chosen: list) -> None:
+    """Write `keys` and `chosen` tensors as a GGUF at `target`, through a temporary file beside it: `target`
+    appears (or is replaced) only complete."""
+    gguf = _gguf()
     target = os.path.abspath(os.path.expanduser(target))
     os.makedirs(os.path.dirname(target), exist_ok=True)
     fd, partial = tempfile.mkstemp(dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.partial-")
@@ -218,55 +310,8 @@ def write_pruned(source: str, target: str, kept: list, model=None, extra_keys: O
         alignment = found.get_field(gguf.Keys.General.ALIGNMENT)
         if alignment is not None:
             writer.data_alignment = alignment.contents()
-        extra = {f"{arch}.{key}": value for key, value in (extra_keys or {}).items()}
-        for name, value in found.fields.items():
-            if name == gguf.Keys.General.ARCHITECTURE or name.startswith("GGUF.") or name in extra:
-                continue
-            if name in (REMOVAL_KEY, SOURCE_DEPTH_KEY):
-                continue  # a file pruned before: its record is replaced below
-            kind = value.types[0]
-            sub = value.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
-            contents = value.contents()
-            if name == f"{arch}.block_count":
-                contents = len(kept)
-            elif name in per_layer:
-                contents = [contents[i] for i in kept]
+        for name, contents, kind, sub in keys:
             writer.add_key_value(name, contents, kind, sub_type=sub)
-        for name, value in extra.items():
-            if isinstance(value, list):
-                sub = gguf.GGUFValueType.BOOL if all(isinstance(v, bool) for v in value) else gguf.GGUFValueType.INT32
-                writer.add_key_value(name, value, gguf.GGUFValueType.ARRAY, sub_type=sub)
-            else:
-                writer.add_key_value(name, value, gguf.GGUFValueType.BOOL if isinstance(value, bool)
-                                     else gguf.GGUFValueType.UINT32)
-        previous = field(found, REMOVAL_KEY)
-        original = [int(i) for i in range(int(field(found, SOURCE_DEPTH_KEY, depth)))]
-        if previous:  # indices of the first source, so a twice-pruned file still names what its origin lost
-            alive = [i for i in original if i not in set(int(p) for p in previous)]
-            removed_original = [int(p) for p in previous] + [alive[i] for i in removed]
-        else:
-            removed_original = removed
-        writer.add_key_value(REMOVAL_KEY, removed_original, gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.INT32)
-        writer.add_key_value(SOURCE_DEPTH_KEY, len(original), gguf.GGUFValueType.UINT32)
-
-        chosen, requantized = [], []
-        for tensor in found.tensors:
-            place = _block_index(tensor.name)
-            if place is not None and place[0] not in renumber:
-                continue
-            name = tensor.name if place is None else f"blk.{renumber[place[0]]}.{place[1]}"
-            data = tensor.data
-            if processing is not None:
-                # the pruned model's parameters are numbered as the output file's tensors are
-                changed = _changed(processing, _Renamed(tensor, name), gguf)
-                if changed is not None:
-                    kind = tensor.tensor_type.name
-                    if kind not in QUANTIZED_HERE:
-                        raise UsageError(f"--save_gguf: {name} changed and is {kind}, which gguf-py cannot write; "
-                                         f"it writes {', '.join(QUANTIZED_HERE)}. Use --save_model instead")
-                    data = gguf.quants.quantize(changed.astype(np.float32), tensor.tensor_type)
-                    requantized.append(name)
-            chosen.append((name, data, tensor.tensor_type))
         for name, data, kind in chosen:
             writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, raw_dtype=kind)
         writer.write_header_to_file()
@@ -282,13 +327,6 @@ def write_pruned(source: str, target: str, kept: list, model=None, extra_keys: O
     finally:
         if os.path.exists(partial):
             os.remove(partial)
-    if requantized:
-        log(f"quantized again ({len(requantized)} changed tensors): {', '.join(requantized[:6])}"
-            + (" ..." if len(requantized) > 6 else ""))
-    log(f"GGUF written to {target}: {len(kept)} of {depth} blocks, {len(chosen) - len(requantized)} tensors copied "
-        f"byte for byte")
-    return {"path": target, "block_count": len(kept), "copied": len(chosen) - len(requantized),
-            "requantized": requantized, "removal_list": removed_original}
 
 
 def _layout_keys(found, arch: str, depth: int, kept: list, per_layer: set) -> dict:

@@ -8,6 +8,7 @@ import sys
 from typing import Optional
 
 from sleb import metrics
+from sleb.errors import UsageError
 
 
 def command_line(module: str) -> str:
@@ -143,6 +144,23 @@ def removed_before(model_name: str, card: Optional[dict] = None) -> tuple:
         removed = gguf_file.field(gguf_file.reader(model_name), gguf_file.REMOVAL_KEY) or []
         return [int(i) for i in removed], None
     return [], None
+
+
+def dense_source(model_name: str, removed: list, base, given) -> Optional[str]:
+    """The dense model a pruned --model_name came from: --dense_model where given, else the one its card records
+    (None for a model sleb did not prune, or where neither names it: a GGUF records none). Refused in one line
+    when its config cannot be read, before any long work."""
+    from sleb import models
+
+    if not removed:
+        return None
+    found = given or base
+    if found is not None:
+        try:
+            models.load_config(found)
+        except UsageError as error:
+            raise UsageError(f"the dense model {model_name!r} came from, {found!r}, cannot be read: {error}") from None
+    return found
 
 
 def healed_card(record: dict):

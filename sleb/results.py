@@ -131,6 +131,18 @@ def write_json(path: str, result: dict) -> None:
     write_text(path, json.dumps(to_jsonable(result), indent=2))
 
 
+def write_if_changed(path: str, text: str) -> None:
+    """write_text, skipped when the file already holds `text`: an unchanged file keeps its modification time,
+    so `datasets` reuses its cached copy of a task file instead of adding one per run."""
+    try:
+        with open(path) as handle:
+            if handle.read() == text:
+                return
+    except OSError:
+        pass
+    write_text(path, text)
+
+
 def write_text(path: str, text: str) -> None:
     """Write atomically: a reader (or a crash) never sees half a file."""
     folder = os.path.dirname(path) or "."

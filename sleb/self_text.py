@@ -5,7 +5,7 @@ A chat model (its tokenizer has a chat template) answers the requests below, wri
 conversation, rendered by the template, is the calibration text. A base model continues the openings of the
 demo corpus's training texts. Sampling is seeded (temperature TEMPERATURE, top-p TOP_P, NEW_TOKENS tokens),
 and a reply that repeats itself (under MIN_DISTINCT of its 4-grams distinct) is dropped and another request
-taken: looping text calibrates for loops. The texts are cached by the model's identity and the settings,
+taken: looping text calibrates for loops. The texts are cached under everything that decides them (`cache_path`),
 so a second run (or a resumed one) calibrates on the same text.
 """
 
@@ -60,19 +60,41 @@ def _prompts(tokenizer, chat: bool, count: int) -> list:
     return [opening for opening in openings if len(opening) > 80][:count]
 
 
-def cache_path(model, count: int, seed: int) -> str:
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _weights_sample(model) -> str:
+    """A model built in memory has no weight files to name it: up to 4096 evenly spaced values of each
+    parameter, hashed, tell two such models apart (a config alone does not)."""
+    digest = hashlib.sha256()
+    for name, parameter in model.named_parameters():
+        flat = parameter.detach().reshape(-1)
+        picked = flat[torch.linspace(0, flat.numel() - 1, min(4096, flat.numel())).long()]
+        digest.update(name.encode() + picked.to("cpu", torch.float32).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_path(model, tokenizer, count: int, seed: int) -> str:
+    """The cache file of these texts, named by everything that decides them: the model (its weight files, or
+    sampled weights for one built in memory), the tokenizer's vocabulary, the prompts as the model sees them
+    (the chat template and the requests rendered), the count, the seed and the sampling settings."""
     from sleb import identity
 
-    key = json.dumps({"model": identity.model_identity(model), "count": count, "seed": seed,
-                      "sampling": [TEMPERATURE, TOP_P, NEW_TOKENS, MIN_DISTINCT]}, sort_keys=True, default=str)
+    found = identity.model_identity(model)
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    key = {"model": found, "weights": None if found["weight_files"] else _weights_sample(model),
+           "vocabulary": _digest(sorted(tokenizer.get_vocab().items())),
+           "prompts": _digest(_prompts(tokenizer, chat, len(REQUESTS) if chat else 4 * count)), "count": count,
+           "seed": seed, "sampling": [TEMPERATURE, TOP_P, NEW_TOKENS, MIN_DISTINCT]}
     base = os.environ.get("SLEB_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "sleb"))
-    return os.path.join(base, "self_text", hashlib.sha256(key.encode()).hexdigest()[:16] + ".jsonl")
+    return os.path.join(base, "self_text", _digest(key)[:16] + ".jsonl")
 
 
 @torch.inference_mode()
 def texts(model, tokenizer, count: int, seed: int = 0, log=print) -> list:
     """`count` texts sampled from the model (cached; see the module's docstring)."""
-    path = cache_path(model, count, seed)
+    path = cache_path(model, tokenizer, count, seed)
     if os.path.isfile(path):
         with open(path) as handle:
             return [json.loads(line)["text"] for line in handle]

@@ -224,6 +224,13 @@ class DivergenceFlags(KLFlags):
 
 
 @dataclass
+class DenseSourceFlags:
+    dense_model: Optional[str] = flag(None, "the dense model a pruned or healed --model_name came from, for answers "
+                                            "kept (and heal's --dataset self); default: the one its model card "
+                                            "records (a GGUF records none)")
+
+
+@dataclass
 class OutputFlags:
     result_folder: str = flag("sleb_results", "where the results JSON is written")
     result_file: Optional[str] = flag(None, "file name of the results JSON (default: derived from the settings)")
@@ -235,7 +242,7 @@ class OutputFlags:
 
 
 @dataclass
-class EvalSettings(OutputFlags, GgufOutFlags, SaveFlags, CompensateFlags, DivergenceFlags, CalibrationFlags, KindFlags, EvalFlags,
+class EvalSettings(DenseSourceFlags, OutputFlags, GgufOutFlags, SaveFlags, CompensateFlags, DivergenceFlags, CalibrationFlags, KindFlags, EvalFlags,
                    ModelFlags):
     """`python -m eval`: evaluate a model with given blocks removed (calibration flags: --compensate linear)."""
 
@@ -345,7 +352,7 @@ RECIPE = LoraRecipe()  # the recipe's defaults are the flags' defaults
 
 
 @dataclass
-class HealSettings(OutputFlags, GgufOutFlags, KLFlags, CalibrationFlags, KindFlags, EvalFlags, ModelFlags):
+class HealSettings(DenseSourceFlags, OutputFlags, GgufOutFlags, KLFlags, CalibrationFlags, KindFlags, EvalFlags, ModelFlags):
     """`python -m sleb.heal`: LoRA-heal a pruned model and save the merged checkpoint."""
 
     output_dir: Optional[str] = flag(None, "where the healed (merged) checkpoint is written; must be new or empty")

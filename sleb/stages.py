@@ -100,7 +100,6 @@ class DenseReference:
 def dense_reference(model, tokenizer, eval_windows: dict, eval_data: EvalData, settings,
                     with_ppl: bool = False) -> DenseReference:
     from sleb import agreement
-    from sleb.demo_tasks import GENERATIVE
 
     reference = DenseReference(dense_distributions(model, eval_windows, settings))
     if with_ppl:
@@ -108,11 +107,30 @@ def dense_reference(model, tokenizer, eval_windows: dict, eval_data: EvalData, s
     if getattr(settings, "eval_agreement", 0):
         reference.prompts = agreement.prompts(tokenizer, settings.eval_agreement)
         reference.continuations = agreement.continuations(model, reference.prompts)
-    generative = [name for name in (eval_data.tasks.names if eval_data.tasks else ()) if name in GENERATIVE]
-    if generative:  # the dense model's right answers, for "answers kept"
-        reference.zeroshot = api.zeroshot(model, tokenizer, generative, settings.num_fewshot, settings.limit,
-                                          settings.zeroshot_batch_size)
+    reference.zeroshot = dense_answers(model, tokenizer, eval_data, settings)
     return reference
+
+
+def asks_answers(eval_data: EvalData) -> list:
+    """The generative tasks asked for (the answers task), whose right answers "answers kept" compares."""
+    from sleb.accuracy import GENERATIVE
+
+    return [name for name in (eval_data.tasks.names if eval_data.tasks else ()) if name in GENERATIVE]
+
+
+def dense_answers(model, tokenizer, eval_data: EvalData, settings):
+    """The dense model's replies and right answers on the generative tasks asked for (None when none is)."""
+    generative = asks_answers(eval_data)
+    if not generative:
+        return None
+    return api.zeroshot(model, tokenizer, generative, settings.num_fewshot, settings.limit, settings.zeroshot_batch_size)
+
+
+def load_dense_source(dense_model: str, settings):
+    """(model, tokenizer) of the dense model a pruned --model_name came from, placed as the settings place models."""
+    print(f"loading the dense model {dense_model}, which the pruned model is compared with")
+    return api.load(dense_model, settings.dtype, settings.device, settings.device_map, settings.max_memory,
+                    settings.trust_remote_code)
 
 
 def compare_with_dense(model, reference: DenseReference, record: dict, batch_size: int) -> None:

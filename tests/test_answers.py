@@ -2,17 +2,107 @@
 
 import json
 
+import pytest
+
 from clitools import invoke, run
 from sleb import agreement, questions
+from sleb.questions.scoring import tokens
 
 
-def test_the_question_set_is_large_and_its_matching_is_by_whole_words():
+ITEMS = {item["question"]: item for item in questions.items()}
+
+# (question, reply, right?): each a rule of sleb/questions/scoring.py. The first ones the scoring before
+# is_right(item, reply) got wrong (it credited the reply, or refused a valid answer).
+RULES = [
+    # a copy of the question is no answer
+    ("Repeat this word exactly: apple", "Repeat this word exactly: apple", False),
+    ("What is the first item in this list: red, green, blue?", "red, green, blue", False),
+    ("What is the first item in this list: one, two, three?", "One, two, three.", False),
+    # case where the question asks for it
+    ("Write the word 'cat' in capital letters.", "cat", False),
+    ("Write the word 'cat' in capital letters.", "Cat", False),
+    # a number is a whole number: not in a decimal, a time, a longer number or a list
+    ("What is half of 10?", "2.5", False),
+    ("What is 3 times 4?", "12:00", False),
+    ("What is 3 times 4?", "1,2", False),
+    ("What is 3 times 4?", "112", False),
+    ("How many legs does a dog have?", "1, 2, 3, 4", False),
+    ("How many legs does a dog have?", "twenty-four", False),
+    ("How many meters are in a kilometer?", "ten thousand", False),
+    # a letter or a common word only where it stands as the answer
+    ("What is the first letter of the English alphabet?", "A dog is a friend.", False),
+    ("What is the opposite of 'yes'?", "There is no opposite.", False),
+    ("Complete the saying: Two heads are better than ...", "one of them", False),
+    # every valid answer: other opposites, other names, accents, number words for arithmetic
+    ("What is the opposite of 'old'?", "new", True),
+    ("What is the opposite of 'hard'?", "The opposite of hard is easy.", True),
+    ("What is the opposite of 'light'?", "heavy", True),
+    ("What is the capital of Ukraine?", "Kiev.", True),
+    ("What is the capital of India?", "Delhi", True),
+    ("What is the capital of Colombia?", "Bogotá", True),
+    ("What is 6 times 7?", "Forty-two.", True),
+    ("What is 12 times 12?", "one hundred and forty-four", True),
+    ("What is the chemical symbol for water?", "H₂O", True),
+    # answers the scoring before got right too
+    ("Repeat this word exactly: apple", "apple", True),
+    ("Repeat this word exactly: apple", "Sure: apple", True),
+    ("What is the first item in this list: red, green, blue?", "The first item is red.", True),
+    ("Write the word 'cat' in capital letters.", "Here it is: 'CAT'.", True),
+    ("What is half of 10?", "Half of 10 is 5.", True),
+    ("What is 3 times 4?", "3 times 4 is 12", True),
+    ("How many meters are in a kilometer?", "There are 1,000 meters in a kilometer.", True),
+    ("What is the first letter of the English alphabet?", "The first letter is A.", True),
+    ("What is the first letter of the English alphabet?", "A is the first letter.", True),
+    ("What is the opposite of 'yes'?", "The opposite of 'yes' is 'no'.", True),
+    ("What is the capital of Colombia?", "Bogota", True),
+    ("What is the capital of France?", "Parisian food", False),
+    ("What is the capital of Mexico?", "The capital of Mexico is Mexico City.", True),
+    ("What is the capital of Mexico?", "Mexico", False),
+    ("Which season comes after summer?", "The season after summer is the fall season.", True),
+]
+
+
+@pytest.mark.parametrize("question, reply, right", RULES)
+def test_each_scoring_rule(question, reply, right):
+    assert questions.is_right(ITEMS[question], reply) is right
+
+
+def test_the_question_set_is_large_and_no_question_holds_its_own_answer_but_the_copy_instructions():
     items = questions.items()
     assert len(items) >= 300 and len({item["question"] for item in items}) == len(items)
     assert {item["kind"] for item in items} >= {"capital", "arithmetic", "unit", "opposite", "saying", "instruction"}
-    assert questions.is_right("The capital of France is Paris.", ["Paris"])
-    assert questions.is_right("There are 1,000 meters in a kilometer.", ["1000"])
-    assert not questions.is_right("Parisian food", ["Paris"]) and not questions.is_right("112", ["12"])
+    holding = [item["question"] for item in items
+               if any(set(tokens(answer, item["case"])) <= set(tokens(item["question"], item["case"]))
+                      for answer in item["answers"])]
+    assert holding and all(q.startswith(("Repeat this word", "What is the first item")) for q in holding), holding
+    assert questions.digest() == questions.digest() and len(questions.digest()) == 16
+
+
+def test_every_accepted_answer_is_right_alone_and_in_a_sentence():
+    for item in questions.items():
+        for answer in item["answers"]:
+            assert questions.is_right(item, answer), (item["question"], answer)
+            assert questions.is_right(item, f"The answer is {answer}."), (item["question"], answer)
+
+
+DEGENERATE = {
+    "echoes the question": lambda item: item["question"],
+    "echoes it twice": lambda item: f"{item['question']} {item['question']}",
+    "counts to 4000": lambda item: ", ".join(str(i) for i in range(4000)),
+    "says halves": lambda item: " ".join(f"{i}.5" for i in range(4000)),
+    "tells times": lambda item: " ".join(f"{i}:00" for i in range(4000)),
+    "answers in lower case": lambda item: " ".join(answer.lower() for answer in item["answers"]),
+    "talks without answering": lambda item: "There is no simple answer; a good one needs a lot of thought.",
+}
+
+
+@pytest.mark.parametrize("replier", DEGENERATE)
+def test_a_degenerate_model_gets_nothing_right(replier):
+    items = questions.items()
+    if replier == "answers in lower case":
+        items = [item for item in items if item["case"]]
+    right = [item["question"] for item in items if questions.is_right(item, DEGENERATE[replier](item))]
+    assert right == []
 
 
 def test_agreement_counts_the_prefix_before_the_first_divergence_and_every_position():

@@ -98,16 +98,18 @@ def test_real_model_study_continues_an_interrupted_evopress_search_from_its_last
 
     model, tokenizer = sleb.load(model_dirs["llama"], device="cpu")
     windows = sleb.calibration_windows(tokenizer, open(text_file).read().splitlines(), nsamples=300, seqlen=32)[:4]
-    whole = real_model.Searches(str(tmp_path / "whole"), 2)
+    whole = real_model.Searches(str(tmp_path / "whole"), 2, "test-model")
     os.makedirs(tmp_path / "whole")
     expected = whole.removal_list(model, windows, 2, "evopress", "kl", "demo")
 
     os.makedirs(tmp_path / "cut")
-    cut = real_model.Searches(str(tmp_path / "cut"), 2)
+    cut = real_model.Searches(str(tmp_path / "cut"), 2, "test-model")
     write, saved = real_model.results.write_json, []
 
     def write_then_stop(path, record):
         write(path, record)
+        if "generations" not in record:
+            return  # the search's timing, written as the search stops
         saved.append(len(record["generations"]))
         if len(saved) == 3:
             raise KeyboardInterrupt  # the session ends after generation 2
@@ -122,8 +124,8 @@ def test_real_model_study_continues_an_interrupted_evopress_search_from_its_last
         resumed_from.append(len(resume.generations) if resume is not None else 0)
         return search(*args, resume=resume, **kwargs)
     monkeypatch.setattr(real_model.sleb, "search", recording)
-    again = real_model.Searches(str(tmp_path / "cut"), 2).removal_list(model, windows, 2, "evopress", "kl", "demo")
+    again = real_model.Searches(str(tmp_path / "cut"), 2, "test-model").removal_list(model, windows, 2, "evopress", "kl", "demo")
     assert saved == [1, 2, 3] and resumed_from == [3]  # generations 0 to 2 kept, the greedy start not redone
-    assert again[0] == expected[0] and again[1] > 0
-    done = real_model.Searches(str(tmp_path / "cut"), 2).removal_list(model, windows, 2, "evopress", "kl", "demo")
+    assert again[0] == expected[0] and again[1]["seconds"] > 0 and again[1]["sessions"] == 2
+    done = real_model.Searches(str(tmp_path / "cut"), 2, "test-model").removal_list(model, windows, 2, "evopress", "kl", "demo")
     assert done == again and resumed_from == [3]  # a finished search is read back, not run again

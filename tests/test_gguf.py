@@ -281,6 +281,13 @@ def test_tiny_q8_0_ggufs_pruned_run_in_llama_cpp_as_transformers_runs_them(arch,
         assert out.returncode == 0, out.stderr[-2000:]
         healed = json.loads((tmp_path / "r" / "h.json").read_text())
         assert healed["removal_list"] == removal and healed["num_blocks"] == 8
+        # --dataset self samples the dense model's text; a GGUF names no dense model: refused, nothing written
+        refused = run("sleb.heal", "--model_name", str(tmp_path / "p.gguf"), "--output_dir", str(tmp_path / "h2"),
+                      "--dataset", "self", "--result_folder", str(tmp_path / "r2"))
+        assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+            f"error: --dataset self samples the dense model's own text, and {str(tmp_path / 'p.gguf')!r} is already "
+            "pruned and names no dense model; pass --dense_model DENSE_MODEL"]
+        assert not (tmp_path / "h2").exists() and not (tmp_path / "r2").exists()
     if arch == "gemma3":
         import gguf
 
@@ -340,6 +347,12 @@ def test_save_gguf_from_a_transformers_checkpoint_converts_and_quantizes(tmp_pat
     assert reader.get_field("llama.block_count").contents() == 4 and record["gguf"]["type"] == "Q8_0"
     assert reader.get_field("general.file_type").contents() == gguf_file.LLAMA_FTYPES["Q8_0"]
     assert any(t.tensor_type.name == "Q8_0" for t in reader.tensors)
+    # it records what it lacks, as a copied file does: compared with itself it is refused, not KL 0 to dense
+    assert reader.get_field(gguf_file.REMOVAL_KEY).contents() == [1, 2]
+    assert reader.get_field(gguf_file.SOURCE_DEPTH_KEY).contents() == 6
+    refused = run("eval", "--model_name", str(tmp_path / "q.gguf"), "--eval_kl", "True", "--ppl_datasets", "demo",
+                  "--result_folder", str(tmp_path / "no"))
+    assert refused.returncode == 2 and "is already pruned" in refused.stderr and "'[1, 2]'" in refused.stderr
 
 
 def _file_holds_the_model_quantized(path, model, changed) -> None:

@@ -237,6 +237,34 @@ def test_pruned_checkpoint_carries_a_card_and_heals_without_a_list(model_dirs, t
     assert refused.returncode == 2 and refused.stderr.strip().endswith("--removal_list '[4, 1, 2]'")  # 1 of 0,2,3,5..
 
 
+def test_a_pruned_checkpoint_heals_on_the_dense_models_own_text_and_reports_answers_kept(tmp_path, monkeypatch):
+    """--dataset self samples the dense model the card names, not the pruned one; the questions are answered by
+    the dense model first, and answers kept is reported before and after healing."""
+    from sleb import questions, self_text
+
+    monkeypatch.setenv("SLEB_CACHE", str(tmp_path / "cache"))
+    saved = tmp_path / "pruned-demo"
+    out = invoke("eval", "--model_name", "demo", "--removal_list", "[7]", "--eval_ppl", "False",
+                 "--save_model", str(saved), "--result_folder", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    healed = invoke("sleb.heal", "--model_name", str(saved), "--dataset", "self", "--nsamples", "2", "--seqlen", "64",
+                    "--max_steps", "1", "--eval_ppl", "False", "--eval_zeroshot", "True", "--tasks", "answers",
+                    "--limit", "3", "--output_dir", str(tmp_path / "healed"), "--result_folder", str(tmp_path),
+                    "--result_file", "h.json")
+    assert healed.returncode == 0, healed.stderr[-2000:]
+    dense, tokenizer = sleb.load("demo", dtype="float32", device="cpu")
+    sampled = [str(path) for path in (tmp_path / "cache" / "self_text").iterdir()]
+    assert sampled == [self_text.cache_path(dense, tokenizer, 2, 0)]  # the dense model's text, and only it
+    record = json.loads((tmp_path / "h.json").read_text())
+    asked = questions.items()[:3]
+    dense_replies = sleb.zeroshot(dense, tokenizer, "answers", limit=3)["replies"]["answers"]
+    dense_right = [item["id"] for item in asked if questions.is_right(item, dense_replies[item["id"]])]
+    for key, zeroshot in (("answers_kept_pruned", "zeroshot_pruned"), ("answers_kept", "zeroshot")):
+        kept, replies = record[key]["answers"], record[zeroshot]["replies"]["answers"]
+        right = {item["id"] for item in asked if questions.is_right(item, replies[str(item["id"])])}
+        assert kept["dense_right"] == len(dense_right) and kept["kept"] == len(right & set(dense_right))
+
+
 def test_a_checkpoint_pruned_from_the_demo_model_defaults_to_demo_data(tmp_path):
     saved = tmp_path / "pruned-demo"
     out = invoke("eval", "--model_name", "demo", "--removal_list", "[7]", "--eval_ppl", "False",
