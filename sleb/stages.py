@@ -147,6 +147,7 @@ def compare_with_dense(model, reference: DenseReference, record: dict, batch_siz
               f"first divergence, {100 * found['overall']:.1f}% overall ({found['prompts']} prompts)")
     if reference.zeroshot is not None and record.get("zeroshot"):
         record["answers_kept"] = answers_kept(reference.zeroshot, record["zeroshot"])
+        record["answers_dense"] = {key: reference.zeroshot[key] for key in ("right", "replies", "question_set")}
         for name, kept in record["answers_kept"].items():
             print(f"{name}: {kept['kept']} of the dense model's {kept['dense_right']} right answers kept "
                   f"({100 * (kept['share'] or 0):.1f}%)")

@@ -117,12 +117,24 @@ def test_eval_reports_answers_kept_and_agreement(model_dirs, tmp_path):
     assert dense.returncode == 0, dense.stderr[-1500:]
     record = json.loads((tmp_path / "dense.json").read_text())
     assert record["agreement"]["prefix_mean"] == agreement.NEW_TOKENS and record["agreement"]["overall"] == 1.0
-    kept = record["answers_kept"]["answers"]
-    assert kept["kept"] == kept["dense_right"] and kept["lost"] == []  # nothing removed, nothing lost
+    # nothing removed: the same replies, word for word, as the dense reference gave (greedy, same prompts)
+    assert record["zeroshot"]["replies"] == record["answers_dense"]["replies"] and len(record["zeroshot"]["replies"]["answers"]) == 4
+    assert _rescored(record) == record["answers_kept"]["answers"]["kept"]
     pruned = invoke("eval", *args, "--removal_list", "[1, 2, 3]", "--result_file", "pruned.json")
     assert pruned.returncode == 0, pruned.stderr[-1500:]
     record = json.loads((tmp_path / "pruned.json").read_text())
-    assert record["agreement"]["overall"] < 1.0 and record["zeroshot"]["tasks"]["answers"]["acc"] is not None
+    assert record["agreement"]["overall"] < 1.0 and record["zeroshot"]["replies"] != record["answers_dense"]["replies"]
+    assert _rescored(record) == record["answers_kept"]["answers"]["kept"]
+    assert record["zeroshot"]["question_set"] == questions.digest()
+
+
+def _rescored(record: dict) -> int:
+    """Answers kept counted again from the record's own replies: right for the dense model and for this one."""
+    items = questions.items()
+
+    def right(replies):
+        return {i for i, reply in replies["answers"].items() if questions.is_right(items[int(i)], reply)}
+    return len(right(record["answers_dense"]["replies"]) & right(record["zeroshot"]["replies"]))
 
 
 def test_a_pruned_checkpoint_is_not_compared_with_itself_as_if_dense(model_dirs, text_file, tmp_path):
@@ -143,4 +155,12 @@ def test_a_pruned_checkpoint_is_not_compared_with_itself_as_if_dense(model_dirs,
                       "answers", "--limit", "4", "--result_folder", str(tmp_path), "--result_file", "answers.json")
     assert answered.returncode == 0, answered.stderr[-1500:]
     record = json.loads((tmp_path / "answers.json").read_text())
-    assert record["zeroshot"]["tasks"]["answers"]["acc"] is not None and "answers_kept" not in record
+    # compared with the dense model its card names, which answered first: the same replies as eval from it gives
+    assert "loading the dense model" in answered.stdout and _rescored(record) == record["answers_kept"]["answers"]["kept"]
+    direct = invoke("eval", "--model_name", model_dirs["llama"], "--removal_list", "[4, 1]", "--eval_ppl", "False",
+                    "--eval_zeroshot", "True", "--tasks", "answers", "--limit", "4", "--result_folder", str(tmp_path),
+                    "--result_file", "direct.json")
+    assert direct.returncode == 0, direct.stderr[-1500:]
+    direct = json.loads((tmp_path / "direct.json").read_text())
+    for key in ("answers_dense", "zeroshot"):
+        assert record[key]["replies"] == direct[key]["replies"]
