@@ -7,13 +7,15 @@ For each case, the logits of `--tokens` positions of held-out demo text (the tes
 from transformers (the GGUF dequantized to float32, the blocks removed) against llama.cpp's on the same ids
 (float32 KV cache): mean and largest absolute difference and top-1 agreement (sleb.llama_cpp.logit_gap), for
 the dense file, the pruned file sleb.save_gguf writes, and a wrong file (the neighbouring blocks kept
-instead, i + 1 for each removed i). Cases: the Q4_1 file with [3, 17, 16] and with blocks 10 to 18 removed;
-the same two from a float32 copy of the file (every tensor dequantized by gguf-py and written as F32, so
-llama.cpp's 8-bit activations for Q4_1 weights drop out). Needs the llama-cpp extra.
+instead, i + 1 for each removed i). Cases: the Q4_1 file with [3, 17, 16], with blocks 10 to 18 and with
+blocks 1 to 6 removed; the same three from a float32 copy of the file (every tensor dequantized by gguf-py
+and written as F32, so llama.cpp's 8-bit activations for Q4_1 weights drop out). Needs the llama-cpp extra.
 """
 
+import contextlib
 import json
 import os
+import sys
 import tempfile
 
 import numpy as np
@@ -24,7 +26,7 @@ from bench import command
 from sleb import blocks, demo_corpus, gguf_file, llama_cpp
 from sleb.errors import UsageError
 
-CASES = ([3, 17, 16], list(range(10, 19)))
+CASES = ([3, 17, 16], list(range(10, 19)), list(range(1, 7)))
 
 
 def held_out_ids(tokenizer, count: int) -> list:
@@ -99,7 +101,8 @@ def main(gguf: str, tokens: int = 256):
         raise UsageError(f"no GGUF file at {gguf!r}")
     llama_cpp.check_installed()
     report = {"model": os.path.basename(gguf), "tokens": tokens, "llama_cpp_python": llama_cpp.version(), "cases": []}
-    with tempfile.TemporaryDirectory() as folder:
+    # the loads' lines go to stderr: stdout holds the JSON only
+    with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(sys.stderr):
         f32 = float32_copy(gguf, os.path.join(folder, "f32.gguf"))
         for name, source in (("Q4_1", gguf), ("F32 (dequantized copy)", f32)):
             for removal_list in CASES:
