@@ -359,6 +359,9 @@ def write_table(out: str, dense_row: dict, rows: list) -> None:
         "processes used more than a tenth of the cores; ? marks searches made before that was recorded.", "",
         f"Every row is keyed by: GGUF sha256 {key['model_sha256'][:16]}..., question set {key['question_set']}, "
         f"lm-eval {key['lm_eval']}, sleb {key['sleb']}.", "",
+        "How the scoring changed what counts as right: `python -m bench.answers_rescore` "
+        "([answers_rescore.json](answers_rescore.json)). EvoPress checked against its start: "
+        "[evopress_check.md](evopress_check.md).", "",
         f"Rows measured so far: {len(rows)} (counts {counts}).", ""]
     measured = _measured(rows)
     missing = [f"{name} ({k})" for k in COUNTS for name, *_ in METHODS if (name, k) not in measured]

@@ -153,6 +153,9 @@ def dense_source(model_name: str, removed: list, base, given) -> Optional[str]:
     from sleb import models
 
     if not removed:
+        if given:
+            raise UsageError(f"--dense_model names the dense model a pruned model came from, and {model_name!r} is "
+                             "not one sleb pruned; drop --dense_model")
         return None
     found = given or base
     if found is not None:

@@ -18,7 +18,7 @@ def _pruned_already(settings):
     against the dense model --dense_model names or the card records, and left out where none is named."""
     removed, base = model_card.removed_before(settings.model_name)
     if not removed:
-        return False, None
+        return False, model_card.dense_source(settings.model_name, removed, base, settings.dense_model)
     asked = [flag for flag, value in (("--eval_kl", settings.eval_kl), ("--eval_agreement", settings.eval_agreement))
              if value]
     if asked:
@@ -28,7 +28,7 @@ def _pruned_already(settings):
     return True, model_card.dense_source(settings.model_name, removed, base, settings.dense_model)
 
 
-def source_reference(eval_data, settings, dense_model) -> stages.DenseReference:
+def _source_reference(eval_data, settings, dense_model) -> stages.DenseReference:
     """What a model sleb already pruned is compared with: the answers of the dense model it came from, taken
     before the pruned model loads (nothing where none is named or no answers are asked for)."""
     if dense_model is None or not stages.asks_answers(eval_data):
@@ -52,7 +52,7 @@ def run(settings) -> dict:
             data.calibration_text(settings.dataset, settings.nsamples, settings.seed)  # fails before the load, cached
         eval_data = stages.fetch_eval_data(settings)
         # a pruned model is compared with the dense one it came from, which answers first and goes
-        dense = source_reference(eval_data, settings, dense_model) if pruned_already else None
+        dense = _source_reference(eval_data, settings, dense_model) if pruned_already else None
         model, tokenizer = stages.load(settings)
         load_seconds = time.perf_counter() - started
         eval_windows = stages.tokenize_eval_texts(model, tokenizer, eval_data, settings.seqlen)

@@ -157,6 +157,10 @@ def test_a_pruned_checkpoint_is_not_compared_with_itself_as_if_dense(model_dirs,
     record = json.loads((tmp_path / "answers.json").read_text())
     # compared with the dense model its card names, which answered first: the same replies as eval from it gives
     assert "loading the dense model" in answered.stdout and _rescored(record) == record["answers_kept"]["answers"]["kept"]
+    unreadable = run("eval", "--model_name", str(saved), "--dense_model", str(tmp_path / "nowhere"), "--eval_ppl",
+                     "False", "--eval_zeroshot", "True", "--tasks", "answers", "--result_folder", str(tmp_path / "no"))
+    assert unreadable.returncode == 2 and len(unreadable.stderr.strip().splitlines()) == 1
+    assert "cannot be read" in unreadable.stderr and not (tmp_path / "no").exists()
     direct = invoke("eval", "--model_name", model_dirs["llama"], "--removal_list", "[4, 1]", "--eval_ppl", "False",
                     "--eval_zeroshot", "True", "--tasks", "answers", "--limit", "4", "--result_folder", str(tmp_path),
                     "--result_file", "direct.json")

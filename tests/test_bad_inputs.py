@@ -48,6 +48,7 @@ MATRIX = [
     ("sleb", ["--metric", "evopress", "--evo_greedy_start", "False", "--evo_initial", "0"], "--evo_initial"),
     ("sleb", ["--eval_kl", "True", "--eval_ppl", "False"], "--ppl_datasets"),
     ("eval", ["--kl_gb", "2"], "apply to --objective kl or --eval_kl"),
+    ("eval", ["--dense_model", "demo"], "not one sleb pruned"),
     # latency
     ("latency", ["--removal_list", "[9]"], "index 9"),
     ("latency", ["--batch_size", "0"], "--batch_size"),
