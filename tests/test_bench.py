@@ -129,3 +129,25 @@ def test_real_model_study_continues_an_interrupted_evopress_search_from_its_last
     assert again[0] == expected[0] and again[1]["seconds"] > 0 and again[1]["sessions"] == 2
     done = real_model.Searches(str(tmp_path / "cut"), 2, "test-model").removal_list(model, windows, 2, "evopress", "kl", "demo")
     assert done == again and resumed_from == [3]  # a finished search is read back, not run again
+
+
+def test_a_timing_beside_a_busy_process_is_marked_shared():
+    """bench/cores.py: other processes' CPU time over the span, from /proc/stat less this process's own."""
+    import time
+
+    from bench import cores
+
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 3\nwhile time.time() < end: pass"])
+    try:
+        time.sleep(0.5)
+        with cores.Watch() as watch:
+            time.sleep(1.5)  # this process idles; the other one spins a core
+    finally:
+        busy.wait()
+    found = watch.record()
+    assert found["cores"] == "shared" and found["others_share"] >= 0.3, found
+    with cores.Watch() as own:
+        end = time.time() + 1.0
+        while time.time() < end:  # this process's own work is not counted as another's
+            pass
+    assert own.record()["others_share"] < found["others_share"], own.record()
