@@ -38,11 +38,12 @@ def make_card(record: dict, module: str, tags: list, sections: list, metric: str
     from huggingface_hub import ModelCard, ModelCardData
 
     model_name = record.get("base_model") or _settings(record)["model_name"]  # heal: the model it was pruned from
+    dense_model = record["base_model"] if "base_model" in record else model_name  # None: a dense model not known
     # sleb_* keys: what `python -m sleb.heal` (and any other reader) needs to know about the checkpoint.
-    data = ModelCardData(base_model=_base_model(model_name), library_name="transformers",
+    data = ModelCardData(base_model=_base_model(dense_model) if dense_model else None, library_name="transformers",
                          tags=["sleb", "depth-pruning", "pruned"] + tags,
                          sleb_removal_list=list(record["removal_list"]), sleb_num_blocks=record["num_blocks"],
-                         sleb_metric=metric, sleb_base_model=model_name)
+                         sleb_metric=metric, sleb_base_model=dense_model)
     removed = record["removal_list"]
     depth = record["num_blocks"]
     body = [f"# {model_name} with {len(removed)} of {depth} blocks removed", "",

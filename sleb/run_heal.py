@@ -141,8 +141,10 @@ def run(settings: HealSettings) -> dict:
         original_depth, removed = ((depth, removal_list) if removal_list
                                    else (depth + len(removed_before), removed_before))
         eval_windows = stages.tokenize_eval_texts(model, tokenizer, eval_data, settings.eval_seqlen)
+        # the dense model it all came from: the input itself, or the one a pruned input names (None: not known)
+        origin = settings.model_name if not removed_before else dense_model
         record = _start_record(settings, model, tokenizer, eval_windows, eval_data, original_depth, removed, card,
-                               dense, answers)
+                               origin, dense, answers)
         if settings.load_in_4bit:  # QLoRA trains a 4-bit base, then merges into the full-precision one loaded again
             del model
             model, tokenizer = _pruned(settings, removal_list, quantize_4bit=True)
@@ -164,12 +166,11 @@ def run(settings: HealSettings) -> dict:
     return record
 
 
-def _start_record(settings, model, tokenizer, eval_windows, eval_data, original_depth, removed, card, dense,
+def _start_record(settings, model, tokenizer, eval_windows, eval_data, original_depth, removed, card, origin, dense,
                   answers) -> dict:
     """The record of the pruned model before training: perplexity, and the questions' answers kept."""
     record = stages.record("heal", settings, model, original_depth, removal_list=removed,
-                           source_metric=card.get("sleb_metric", "given"),
-                           base_model=card.get("sleb_base_model", settings.model_name),
+                           source_metric=card.get("sleb_metric", "given"), base_model=origin,
                            ppl_precision=str(model.dtype).replace("torch.", "") + (
                                ", before and after (training ran on a 4-bit NF4 base)" if settings.load_in_4bit
                                else ", before and after"),

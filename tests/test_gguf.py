@@ -321,6 +321,10 @@ def test_tiny_q8_0_ggufs_pruned_run_in_llama_cpp_as_transformers_runs_them(arch,
         assert out.returncode == 0, out.stderr[-2000:]
         healed = json.loads((tmp_path / "r" / "h.json").read_text())
         assert healed["removal_list"] == removal and healed["num_blocks"] == 8
+        # a GGUF names no dense model: the healed card records none, never the pruned file as if it were dense
+        from sleb.model_card import read_card
+
+        assert read_card(str(tmp_path / "healed")).get("sleb_base_model") is None
         # --dataset self samples the dense model's text; a GGUF names no dense model: refused, nothing written
         refused = run("sleb.heal", "--model_name", str(tmp_path / "p.gguf"), "--output_dir", str(tmp_path / "h2"),
                       "--dataset", "self", "--result_folder", str(tmp_path / "r2"))
