@@ -9,7 +9,7 @@ compared with is taken from it once (perplexity, next-token distributions, greed
 answers it gets right). Each row is then a copy of the dense model, searched on its calibration windows,
 pruned (or compensated, or healed) and measured the same way. A row is appended to rows.jsonl as soon as it
 is measured; a rerun skips the rows already there (resumable), and goes on with an EvoPress search from its
-last generation (search_*.json); `--table_only True` rewrites the table and plots from rows.jsonl.
+last generation (search_*.json); `--table_only True` rewrites the table and plots from rows.jsonl and prints the README's short table.
 
 What a figure was made from is its key: every row, the dense model's answers and every search carry the
 GGUF file's sha256, and rows also the question set's digest (sleb.questions.digest), the lm-eval version and
@@ -431,6 +431,17 @@ def select(counts, rows) -> tuple:
     return [int(name) for name in names], [method for method in METHODS if asked is None or method[0] in asked]
 
 
+def summary(dense_row: dict, rows: list) -> str:
+    """The README's short table: answers kept (of the dense model's right answers), perplexity, KL, search time."""
+    lines = ["| blocks | method | answers kept | ppl demo | KL to dense | search s |", "|---|---|---|---|---|---|",
+             f"| 0 | dense | 100% ({dense_row['answers_right']}) | {dense_row['ppl_demo']:.2f} | 0 | - |"]
+    for row in sorted(rows, key=lambda r: (r["removed"], -r["answers_kept"])):
+        lines.append(f"| {row['removed']} | {row['method']} | {100 * row['answers_kept']:.1f}% "
+                     f"({row['answers_kept_count'][0]}) | {row['ppl_demo']:.2f} | {row['kl_to_dense']:.3f} | "
+                     f"{_seconds(round(row['search_seconds']), row['search_timing'])} |")
+    return "\n".join(lines)
+
+
 def _read_rows(path: str, key: dict) -> tuple:
     """(the rows measured under `key`, how many under another key): the stale ones are never shown."""
     rows = [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
@@ -460,9 +471,10 @@ def main(gguf: str, counts=",".join(map(str, COUNTS)), rows=None, out: str = os.
     if not table_only and not os.path.isfile(gguf):
         raise UsageError(f"no GGUF file at {gguf!r}")
     os.makedirs(out, exist_ok=True)
-    if table_only:
+    if table_only:  # the study's page, and the README's short table printed
         dense_row = json.load(open(dense_file))
         write_table(out, dense_row, _read_rows(done_file, dense_row.get("key"))[0])
+        print(summary(dense_row, _read_rows(done_file, dense_row.get("key"))[0]))
         return
     model_sha256 = file_sha256(gguf)
     key = study_key(model_sha256)
