@@ -157,10 +157,15 @@ def report(gguf: str, out: str) -> None:
                          f"{others[0]['kl']:.4f}" if better else
                          f"none is lower (the closest, {others[0]['removed']}, is {others[0]['kl']:.4f})"
                          if others else "none measured") + ".")
-    study = _search_file(out, f"search_evopress_kl_demo_{windows.shape[0]}x{windows.shape[1]}_{COUNT}_", key)
+    shape = f"{windows.shape[0]}x{windows.shape[1]}"
+    study = _search_file(out, f"search_evopress_kl_demo_{shape}_{COUNT}_", key)
     greedy_value = study["generations"][0]["greedy_value"] if study else None
     lines += _run_lines("From the greedy start (the study's row)", study, greedy_value)
     lines += _run_lines("From random sets only", _search_file(out, f"evopress_random_start_{COUNT}_", key), greedy_value)
+    lines += ["", "The study's other EvoPress rows, from the greedy start:"]
+    for count in (3, 9):
+        found = _search_file(out, f"search_evopress_kl_demo_{shape}_{count}_", key)
+        lines += _run_lines(f"{count} of 30", found, found["generations"][0]["greedy_value"] if found else None)
     results.write_text(os.path.join(out, "evopress_check.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
