@@ -251,7 +251,7 @@ class Speeds:
 
     def key(self, removal_list: list) -> dict:
         return {"model_sha256": self.model_sha256, "removal_list": sorted(int(i) for i in removal_list),
-                "llama_cpp_python": importlib.metadata.version("llama_cpp_python")}
+                "llama_cpp_python": importlib.metadata.version("llama_cpp_python"), "sleb": __version__}
 
     def get(self, removal_list: list):
         try:
