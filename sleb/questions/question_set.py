@@ -32,7 +32,7 @@ PAST_TENSES = {"go": "went", "eat": "ate", "see": "saw", "run": "ran", "write": 
                "buy": "bought", "take": "took", "sing": "sang", "drink": "drank"}
 OPPOSITES = {  # every common opposite is accepted: old -> young or new, light -> dark or heavy
     "hot": ["cold"], "big": ["small", "little"], "up": ["down"], "day": ["night"], "fast": ["slow"],
-    "happy": ["sad", "unhappy"], "open": ["closed", "shut"], "light": ["dark", "heavy"], "old": ["young", "new"],
+    "happy": ["sad", "unhappy"], "open": ["closed", "shut", "close"], "light": ["dark", "heavy"], "old": ["young", "new"],
     "tall": ["short"], "full": ["empty"], "wet": ["dry"], "early": ["late"], "hard": ["soft", "easy"],
     "rich": ["poor"], "strong": ["weak"], "thick": ["thin"], "heavy": ["light"], "inside": ["outside"],
     "win": ["lose"], "push": ["pull"], "buy": ["sell"], "true": ["false"], "love": ["hate"], "north": ["south"],
@@ -83,12 +83,12 @@ FACTS = [
     ("What is the first letter of the English alphabet?", ["A"]),
     ("What is the last letter of the English alphabet?", ["Z"]),
     ("How many letters are in the English alphabet?", ["26"]),
-    ("What do you call a baby cat?", ["kitten", "kitty"]),
-    ("What do you call a baby dog?", ["puppy", "pup"]),
+    ("What do you call a baby cat?", ["kitten", "kittens", "kitty"]),
+    ("What do you call a baby dog?", ["puppy", "puppies", "pup"]),
     ("What is the main ingredient of bread?", ["flour", "wheat"]),
     ("What fruit is used to make wine?", ["grape", "grapes"]),
-    ("What instrument has black and white keys?", ["piano"]),
-    ("What is the hardest natural substance?", ["diamond"]),
+    ("What instrument has black and white keys?", ["piano", "keyboard", "organ", "harpsichord"]),
+    ("What is the hardest natural substance?", ["diamond", "diamonds"]),
 ]
 UNITS = [
     ("How many centimeters are in a meter?", ["100"]),

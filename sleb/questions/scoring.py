@@ -30,7 +30,7 @@ _NUMBER_WORDS = frozenset(
     "seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety hundred thousand "
     "million".split())
 # Answers that are also everyday words: credited only where they stand alone.
-_COMMON = frozenset("a no one right last end down light new easy short".split())
+_COMMON = frozenset("a no one right last end down light new easy short close".split())
 _ALONE_AFTER = frozenset(list(".!?;)*`\"'") + ["\u201d", "\u2019"])  # what may follow a word standing alone
 _ALONE_BEFORE = frozenset(list("*`\"'") + ["\u201c", "\u2018", "letter"])
 _JOINERS = frozenset([",", "-", "and"])  # what joins the parts of a number or the items of a list
