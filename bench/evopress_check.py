@@ -1,16 +1,18 @@
 """EvoPress checked on the real model: does its evolution ever improve on where it starts?
 
-    python -m bench.evopress_check --gguf SmolLM2-135M-Instruct.Q4_1.gguf --part neighbours|random|report
+    python -m bench.evopress_check --gguf SmolLM2-135M-Instruct.Q4_1.gguf --part neighbours|greedy|random|report
 
 SmolLM2-135M-Instruct, 6 of 30 blocks, KL to the dense model on the study's demo calibration windows (25 x 256
 tokens), EvoPress's settings as sleb runs them (sleb.Evolution: 32 offspring, 2 survivors, the first stage on
-1/16 of the batches, 1 to 3 swaps, k(n-k)/1.5 = 96 generations). The greedy start is the study's own
-"evopress kl / demo" row at 6 (bench/real_model.py, search_evopress_kl_demo_*_6_*.json); this command adds:
+1/16 of the batches, 1 to 3 swaps, k(n-k)/1.5 = 96 generations). This command's parts:
 
 - neighbours: the calibration KL of the greedy KL list and of every set one swap away from it (a removed block
   swapped with a kept candidate), each scored alone with the public API (sleb.skipping + sleb.kl_to_dense on the
   dense model's distributions over the same windows). If none is lower, the greedy list is a local optimum for
   the one-swap mutations EvoPress makes most; kept in evopress_neighbours.jsonl, a set at a time (resumable).
+- greedy: EvoPress from the greedy start, the greedy KL list at 6 taken from the study's searches (the same
+  model and windows) rather than searched again (sleb.Evolution(start=...)), kept after every generation
+  (resumable).
 - random: the same EvoPress search from random sets only (Evolution(greedy_start=False), as EvoPress's own code
   starts), kept after every generation (resumable).
 - report: writes evopress_check.md in the study's folder from whatever of the three has been measured.
@@ -30,7 +32,7 @@ from sleb import blocks, identity, results
 from sleb.errors import UsageError
 
 COUNT = 6
-PARTS = ("neighbours", "random", "report")
+PARTS = ("neighbours", "greedy", "random", "report")
 
 
 def _setup(gguf: str, out: str):
@@ -80,18 +82,29 @@ def neighbours(gguf: str, out: str) -> None:
         print(json.dumps(entry), flush=True)
 
 
-def random_start(gguf: str, out: str) -> None:
+def _evolve(gguf: str, out: str, name: str, greedy_start: bool) -> None:
+    """One EvoPress search at COUNT, kept after every generation (resumable)."""
     model, windows, key = _setup(gguf, out)
-    path = os.path.join(out, f"evopress_random_start_{COUNT}_{real_model.key_name(key)}.json")
+    path = os.path.join(out, f"evopress_{name}_{COUNT}_{real_model.key_name(key)}.json")
     found = sleb.SearchResult.from_dict(json.load(open(path))) if os.path.isfile(path) else None
     if found is not None and found.status == "done":
         print(f"done: {found.removal_list}")
         return
-    found = sleb.search(model, windows, COUNT, "evopress", objective="kl", progress=True, resume=found,
-                        evolution=sleb.Evolution(greedy_start=False),
-                        on_phase=lambda partial: results.write_json(path, partial.to_dict()))
+    evolution = sleb.Evolution(greedy_start=greedy_start, start=tuple(_greedy(out, key)) if greedy_start else None)
+    watch = cores.Watch()
+    with watch:
+        found = sleb.search(model, windows, COUNT, "evopress", objective="kl", progress=True, resume=found,
+                            evolution=evolution, on_phase=lambda partial: results.write_json(path, partial.to_dict()))
     results.write_json(path, found.to_dict())
-    print(f"done: {found.removal_list}")
+    print(f"done: {found.removal_list} ({watch.record()})")
+
+
+def greedy_start(gguf: str, out: str) -> None:
+    _evolve(gguf, out, "greedy_start", True)
+
+
+def random_start(gguf: str, out: str) -> None:
+    _evolve(gguf, out, "random_start", False)
 
 
 def main(gguf: str, part: str, out: str = os.path.join(ROOT, "docs", "real_model")):
@@ -99,7 +112,7 @@ def main(gguf: str, part: str, out: str = os.path.join(ROOT, "docs", "real_model
         raise UsageError(f"--part must be one of {', '.join(PARTS)}; got {part!r}")
     if not os.path.isfile(gguf):
         raise UsageError(f"no GGUF file at {gguf!r}")
-    {"neighbours": neighbours, "random": random_start, "report": report}[part](gguf, out)
+    {"neighbours": neighbours, "greedy": greedy_start, "random": random_start, "report": report}[part](gguf, out)
 
 
 def _search_file(out: str, prefix: str, key: dict):
@@ -158,9 +171,10 @@ def report(gguf: str, out: str) -> None:
                          f"none is lower (the closest, {others[0]['removed']}, is {others[0]['kl']:.4f})"
                          if others else "none measured") + ".")
     shape = f"{windows.shape[0]}x{windows.shape[1]}"
-    study = _search_file(out, f"search_evopress_kl_demo_{shape}_{COUNT}_", key)
+    study = (_search_file(out, f"evopress_greedy_start_{COUNT}_", key)
+             or _search_file(out, f"search_evopress_kl_demo_{shape}_{COUNT}_", key))
     greedy_value = study["generations"][0]["greedy_value"] if study else None
-    lines += _run_lines("From the greedy start (the study's row)", study, greedy_value)
+    lines += _run_lines("From the greedy start", study, greedy_value)
     lines += _run_lines("From random sets only", _search_file(out, f"evopress_random_start_{COUNT}_", key), greedy_value)
     lines += ["", "The study's other EvoPress rows, from the greedy start:"]
     for count in (3, 9):

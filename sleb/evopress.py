@@ -33,12 +33,15 @@ class Evolution:
     max_mutations: int = 3  # level-switch swaps per child, 1 to this many
     initial: int = 64  # random valid sets beside the greedy list in the first population
     greedy_start: bool = True  # False: the first population is random sets only, as EvoPress's own code starts
+    start: Optional[tuple] = None  # the greedy list found before on the same model and windows: not searched again
 
     def check(self) -> None:
         if not isinstance(self.greedy_start, bool):
             raise UsageError(f"--evo_greedy_start must be True or False, got {self.greedy_start!r}")
         if not self.greedy_start and self.initial < 1:
             raise UsageError("--evo_greedy_start False starts from --evo_initial random sets; give at least 1")
+        if self.start is not None and not self.greedy_start:
+            raise UsageError("a given start list is the greedy start; keep greedy_start True")
         for name, minimum in (("offspring", 1), ("survivors", 1), ("max_mutations", 1), ("initial", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -93,7 +96,9 @@ def evopress(job: SearchJob, state: SearchState) -> SearchState:
 
     if not state.generations:
         started = time.perf_counter()
-        greedy = _greedy_start(job, n) if evolution.greedy_start else None
+        greedy = _greedy_start(job, n, evolution.start) if evolution.greedy_start else None
+        if greedy is not None and (not valid(greedy) or not set(greedy) <= set(candidates)):
+            raise UsageError(f"the evopress start {list(greedy)} is not {k} distinct candidate blocks of {n}")
         rng = random.Random(f"{job.seed}-0")
         population = [c for c in (tuple(sorted(rng.sample(candidates, k))) for _ in range(evolution.initial))
                       if valid(c)]
@@ -128,8 +133,10 @@ def evopress(job: SearchJob, state: SearchState) -> SearchState:
     return state
 
 
-def _greedy_start(job: SearchJob, depth: int) -> tuple:
-    """SLEB's greedy list on the job's objective, quietly: EvoPress's first parent."""
+def _greedy_start(job: SearchJob, depth: int, given: Optional[tuple]) -> tuple:
+    """SLEB's greedy list on the job's objective, quietly: EvoPress's first parent (`given`: found before)."""
+    if given is not None:
+        return tuple(sorted(given))
     greedy_job = dataclasses.replace(job, on_phase=lambda current: None, log=lambda *args, **kwargs: None)
     return tuple(sorted(sleb_iterative(greedy_job, SearchState(depth)).removal_list))
 

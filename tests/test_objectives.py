@@ -1,6 +1,7 @@
 """Issue 31: the KL-to-dense objective and EvoPress's evolutionary search, checked on models small enough to
 try every subset, and against a greedy KL loop written here independently of the engines."""
 
+import dataclasses
 import itertools
 import json
 import math
@@ -14,6 +15,7 @@ import tiny
 from clitools import invoke
 from sleb import objectives
 from sleb.engines import ReferenceEngine
+from sleb.errors import UsageError
 from sleb.evopress import Evolution
 
 K = 3  # of 8 blocks; barriers 1 and 1 leave blocks 1..6, 20 subsets
@@ -147,6 +149,13 @@ def test_evopress_is_reproducible_and_resumes_from_any_generation(eight_blocks):
                           resume=partial)
     assert resumed.removal_list == whole.removal_list
     assert [g["best"] for g in resumed.generations] == [g["best"] for g in whole.generations]
+    # the greedy list given (found before on the same windows) takes the search's path exactly
+    given = dataclasses.replace(evolution, start=tuple(whole.generations[0]["greedy"]))
+    started = sleb.search(model, windows, K, metric="evopress", evolution=given, seed=3, progress=False)
+    assert [g["best"] for g in started.generations] == [g["best"] for g in whole.generations]
+    with pytest.raises(UsageError, match="is not 3 distinct candidate blocks"):
+        sleb.search(model, windows, K, metric="evopress", progress=False,
+                    evolution=dataclasses.replace(evolution, start=(0, 3, 4)))  # block 0 is a barrier
 
 
 def test_an_objective_for_a_metric_that_scores_no_loss_is_one_line(model_dirs, text_file, tmp_path):
