@@ -30,7 +30,7 @@ def test_self_text_is_sampled_once_cached_and_recorded_for_search_compensation_a
                       "--result_file", "s.json")
     assert searched.returncode == 0, searched.stderr[-2000:]
     cached = list((cache / "self_text").iterdir())
-    assert len(cached) == 1 and len(cached[0].read_text().splitlines()) == 3
+    assert len(cached) == 1 and len(self_text._read(str(cached[0]))[0]) == 3
     sampled_at = cached[0].stat().st_mtime_ns
     record = json.loads((tmp_path / "s.json").read_text())
     assert record["settings"]["dataset"] == "self" and record["calibration_windows"] >= 3
@@ -52,6 +52,49 @@ def test_self_text_is_sampled_once_cached_and_recorded_for_search_compensation_a
     record = json.loads((tmp_path / "h.json").read_text())
     assert record["settings"]["dataset"] == "self" and record["train_windows"] == windows.shape[0]
     assert len(list((cache / "self_text").iterdir())) == 1  # healing sampled nothing new
+
+
+def test_self_text_is_sampled_in_batches_and_a_killed_run_resumes_to_the_same_texts(cache):
+    model, tokenizer = sleb.load("demo", dtype="float32", device="cpu")
+    whole = self_text.texts(model, tokenizer, 6, seed=1, log=lambda *a: None, batch=2)
+    path = self_text.cache_path(model, tokenizer, 6, 1, batch=2)
+    lines = open(path).read().splitlines()
+    assert len(whole) == 6 and len(set(whole)) == 6
+    assert [json.loads(line)["batch"] for line in lines] == [0, 1, 2]  # one generate call per 2 texts
+    with open(path, "w") as handle:  # killed after its first batch
+        handle.write(lines[0] + "\n")
+    assert self_text.texts(model, tokenizer, 6, seed=1, log=lambda *a: None, batch=2) == whole
+    assert open(path).read().splitlines() == lines  # the first batch read back, the other two sampled again
+    other = self_text.texts(model, tokenizer, 6, seed=2, log=lambda *a: None, batch=2)
+    assert not set(other) & set(whole)  # another seed samples other texts, into another file
+
+
+def test_a_chat_model_writes_requests_when_the_fixed_ones_run_out(model_dirs, cache):
+    """Past the 48 fixed requests the model is asked for lists of questions; a tiny random model writes none
+    that pass, so after three fruitless rounds the fixed requests are asked again (with other samples)."""
+    from transformers import AutoTokenizer
+
+    model, _ = sleb.load(model_dirs["llama"], dtype="float32", device="cpu")
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["llama"])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    count = len(self_text.REQUESTS) + 4
+    made = self_text.texts(model, tokenizer, count, seed=0, log=lambda *a: None, batch=16)
+    entries = [json.loads(line) for line in open(self_text.cache_path(model, tokenizer, count, 0, 16))]
+    assert [entry["requests"] for entry in entries if "requests" in entry] == [[], [], []]
+    assert made[len(self_text.REQUESTS)].startswith(self_text._render(tokenizer, self_text.REQUESTS[0]))
+    assert made[len(self_text.REQUESTS)] != made[0]  # the same request, another sample
+
+
+def test_written_questions_are_read_from_a_numbered_list():
+    reply = ("Here are five questions:\n1. How do I bake bread at home?\n2) What is yeast?\n3. Why does dough "
+             "rise in a warm room?\nI hope this helps.\n4. Bread\n5. **Which flour makes the softest bread?**")
+    assert self_text._listed(reply) == ["How do I bake bread at home?", "Why does dough rise in a warm room?",
+                                        "Which flour makes the softest bread?"]  # under 4 words, or no list: no
+    asked = ["How do I bake bread at home?", "How do you bake bread at home?",
+             "Which vegetables grow well in a small garden?", "Explain how a bicycle works!"]
+    # the second nearly repeats the first, the last a fixed request
+    assert self_text._novel(asked, list(self_text.REQUESTS)) == ["How do I bake bread at home?",
+                                                                 "Which vegetables grow well in a small garden?"]
 
 
 def test_self_text_is_not_an_evaluation_set(tmp_path):
