@@ -54,8 +54,8 @@ def test_self_text_is_sampled_once_cached_and_recorded_for_search_compensation_a
     assert len(list((cache / "self_text").iterdir())) == 1  # healing sampled nothing new
 
 
-def test_self_text_is_sampled_in_batches_and_a_killed_run_resumes_to_the_same_texts(cache):
-    model, tokenizer = sleb.load("demo", dtype="float32", device="cpu")
+def test_self_text_is_sampled_in_batches_and_a_killed_run_resumes_to_the_same_texts(model_dirs, cache):
+    model, tokenizer = sleb.load(model_dirs["llama"], dtype="float32", device="cpu")
     whole = self_text.texts(model, tokenizer, 6, seed=1, log=lambda *a: None, batch=2)
     path = self_text.cache_path(model, tokenizer, 6, 1, batch=2)
     lines = open(path).read().splitlines()
