@@ -203,7 +203,7 @@ def search(model, windows: torch.Tensor, num_remove_blocks: Optional[int] = None
     ran_on = identity.of_run(model, windows, num_remove_blocks=k, metric=metric, early_barrier=early_barrier,
                              latter_barrier=latter_barrier, seed=seed, keep_block_kinds=keep_block_kinds,
                              objective=objective, kl_top_k=kl_top_k if objective == "kl" else None,
-                             evolution=dataclasses.asdict(evolution) if chosen.evolves else None)
+                             evolution=evolution.record() if chosen.evolves else None)
     compensated = None
     if chosen.compensates:
         compensated = dict(early_barrier=early_barrier, latter_barrier=latter_barrier, budget_gb=compensation_gb,

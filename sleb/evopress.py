@@ -35,6 +35,10 @@ class Evolution:
     greedy_start: bool = True  # False: the first population is random sets only, as EvoPress's own code starts
     start: Optional[tuple] = None  # the greedy list found before on the same model and windows: not searched again
 
+    def record(self) -> dict:
+        """These settings as the results file keeps them (and a resumed search must match)."""
+        return {**dataclasses.asdict(self), "start": None if self.start is None else [int(b) for b in self.start]}
+
     def check(self) -> None:
         if not isinstance(self.greedy_start, bool):
             raise UsageError(f"--evo_greedy_start must be True or False, got {self.greedy_start!r}")

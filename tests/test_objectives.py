@@ -151,8 +151,14 @@ def test_evopress_is_reproducible_and_resumes_from_any_generation(eight_blocks):
     assert [g["best"] for g in resumed.generations] == [g["best"] for g in whole.generations]
     # the greedy list given (found before on the same windows) takes the search's path exactly
     given = dataclasses.replace(evolution, start=tuple(whole.generations[0]["greedy"]))
-    started = sleb.search(model, windows, K, metric="evopress", evolution=given, seed=3, progress=False)
+    kept = []
+    started = sleb.search(model, windows, K, metric="evopress", evolution=given, seed=3, progress=False,
+                          on_phase=lambda partial: kept.append(json.dumps(partial.to_dict())))
     assert [g["best"] for g in started.generations] == [g["best"] for g in whole.generations]
+    read_back = sleb.SearchResult.from_dict(json.loads(kept[2]))  # as a results file keeps it
+    resumed = sleb.search(model, windows, K, metric="evopress", evolution=given, seed=3, progress=False,
+                          resume=read_back)
+    assert [g["best"] for g in resumed.generations] == [g["best"] for g in whole.generations]
     with pytest.raises(UsageError, match="is not 3 distinct candidate blocks"):
         sleb.search(model, windows, K, metric="evopress", progress=False,
                     evolution=dataclasses.replace(evolution, start=(0, 3, 4)))  # block 0 is a barrier
