@@ -470,27 +470,33 @@ def _dense_distributions(dense, windows: torch.Tensor, objective: str):
 
 @dataclass
 class CompensationResult:
-    """What `compensate` did: one fit per removed run, in depth order."""
+    """What `compensate` did: one fit (linear) or one trained block (local) per removed run, in depth order."""
 
     ridge: float
-    runs: list  # sleb.recovery.linear.RunFit: run, before, tokens, residual, identity_residual, seconds, folded_into
+    runs: list  # linear: sleb.recovery.linear.RunFit; local: sleb.recovery.local.RunTraining
     seconds: float
+    method: str = "linear"
+    settings: Optional[dict] = None  # local: steps, lr, seed
 
     def to_dict(self) -> dict:
-        return {"method": "linear", "ridge": self.ridge, "runs": [fit.record() for fit in self.runs],
-                "seconds": self.seconds}
+        return {"method": self.method, "ridge": self.ridge, "runs": [fit.record() for fit in self.runs],
+                "seconds": self.seconds, **({"settings": self.settings} if self.settings else {})}
 
 
 def compensate(model, windows: torch.Tensor, removal_list: Sequence[int], ridge: float = 0.0, *,
-               batch_size: int = 4, progress: bool = True, keep_block_kinds: bool = True) -> CompensationResult:
+               batch_size: int = 4, progress: bool = True, keep_block_kinds: bool = True, method: str = "linear",
+               local_steps: int = 200, local_lr: float = 1e-4, seed: int = 0) -> CompensationResult:
     """Remove the blocks and win back what that cost with no training: for each maximal run of removed
     blocks, the least-squares map T = argmin ||M T - (H - Y)||^2 + ridge ||T||^2 from the calibration
     `windows` (M: what the block before the run adds last, Y: the stream it is added to, H: the run's
     output) folded into that block's output projection(s), then the run deleted. The model is then
     what `remove_blocks` leaves, with the same parameters, maps folded in. One line (UsageError) where
     the fold could not be exact (a norm after the sub-layer, post-norm, a run starting at block 0,
-    shared weights), before anything changes."""
-    from sleb.recovery import linear
+    shared weights), before anything changes.
+
+    `method="local"` trains the block before each run instead, all of its parameters, to output what the run
+    would have (`local_steps` AdamW steps at `local_lr`, sleb/recovery/local.py), then deletes the runs."""
+    from sleb.recovery import linear, local
 
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype != torch.long:
         raise UsageError("windows must be a (windows, seqlen) tensor of token ids, as calibration_windows returns")
@@ -498,10 +504,18 @@ def compensate(model, windows: torch.Tensor, removal_list: Sequence[int], ridge:
     removal_list = blocks.check_removal_list(list(removal_list), blocks.num_blocks(model))
     guard.check_removable(model)
     _check_kinds_kept(model, removal_list, keep_block_kinds)
+    if method not in ("linear", "local"):
+        raise UsageError(f"compensate's method must be linear or local, got {method!r}")
     started = time.perf_counter()
     with _evaluating(model):
-        fits = linear.compensate(model, windows, removal_list, ridge, batch_size, progress)
-    return CompensationResult(float(ridge), fits, round(time.perf_counter() - started, 3))
+        if method == "linear":
+            fits = linear.compensate(model, windows, removal_list, ridge, batch_size, progress)
+            return CompensationResult(float(ridge), fits, round(time.perf_counter() - started, 3))
+        with torch.inference_mode(False):
+            trained = local.reconstruct(model, windows, removal_list, local_steps, local_lr, batch_size, seed, progress)
+        remove_blocks(model, removal_list, keep_block_kinds=keep_block_kinds)
+    return CompensationResult(0.0, trained, round(time.perf_counter() - started, 3), "local",
+                              {"steps": local_steps, "lr": local_lr, "seed": seed, "batch_size": batch_size})
 
 
 def save_pretrained(model, tokenizer, directory: str, card=None) -> list:

@@ -70,11 +70,12 @@ def _search_lines(record: dict) -> list:
 def compensated_metric(record: dict) -> str:
     """How a search or eval run's blocks were chosen, with "+ linear" where --compensate linear followed
     (sleb_compensated compensates inside the search and says so itself)."""
+    method = (record.get("compensation") or {}).get("method", "linear")
     if record["command"] != "sleb":
-        return "given + linear" if record.get("compensation") else "given"
+        return f"given + {method}" if record.get("compensation") else "given"
     metric = metrics.get(_settings(record).get("metric", metrics.PAPER))
     label = metric.label(_settings(record).get("objective", "ce"))
-    return f"{label} + linear" if record.get("compensation") and not metric.compensates else label
+    return f"{label} + {method}" if record.get("compensation") and not metric.compensates else label
 
 
 def compensation_lines(record: dict) -> list:
@@ -82,6 +83,12 @@ def compensation_lines(record: dict) -> list:
     compensation = record.get("compensation")
     if not compensation:
         return []
+    if compensation.get("method") == "local":
+        lines = [f"- local reconstruction, {compensation['seconds']:.1f} s: for each removed run the block before it "
+                 f"trained ({compensation['settings']['steps']} AdamW steps, lr {compensation['settings']['lr']}) to "
+                 "output what the run would have; no parameters added"]
+        return lines + [f"- run {t['run']} -> block {t['before']}: relative error {t['error_trained']:.4f} (plain "
+                        f"removal {t['error_removed']:.4f}), {t['tokens']} tokens" for t in compensation["runs"]]
     lines = [f"- training-free linear compensation (least squares, ridge {compensation['ridge']}), "
              f"{compensation['seconds']:.1f} s: for each removed run a map folded into the block before it; "
              "no parameters added"]
@@ -98,7 +105,8 @@ def pruned_card(record: dict):
         _ppl_lines("perplexity after removal", record.get("ppl"))
     module = "sleb" if record["command"] == "sleb" else "eval"
     metric = compensated_metric(record)
-    tags = ["linear-compensation"] if record.get("compensation") else []
+    compensation = record.get("compensation")
+    tags = [f"{compensation.get('method', 'linear')}-compensation"] if compensation else []
     return make_card(record, module, tags, [("How the blocks were chosen", _search_lines(record)),
                                             ("Compensation", compensation_lines(record)),
                                             ("Quality", quality)], metric)

@@ -64,7 +64,7 @@ def run(settings) -> dict:
                                times={"load_s": round(load_seconds, 3)})
         stages.remove(model, settings.removal_list, settings, record, windows)
         print(f"model {settings.model_name}: {depth} blocks, removed {settings.removal_list or 'none'} -> "
-              f"{blocks.num_blocks(model)} blocks" + (" (linear compensation folded in)" if windows is not None else ""))
+              f"{blocks.num_blocks(model)} blocks" + (f" ({settings.compensate} compensation)" if windows is not None else ""))
         stages.evaluate(model, tokenizer, eval_windows, eval_data, dense, settings, record)
         stages.write_and_save(model, tokenizer, settings, record, path, started)
     if record["ppl"]:

@@ -179,19 +179,29 @@ class CalibrationFlags:
 @dataclass
 class CompensateFlags:
     compensate: Optional[str] = flag(None, "linear: after removal, fold a least-squares map for each removed run "
-                                           "into the block before it (no training, same parameters); default none")
+                                           "into the block before it (no training, same parameters); local: train "
+                                           "that block, all its parameters, to output what the run would have "
+                                           "(sleb/recovery/local.py); default none")
     ridge: float = flag(0.0, "with --compensate linear: the ridge penalty ridge x ||T - I||^2 (>= 0), which shrinks the "
                              "map toward plain removal")
+    local_steps: int = flag(200, "with --compensate local: AdamW steps per trained block, a calibration batch each")
+    local_lr: float = flag(1e-4, "with --compensate local: the learning rate")
 
     def check_compensate(self) -> None:
-        if self.compensate not in (None, "none", "linear"):
-            raise UsageError(f"--compensate must be linear (or left out), got {self.compensate!r}")
+        if self.compensate not in (None, "none", "linear", "local"):
+            raise UsageError(f"--compensate must be linear or local (or left out), got {self.compensate!r}")
         if self.compensate == "none":
             self.compensate = None
         if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)) or not self.ridge >= 0:
             raise UsageError(f"--ridge must be a number >= 0, got {self.ridge!r}")
-        if self.ridge and self.compensate is None:
+        if self.ridge and self.compensate != "linear":
             raise UsageError("--ridge applies to --compensate linear only; add it or drop --ridge")
+        if (self.local_steps, self.local_lr) != (200, 1e-4) and self.compensate != "local":
+            raise UsageError("--local_steps and --local_lr apply to --compensate local only; add it or drop them")
+        if self.compensate == "local":
+            from sleb.recovery import local
+
+            local.check([], self.local_steps, self.local_lr)
 
 
 @dataclass
@@ -254,7 +264,7 @@ class EvalSettings(DenseSourceFlags, OutputFlags, GgufOutFlags, SaveFlags, Compe
         if self.compensate is not None:
             self.check_calibration()
             if not self.removal_list:
-                raise UsageError("--compensate linear needs blocks to remove; pass --removal_list '[..]'")
+                raise UsageError(f"--compensate {self.compensate} needs blocks to remove; pass --removal_list '[..]'")
         self.check_eval()
         self.check_divergence()
         self.check_save()
@@ -264,10 +274,14 @@ class EvalSettings(DenseSourceFlags, OutputFlags, GgufOutFlags, SaveFlags, Compe
 
     def check_depth(self, depth: int, config=None) -> None:
         blocks.check_removal_list(self.removal_list, depth)
-        if self.compensate is not None:
+        if self.compensate == "linear":
             from sleb.recovery.linear import check
 
             check(self.ridge, self.removal_list, depth)
+        elif self.compensate == "local":
+            from sleb.recovery import local
+
+            local.check(self.removal_list, self.local_steps, self.local_lr)
         if config is not None:
             self.check_save_gguf_depth(config, depth - len(self.removal_list), self.compensate is not None)
 
@@ -306,9 +320,9 @@ class SearchSettings(OutputFlags, GgufOutFlags, SaveFlags, CompensateFlags, Dive
         check_choices(self.metric, self.engine, self.early_barrier, self.latter_barrier)
         self.check_compensate()
         if self.compensate is not None and metrics.get(self.metric).compensates:
-            raise UsageError(f"--metric {self.metric} compensates as it searches; drop --compensate linear")
+            raise UsageError(f"--metric {self.metric} compensates as it searches; drop --compensate {self.compensate}")
         if self.compensate is not None and self.early_barrier < 1:
-            raise UsageError("--compensate linear folds each run's map into the block before it; keep "
+            raise UsageError(f"--compensate {self.compensate} changes the block before each removed run; keep "
                              "--early_barrier at least 1 so block 0 is never removed")
         for name, minimum in (("search_batch_size", 1), ("cache_gb", 0), ("compensation_gb", 0)):
             check_at_least(name, getattr(self, name), minimum)

@@ -156,11 +156,13 @@ def compare_with_dense(model, reference: DenseReference, record: dict, batch_siz
 def remove(model, removal_list: list, settings, record: dict, windows=None, fits=None) -> None:
     """Take the blocks out: with the maps a compensated search already folded in (`fits`), with --compensate
     linear fitted on `windows`, or as they are; what was fitted goes into the record as "compensation"."""
-    if settings.compensate == "linear" and not fits:  # compensate removes the blocks itself
+    if settings.compensate and not fits:  # compensate removes the blocks itself
         # eval has no --search_batch_size: it fits with compensate's own default
         record["compensation"] = api.compensate(model, windows, removal_list, settings.ridge,
                                                 batch_size=getattr(settings, "search_batch_size", 4),
-                                                keep_block_kinds=settings.keep_block_kinds).to_dict()
+                                                keep_block_kinds=settings.keep_block_kinds, method=settings.compensate,
+                                                local_steps=settings.local_steps, local_lr=settings.local_lr,
+                                                seed=settings.seed).to_dict()
         return
     if fits:
         runs = [fit.record() for fit in fits]
