@@ -152,13 +152,18 @@ def test_compensation_lowers_held_out_demo_perplexity(removal_list, tmp_path):
             torch.testing.assert_close(reloaded.eval()(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
-def test_eval_compensate_records_the_fit_and_the_card_says_so(model_dirs, text_file, tmp_path):
-    out = invoke("eval", "--model_name", model_dirs["llama"], "--removal_list", "[2, 3, 5]", "--compensate", "linear",
-                 "--ridge", "0.5", "--dataset", f"file:{text_file}", "--nsamples", "200", "--seqlen", "32",
+def _eval_compensated(model_dirs, text_file, tmp_path, method: str, *flags) -> dict:
+    """eval with [2, 3, 5] removed and compensated, the checkpoint saved; its results record."""
+    out = invoke("eval", "--model_name", model_dirs["llama"], "--removal_list", "[2, 3, 5]", "--compensate", method,
+                 *flags, "--dataset", f"file:{text_file}", "--nsamples", "200", "--seqlen", "32",
                  "--ppl_datasets", f"file:{text_file}", "--result_folder", str(tmp_path), "--result_file", "c.json",
                  "--save_model", str(tmp_path / "saved"))
     assert out.returncode == 0, out.stderr[-3000:]
-    record = json.loads((tmp_path / "c.json").read_text())
+    return json.loads((tmp_path / "c.json").read_text())
+
+
+def test_eval_compensate_records_the_fit_and_the_card_says_so(model_dirs, text_file, tmp_path):
+    record = _eval_compensated(model_dirs, text_file, tmp_path, "linear", "--ridge", "0.5")
     compensation = record["compensation"]
     assert compensation["ridge"] == 0.5 and [fit["run"] for fit in compensation["runs"]] == [[2, 3], [5]]
     assert [fit["before"] for fit in compensation["runs"]] == [1, 4]
@@ -288,12 +293,7 @@ def test_local_reconstruction_trains_the_block_before_each_run_toward_what_the_r
 
 
 def test_eval_compensate_local_records_the_training_and_the_card_says_so(model_dirs, text_file, tmp_path):
-    out = invoke("eval", "--model_name", model_dirs["llama"], "--removal_list", "[2, 3, 5]", "--compensate", "local",
-                 "--local_steps", "5", "--dataset", f"file:{text_file}", "--nsamples", "200", "--seqlen", "32",
-                 "--ppl_datasets", f"file:{text_file}", "--result_folder", str(tmp_path), "--result_file", "c.json",
-                 "--save_model", str(tmp_path / "saved"))
-    assert out.returncode == 0, out.stderr[-3000:]
-    compensation = json.loads((tmp_path / "c.json").read_text())["compensation"]
+    compensation = _eval_compensated(model_dirs, text_file, tmp_path, "local", "--local_steps", "5")["compensation"]
     assert compensation["method"] == "local" and compensation["settings"]["steps"] == 5
     assert [(t["run"], t["before"]) for t in compensation["runs"]] == [([2, 3], 1), ([5], 4)]
     assert all(t["error_trained"] < t["error_removed"] for t in compensation["runs"])
