@@ -195,4 +195,5 @@ def healed_card(record: dict):
     if quality and record.get("ppl_precision"):
         quality.append(f"- both measured in {record['ppl_precision']}")
     return make_card(record, "sleb.heal", ["lora", "healed"], [("How the blocks were chosen", [f"- metric: {metric}"]),
+                                                              ("Before LoRA", compensation_lines(record)),
                                                               ("Healing", recipe), ("Quality", quality)], metric)

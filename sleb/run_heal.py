@@ -137,14 +137,14 @@ def run(settings: HealSettings) -> dict:
         dense = (api.dense_distributions(model, train_windows, settings.kl_top_k, settings.kl_gb, settings.batch_size)
                  if settings.objective == "kl" else None)  # what distillation learns: taken before the blocks go
         answers = source.answers if removed_before else stages.dense_answers(model, tokenizer, eval_data, settings)
-        api.remove_blocks(model, removal_list, keep_block_kinds=settings.keep_block_kinds)
+        trained = _remove(settings, model, removal_list, train_windows)
         original_depth, removed = ((depth, removal_list) if removal_list
                                    else (depth + len(removed_before), removed_before))
         eval_windows = stages.tokenize_eval_texts(model, tokenizer, eval_data, settings.eval_seqlen)
         # the dense model it all came from: the input itself, or the one a pruned input names (None: not known)
         origin = settings.model_name if not removed_before else dense_model
         record = _start_record(settings, model, tokenizer, eval_windows, eval_data, original_depth, removed, card,
-                               origin, dense, answers)
+                               origin, dense, answers, trained)
         if settings.load_in_4bit:  # QLoRA trains a 4-bit base, then merges into the full-precision one loaded again
             del model
             model, tokenizer = _pruned(settings, removal_list, quantize_4bit=True)
@@ -166,9 +166,21 @@ def run(settings: HealSettings) -> dict:
     return record
 
 
+def _remove(settings: HealSettings, model, removal_list: list, train_windows):
+    """The blocks out; with --local_steps, the block before each run trained on the training windows first
+    (what it did, for the record; None without)."""
+    if not settings.local_steps:
+        api.remove_blocks(model, removal_list, keep_block_kinds=settings.keep_block_kinds)
+        return None
+    return api.compensate(model, train_windows, removal_list, method="local", local_steps=settings.local_steps,
+                          local_lr=settings.local_lr, seed=settings.seed, batch_size=settings.batch_size,
+                          keep_block_kinds=settings.keep_block_kinds).to_dict()
+
+
 def _start_record(settings, model, tokenizer, eval_windows, eval_data, original_depth, removed, card, origin, dense,
-                  answers) -> dict:
-    """The record of the pruned model before training: perplexity, and the questions' answers kept."""
+                  answers, trained=None) -> dict:
+    """The record of the pruned model before training (after local reconstruction, where asked): perplexity, and
+    the questions' answers kept."""
     record = stages.record("heal", settings, model, original_depth, removal_list=removed,
                            source_metric=card.get("sleb_metric", "given"), base_model=origin,
                            ppl_precision=str(model.dtype).replace("torch.", "") + (
@@ -177,6 +189,8 @@ def _start_record(settings, model, tokenizer, eval_windows, eval_data, original_
                            ppl_pruned=stages.perplexity(model, eval_windows, settings.batch_size))
     if dense is not None:
         record["distilled_from"] = dense.record()
+    if trained is not None:
+        record["compensation"] = trained
     if eval_data.tasks:
         record["zeroshot_pruned"] = stages.zeroshot_accuracy(model, tokenizer, eval_data, settings)
         if answers is not None:

@@ -394,6 +394,9 @@ class HealSettings(DenseSourceFlags, OutputFlags, GgufOutFlags, KLFlags, Calibra
     save_adapter: Optional[str] = flag(None, "also write the LoRA adapter alone (peft format) to this directory")
     load_in_4bit: bool = flag(False, "QLoRA: train on a 4-bit (NF4) base through bitsandbytes; CUDA only")
     resume: bool = flag(False, "continue from the last Trainer checkpoint of an interrupted run with these settings")
+    local_steps: int = flag(0, "before LoRA: train the block before each removed run, all its parameters, this many "
+                               "steps to output what the run would have (local reconstruction); 0: none")
+    local_lr: float = flag(1e-4, "with --local_steps: the learning rate of the local training")
 
     def check(self) -> None:
         if self.output_dir is None:
@@ -402,6 +405,13 @@ class HealSettings(DenseSourceFlags, OutputFlags, GgufOutFlags, KLFlags, Calibra
         check_new_directory("save_adapter", self.save_adapter)
         if self.resume and self.overwrite:
             raise UsageError("--resume True continues the training and --overwrite True starts it again; pass one")
+        if self.local_steps != 0:
+            from sleb.recovery import local
+
+            local.check([], self.local_steps, self.local_lr)
+            if self.load_in_4bit:
+                raise UsageError("--local_steps trains full-precision blocks; QLoRA (--load_in_4bit) reloads the "
+                                 "model without them: drop one")
         self.recipe().check()
         self.check_kl(self.objective == "kl", "--objective kl")
         for name, minimum in (("seqlen", 2), ("eval_seqlen", 2)):
@@ -435,10 +445,18 @@ class HealSettings(DenseSourceFlags, OutputFlags, GgufOutFlags, KLFlags, Calibra
                 raise UsageError(f"{self.model_name!r} is not a pruned model (no sleb model card or GGUF "
                                  "sleb.removal_list names its removed blocks); pass --removal_list '[..]', or a "
                                  "directory or GGUF written by --save_model / --save_gguf")
+            if self.local_steps:
+                raise UsageError("--local_steps trains the block before each run against the removed blocks, and "
+                                 "this model's are gone: heal the dense model with --removal_list '[..]'")
             return []
         if not self.removal_list:
             raise UsageError("--removal_list is empty: there is nothing to heal; name the removed blocks")
-        return blocks.check_removal_list(self.removal_list, depth)
+        removal_list = blocks.check_removal_list(self.removal_list, depth)
+        if self.local_steps:
+            from sleb.recovery import local
+
+            local.check(removal_list, self.local_steps, self.local_lr)
+        return removal_list
 
 
 @dataclass

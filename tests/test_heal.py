@@ -83,6 +83,36 @@ def test_heal_by_distillation_from_the_command_records_it(model_dirs, text_file,
     assert "(distillation)" in (tmp_path / "healed" / "README.md").read_text()
 
 
+def test_local_reconstruction_then_distillation_records_both_and_refuses_what_it_cannot_do(model_dirs, text_file,
+                                                                                            tmp_path):
+    """--local_steps trains the block before each removed run first (on the training windows), then LoRA
+    distils: the record's pruned perplexity is after the local stage, below plain removal's."""
+    plain = invoke("eval", "--model_name", model_dirs["llama"], "--removal_list", "[2, 4]", "--ppl_datasets",
+                   f"file:{text_file}", "--seqlen", "32", "--result_folder", str(tmp_path), "--result_file", "e.json")
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    out = invoke("sleb.heal", *_heal_args(model_dirs["llama"], text_file, tmp_path, "--max_steps", "4",
+                                          "--objective", "kl", "--local_steps", "30", "--local_lr", "1e-3"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    record = json.loads((tmp_path / "h.json").read_text())
+    runs = record["compensation"]["runs"]
+    assert record["compensation"]["method"] == "local" and [(t["run"], t["before"]) for t in runs] == [([2], 1),
+                                                                                                     ([4], 3)]
+    assert all(t["error_trained"] < t["error_removed"] for t in runs)
+    plain_ppl = json.loads((tmp_path / "e.json").read_text())["ppl"]
+    key = next(iter(plain_ppl))
+    assert record["ppl_pruned"][key]["ppl"] < plain_ppl[key]["ppl"]  # measured after the local stage
+    card = (tmp_path / "healed" / "README.md").read_text()
+    assert "## Before LoRA" in card and "local reconstruction" in card
+    pruned = tmp_path / "pruned"
+    assert invoke("eval", "--model_name", model_dirs["llama"], "--removal_list", "[2]", "--eval_ppl", "False",
+                  "--save_model", str(pruned), "--result_folder", str(tmp_path)).returncode == 0
+    for model, flags, message in ((str(pruned), [], "this model's are gone"),
+                                  (model_dirs["llama"], ["--removal_list", "[0]"], "block 0 has none")):
+        refused = invoke("sleb.heal", "--model_name", model, *flags, "--local_steps", "5", "--output_dir",
+                         str(tmp_path / "refused"), "--result_folder", str(tmp_path / "refused_results"))
+        assert refused.returncode == 2 and message in refused.stderr and "Traceback" not in refused.stderr
+
+
 def test_merged_checkpoint_reloads_to_the_peft_models_logits(model_dirs, text_file, tmp_path):
 
     settings = HealSettings(model_name=model_dirs["llama"], removal_list=[1], dataset=f"file:{text_file}",
