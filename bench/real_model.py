@@ -65,8 +65,10 @@ METHODS = [
     ("angular / demo", "angular", "ce", "demo", None),
     ("sleb ce / self + linear (self)", "sleb", "ce", "self", "linear"),
     ("evopress kl / demo", "evopress", "kl", "demo", None),
+    ("sleb ce / demo + local", "sleb", "ce", "demo", "local"),  # the block before each run trained (--compensate local)
 ]
 TASKS = ["demo_cloze", "demo_order", "answers"]
+LOCAL = dict(local_steps=200, local_lr=1e-4)  # --compensate local's defaults
 LORA = dict(lora_r=8, lora_alpha=16, lr=5e-4, warmup_steps=10, max_steps=60, train_batch_size=4, grad_accum=2,
             logging_steps=10, save_steps=1000)
 
@@ -287,6 +289,10 @@ def run_row(dense: Dense, searches: Searches, name: str, metric: str, objective:
            "search_seconds": search_timing["seconds"], "search_timing": search_timing}
     if recovery == "linear":
         sleb.compensate(model, windows, removal_list, progress=False)
+    elif recovery == "local":
+        with cores.Watch() as watch:
+            trained = sleb.compensate(model, windows, removal_list, method="local", progress=False, **LOCAL)
+        row["local"] = {**LOCAL, "train_timing": watch.record(), "runs": [t.record() for t in trained.runs]}
     else:
         sleb.remove_blocks(model, removal_list)
     if recovery in ("lora", "lora_kl"):
