@@ -128,8 +128,7 @@ def reconstruct(model, windows: torch.Tensor, removal_list: list, steps: int, lr
         if index in first_of:
             run, started = first_of[index], time.perf_counter()
             with torch.no_grad():
-                targets = [forward.run_blocks(block_list, [index, *run], h, state).clone()
-                           for h, state in zip(hidden, states)]
+                targets = [forward.run_blocks(block_list, [index, *run], h, state) for h, state in zip(hidden, states)]
             before = _relative_error(block, hidden, states, index, targets)
             _train(block, hidden, states, index, targets, steps, lr, seed, progress, f"block {index}")
             found.append(RunTraining(run, index, int(windows.numel()), steps, before,
@@ -137,5 +136,5 @@ def reconstruct(model, windows: torch.Tensor, removal_list: list, steps: int, lr
                                      round(time.perf_counter() - started, 3)))
             del targets
         with torch.no_grad():
-            hidden = [forward.run_blocks(block_list, [index], h, state).clone() for h, state in zip(hidden, states)]
+            hidden = [forward.run_blocks(block_list, [index], h, state) for h, state in zip(hidden, states)]
     return found
