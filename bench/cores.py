@@ -40,14 +40,15 @@ class Watch:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.started
-        busy = _machine_busy_seconds()
-        self.others = None if busy is None or self.busy is None else max(
-            0.0, (busy - self.busy) - (_own_seconds() - self.own))
+        busy, self.cpu = _machine_busy_seconds(), _own_seconds() - self.own
+        self.others = None if busy is None or self.busy is None else max(0.0, (busy - self.busy) - self.cpu)
         return False
 
     def record(self) -> dict:
+        """Wall seconds, this process's CPU seconds over them, and whether other processes shared the cores."""
         if self.others is None:
-            return {"seconds": round(self.seconds, 1), "others_share": None, "cores": "unknown"}
+            return {"seconds": round(self.seconds, 1), "cpu_seconds": round(self.cpu, 1), "others_share": None,
+                    "cores": "unknown"}
         share = self.others / (self.seconds * (os.cpu_count() or 1)) if self.seconds > 0 else 0.0
-        return {"seconds": round(self.seconds, 1), "others_share": round(share, 3),
+        return {"seconds": round(self.seconds, 1), "cpu_seconds": round(self.cpu, 1), "others_share": round(share, 3),
                 "cores": "shared" if share > SHARED_ABOVE else "alone"}

@@ -393,7 +393,8 @@ class HealResult:
     loss_curve: list  # [{"step", "loss"}] as the Trainer logged it
     train_seconds: float
     train_windows: int
-    targets: dict  # lora_targets (projection names), lora_expert_parameters (fused expert weights)
+    targets: dict  # lora_targets (projection names), lora_expert_parameters (fused expert weights); or
+    # trained_blocks (original numbers) for train_blocks
 
 
 def heal(model, tokenizer=None, dataset: Data = "c4", *, windows: Optional[torch.Tensor] = None,
@@ -412,7 +413,8 @@ def heal(model, tokenizer=None, dataset: Data = "c4", *, windows: Optional[torch
     `full_precision_base()`, the same pruned model unquantized. `objective="kl"` distils instead of
     learning the text: the loss is the mean KL from the dense model's next-token distributions on the
     training windows; `dense` is that model (before its blocks went) or its distributions,
-    `sleb.dense_distributions(dense_model, windows)`."""
+    `sleb.dense_distributions(dense_model, windows)`. `train_blocks` (original block numbers, or "before": the
+    block in front of each removed run) trains those blocks' every parameter instead of LoRA."""
     import shutil
     import tempfile
 
@@ -427,6 +429,8 @@ def heal(model, tokenizer=None, dataset: Data = "c4", *, windows: Optional[torch
     elif recipe_fields:
         raise UsageError("pass the recipe as recipe= or as keywords, not both")
     recipe.check()
+    if adapter_dir and recipe.train_blocks is not None:
+        raise UsageError("train_blocks trains whole blocks: there is no LoRA adapter to keep (adapter_dir)")
     if windows is None:
         if tokenizer is None:
             raise UsageError("heal needs a tokenizer and a data set, or windows=token ids")

@@ -17,6 +17,7 @@ longer what the model holds; the inverse of that processor (`_to_file`) is check
 processor on its output.
 """
 
+import functools
 import os
 import tempfile
 from typing import Optional
@@ -50,6 +51,13 @@ def _gguf():
     return gguf
 
 
+def file_key(path: str) -> tuple:
+    """(absolute path, size, modification time): a file rewritten in place reads as another file."""
+    path = os.path.abspath(os.path.expanduser(path))
+    found = os.stat(path)
+    return path, found.st_size, found.st_mtime_ns
+
+
 def reader(path: str):
     """gguf-py's reader of `path` (mapped, not read), or one line saying why the file is not a GGUF."""
     path = os.path.expanduser(path)
@@ -58,6 +66,14 @@ def reader(path: str):
     with open(path, "rb") as handle:
         if handle.read(4) != b"GGUF":
             raise UsageError(f"{path!r} is not a GGUF file (it does not start with the GGUF magic)")
+    return _parsed(file_key(path))
+
+
+@functools.lru_cache(maxsize=4)
+def _parsed(key: tuple):
+    # Parsing a real model's metadata takes seconds (SmolLM2's 49,152 tokenizer strings: about 5 s on 2 cores)
+    # and one run reads the same file several times; the reader is read-only, so one serves every caller.
+    path = key[0]
     try:
         return _gguf().GGUFReader(path, "r")
     except Exception as error:  # a truncated file or a header gguf-py cannot parse

@@ -179,10 +179,13 @@ def healed_card(record: dict):
     """Card of a checkpoint healed by `python -m sleb.heal`."""
     settings = _settings(record)
     metric = record["source_metric"]
-    recipe = [f"- LoRA (peft) r={settings['lora_r']}, alpha={settings['lora_alpha']}, dropout "
-              f"{settings['lora_dropout']}, on {', '.join(record['lora_targets'])}"
-              + (f" and the fused expert weights {', '.join(record['lora_expert_parameters'])}"
-                 if record.get("lora_expert_parameters") else "") + "; merged into the weights",
+    trained = (f"- every parameter of blocks {record['trained_blocks']} (original numbering), the rest frozen"
+               if record.get("trained_blocks") else
+               f"- LoRA (peft) r={settings['lora_r']}, alpha={settings['lora_alpha']}, dropout "
+               f"{settings['lora_dropout']}, on {', '.join(record['lora_targets'])}"
+               + (f" and the fused expert weights {', '.join(record['lora_expert_parameters'])}"
+                  if record.get("lora_expert_parameters") else "") + "; merged into the weights")
+    recipe = [trained,
               f"- AdamW, lr {settings['lr']}, {settings['warmup_steps']} warm-up steps then linear decay, "
               f"batch {settings['train_batch_size']} x {settings['grad_accum']} accumulation, "
               + (f"{settings['max_steps']} steps" if settings["max_steps"] > 0 else f"{settings['epochs']} epochs"),
@@ -194,6 +197,7 @@ def healed_card(record: dict):
         _ppl_lines("perplexity after healing", record.get("ppl_healed"))
     if quality and record.get("ppl_precision"):
         quality.append(f"- both measured in {record['ppl_precision']}")
-    return make_card(record, "sleb.heal", ["lora", "healed"], [("How the blocks were chosen", [f"- metric: {metric}"]),
-                                                              ("Before LoRA", compensation_lines(record)),
+    tags = ["healed"] if record.get("trained_blocks") else ["lora", "healed"]
+    return make_card(record, "sleb.heal", tags, [("How the blocks were chosen", [f"- metric: {metric}"]),
+                                                              ("Before training", compensation_lines(record)),
                                                               ("Healing", recipe), ("Quality", quality)], metric)

@@ -8,6 +8,8 @@ cannot be read (truncated weights, invalid config.json, no tokenizer) is one lin
 
 import atexit
 import contextlib
+import copy
+import functools
 import json
 import os
 import shutil
@@ -131,12 +133,22 @@ def _gguf_config(model_name: str):
 
     path = os.path.abspath(os.path.expanduser(model_name))
     gguf_file.check_readable(path)
+    # a copy: the model built from it owns its config, and pruning edits it
+    return path, copy.deepcopy(_gguf_config_of(gguf_file.file_key(path)))
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_config_of(key: tuple):
+    # transformers parses the whole metadata again for each config it reads (seconds on a real model's file)
+    from sleb import gguf_file
+
     _quiet_transformers()
     from transformers import AutoConfig
 
+    path = key[0]
     folder, kwargs = gguf_file.source_args(path)
     try:
-        return path, AutoConfig.from_pretrained(folder, **kwargs)
+        return AutoConfig.from_pretrained(folder, **kwargs)
     except Exception as error:  # a key transformers cannot map, a file it cannot parse
         raise UsageError(f"cannot read the config of {path!r}: {first_line(error)}") from None
 

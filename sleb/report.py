@@ -52,7 +52,7 @@ def _model(record) -> str:
 
 def _metric(record) -> str:
     if record["command"] == "heal":
-        return f"{record.get('source_metric', 'given')} + LoRA"
+        return f"{record.get('source_metric', 'given')} + " + ("blocks trained" if record.get("trained_blocks") else "LoRA")
     if record["command"] == "eval" and not record["removal_list"]:
         return "dense"
     return compensated_metric(record)
@@ -67,7 +67,8 @@ def _calibration(record) -> str:
     settings = record["settings"]
     if record["command"] == "heal":
         steps = (record.get("loss_curve") or [{"step": 0}])[-1]["step"]
-        return f"LoRA on {settings['dataset']}, {steps} steps"
+        how = f"blocks {record['trained_blocks']}" if record.get("trained_blocks") else "LoRA"
+        return f"{how} on {settings['dataset']}, {steps} steps"
     if record["command"] != "sleb" or not _searched_by(record).calibrated:
         return "-"  # given lists and random choices use no calibration data
     return f"{settings['dataset']}, {settings['nsamples']} rows, seed {settings['seed']}"

@@ -391,6 +391,9 @@ class HealSettings(DenseSourceFlags, OutputFlags, GgufOutFlags, KLFlags, Calibra
     objective: str = flag(RECIPE.objective, "what LoRA minimises: ce (cross-entropy on the training text) or kl "
                                             "(distillation: mean KL from the dense model's next-token distributions "
                                             "on the same windows)")
+    train_blocks: Optional[object] = flag(None, "instead of LoRA: train every parameter of these blocks, the rest "
+                                                "frozen; original numbers, e.g. '[4, 15]', or before (the kept block "
+                                                "in front of each removed run); the lora_* flags then do not apply")
     save_adapter: Optional[str] = flag(None, "also write the LoRA adapter alone (peft format) to this directory")
     load_in_4bit: bool = flag(False, "QLoRA: train on a 4-bit (NF4) base through bitsandbytes; CUDA only")
     resume: bool = flag(False, "continue from the last Trainer checkpoint of an interrupted run with these settings")
@@ -413,6 +416,9 @@ class HealSettings(DenseSourceFlags, OutputFlags, GgufOutFlags, KLFlags, Calibra
                 raise UsageError("--local_steps trains full-precision blocks; QLoRA (--load_in_4bit) reloads the "
                                  "model without them: drop one")
         self.recipe().check()
+        if self.train_blocks is not None and (self.save_adapter or self.load_in_4bit):
+            raise UsageError("--train_blocks trains whole blocks in full precision: there is no adapter to save "
+                             "(--save_adapter) and no 4-bit base to train on (--load_in_4bit); drop one")
         self.check_kl(self.objective == "kl", "--objective kl")
         for name, minimum in (("seqlen", 2), ("eval_seqlen", 2)):
             check_at_least(name, getattr(self, name), minimum)
@@ -448,10 +454,20 @@ class HealSettings(DenseSourceFlags, OutputFlags, GgufOutFlags, KLFlags, Calibra
             if self.local_steps:
                 raise UsageError("--local_steps trains the block before each run against the removed blocks, and "
                                  "this model's are gone: heal the dense model with --removal_list '[..]'")
+            if self.train_blocks is not None:
+                raise UsageError("--train_blocks names blocks in the dense model's numbering, and this model is "
+                                 "already pruned: heal the dense model with --removal_list '[..]'")
             return []
         if not self.removal_list:
             raise UsageError("--removal_list is empty: there is nothing to heal; name the removed blocks")
         removal_list = blocks.check_removal_list(self.removal_list, depth)
+        if isinstance(self.train_blocks, (list, tuple)):
+            wrong = [i for i in self.train_blocks if i >= depth or i in removal_list]
+            if wrong:
+                raise UsageError(f"--train_blocks names block {wrong[0]}, which the pruned model does not hold "
+                                 f"({depth} blocks, removing {removal_list})")
+        if self.train_blocks == "before" and min(removal_list) == 0:
+            raise UsageError("--train_blocks before: block 0 is removed and has no block in front; name the blocks")
         if self.local_steps:
             from sleb.recovery import local
 

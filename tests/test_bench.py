@@ -1,5 +1,6 @@
 """The benchmark scripts' own contracts (their figures are measured by running them, never in a test)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from clitools import OFFLINE, ROOT
+import sleb
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where no GPU is present")
@@ -72,6 +74,27 @@ def test_real_model_study_reads_counts_and_rows_as_fire_hands_them_over():
     counts, methods = select(9, "sleb ce / self + LoRA KL (self),sleb_compensated / demo")
     assert counts == [9] and [m[0] for m in methods] == ["sleb_compensated / demo", "sleb ce / self + LoRA KL (self)"]
     assert [m[0] for m in select(6, ("angular / demo",))[1]] == ["angular / demo"]
+
+
+def test_recovery_curve_runs_the_cheapest_level_everywhere_first_on_the_best_untrained_lists(tmp_path):
+    from bench import recovery_curve
+
+    plan = recovery_curve.plan("3,6", "lora_kl,local", "1,2")
+    assert plan[:2] == [(3, "none", 0), (6, "none", 0)]  # plain removal: each curve's 0-minute point
+    assert plan[2:6] == [(3, "lora_kl", 25), (3, "local", 50), (6, "lora_kl", 25), (6, "local", 50)]
+    assert plan[6:] == [(3, "lora_kl", 100), (3, "local", 200), (6, "lora_kl", 100), (6, "local", 200)]
+    with pytest.raises(sleb.UsageError, match="--methods: 'lora' is not one of"):
+        recovery_curve.plan(3, "lora", 1)
+    key = {"model_sha256": "m"}
+    rows = [{"key": key, "removed": 3, "recovery": "none", "answers_kept": 0.4, "removal_list": [5, 17, 16]},
+            {"key": key, "removed": 3, "recovery": "local", "answers_kept": 0.5, "removal_list": [1, 2, 3]},
+            {"key": key, "removed": 3, "recovery": "linear", "answers_kept": 0.45, "removal_list": [5, 14, 13]},
+            {"key": {"model_sha256": "other"}, "removed": 6, "recovery": "none", "answers_kept": 0.9,
+             "removal_list": [1, 2, 3, 4, 5, 6]},
+            {"key": key, "removed": 6, "recovery": "none", "answers_kept": 0.1, "removal_list": [7, 8, 9, 10, 11, 12]}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    # trained rows and rows of another model are not the lists the curve trains from
+    assert recovery_curve.best_lists(str(tmp_path), key) == {3: [5, 14, 13], 6: [7, 8, 9, 10, 11, 12]}
 
 
 @pytest.mark.parametrize("flags, message", [

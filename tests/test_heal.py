@@ -71,6 +71,29 @@ def test_distillation_starts_at_the_mean_kl_to_dense_and_lowers_it(model_dirs, t
         sleb.heal(result.model, windows=windows, objective="kl", max_steps=1)
 
 
+def test_full_training_of_the_blocks_before_each_run_changes_only_them_and_lowers_the_kl(model_dirs, text_file):
+    model, tokenizer = sleb.load(model_dirs["llama"], device="cpu")
+    texts = open(text_file).read().splitlines()
+    windows = sleb.calibration_windows(tokenizer, texts, nsamples=300, seqlen=32)[:4]
+    dense = sleb.dense_distributions(model, windows, progress=False)
+    sleb.remove_blocks(model, [2, 4])  # kept 0, 1, 3, 5: "before" is blocks 1 and 3, positions 1 and 2
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    kl_before = dense.mean_kl(model, progress=False)
+    result = sleb.heal(model, windows=windows, objective="kl", dense=dense, train_blocks="before", lr=1e-3,
+                       warmup_steps=0, max_steps=8, train_batch_size=2, grad_accum=2, logging_steps=1)
+    assert result.targets == {"trained_blocks": [1, 3]}
+    prefix = blocks.block_path(result.model)
+    changed = {name for name, value in result.model.state_dict().items() if not torch.equal(value, before[name])}
+    trained = {name for name in before if name.startswith((f"{prefix}.1.", f"{prefix}.2."))}
+    assert changed == trained  # every parameter of those two blocks moved, nothing else did
+    assert dense.mean_kl(result.model, progress=False) < 0.8 * kl_before
+    assert all(p.requires_grad for p in result.model.parameters())
+    with pytest.raises(sleb.UsageError, match="does not hold"):
+        sleb.heal(result.model, windows=windows, train_blocks=[2], max_steps=1)
+    with pytest.raises(sleb.UsageError, match="no LoRA adapter"):
+        sleb.heal(result.model, windows=windows, train_blocks=[1], max_steps=1, adapter_dir="unused")
+
+
 def test_heal_by_distillation_from_the_command_records_it(model_dirs, text_file, tmp_path):
     out = invoke("sleb.heal", *_heal_args(model_dirs["llama"], text_file, tmp_path, "--max_steps", "10",
                                           "--objective", "kl"))
@@ -81,6 +104,18 @@ def test_heal_by_distillation_from_the_command_records_it(model_dirs, text_file,
     curve = [point["loss"] for point in record["loss_curve"]]
     assert curve[-1] < curve[0]
     assert "(distillation)" in (tmp_path / "healed" / "README.md").read_text()
+
+
+def test_full_training_from_the_command_records_the_blocks_and_the_card_says_so(model_dirs, text_file, tmp_path):
+    out = invoke("sleb.heal", *_heal_args(model_dirs["llama"], text_file, tmp_path, "--max_steps", "4",
+                                          "--objective", "kl", "--train_blocks", "before", "--lr", "1e-3"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    record = json.loads((tmp_path / "h.json").read_text())
+    assert record["trained_blocks"] == [1, 3] and "lora_targets" not in record
+    card = (tmp_path / "healed" / "README.md").read_text()
+    assert "every parameter of blocks [1, 3]" in card and "LoRA (peft)" not in card
+    healed = AutoModelForCausalLM.from_pretrained(tmp_path / "healed")
+    assert healed.config.num_hidden_layers == 4
 
 
 def test_local_reconstruction_then_distillation_records_both_and_refuses_what_it_cannot_do(model_dirs, text_file,
@@ -102,7 +137,7 @@ def test_local_reconstruction_then_distillation_records_both_and_refuses_what_it
     key = next(iter(plain_ppl))
     assert record["ppl_pruned"][key]["ppl"] < plain_ppl[key]["ppl"]  # measured after the local stage
     card = (tmp_path / "healed" / "README.md").read_text()
-    assert "## Before LoRA" in card and "local reconstruction" in card
+    assert "## Before training" in card and "local reconstruction" in card
     pruned = tmp_path / "pruned"
     assert invoke("eval", "--model_name", model_dirs["llama"], "--removal_list", "[2]", "--eval_ppl", "False",
                   "--save_model", str(pruned), "--result_folder", str(tmp_path)).returncode == 0
@@ -180,6 +215,8 @@ BAD = [
     (["--resume", "True"], "no complete Trainer checkpoint"),
     (["--objective", "mse"], "--objective must be ce"),
     (["--kl_top_k", "8"], "apply to --objective kl"),
+    (["--train_blocks", "[4]"], "does not hold"),
+    (["--train_blocks", "after"], "--train_blocks must be a list"),
 ]
 
 

@@ -40,8 +40,16 @@ class LoraRecipe:
     logging_steps: int = 10
     save_steps: int = 100  # a Trainer checkpoint (to resume from) every this many steps
     objective: str = "ce"  # ce: cross-entropy on the text; kl: KL to the dense model's distributions (distillation)
+    # instead of LoRA: every parameter of these blocks trained, the rest frozen; original block numbers, or
+    # "before": the kept block in front of each removed run (the one local reconstruction trains)
+    train_blocks: Optional[object] = None
 
     def check(self) -> None:
+        if self.train_blocks is not None and self.train_blocks != "before" and not (
+                isinstance(self.train_blocks, (list, tuple)) and self.train_blocks and all(
+                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.train_blocks)):
+            raise UsageError("--train_blocks must be a list of block numbers, e.g. '[4, 15]', or before (the block in "
+                             f"front of each removed run), got {self.train_blocks!r}")
         if self.objective not in objectives.OBJECTIVES:
             raise UsageError(f"--objective must be ce (cross-entropy on the text) or kl (distillation to the dense "
                              f"model), got {self.objective!r}")
@@ -171,6 +179,50 @@ def _progress_callback():
     return LossInBar
 
 
+def full_blocks(model, train_blocks) -> list:
+    """Positions in `model` of the blocks `train_blocks` names (original numbers, or "before"), or one line
+    saying why they cannot be trained."""
+    found = blocks.origin(model)
+    if train_blocks == "before":
+        from sleb.recovery.linear import runs_of
+
+        if not found.removed:
+            raise UsageError("--train_blocks before trains the block in front of each removed run, and this model "
+                             "shows no removed blocks (a checkpoint loaded pruned): name the blocks, e.g. '[4, 15]'")
+        runs = runs_of(found.removed)
+        if runs[0][0] == 0:
+            raise UsageError("--train_blocks before: block 0 is removed and has no block in front; name the blocks")
+        train_blocks = [run[0] - 1 for run in runs]
+    missing = [i for i in train_blocks if i not in found.kept]
+    if missing:
+        raise UsageError(f"--train_blocks names block {missing[0]}, which this model does not hold (it holds "
+                         f"{found.kept}, in the original numbering)")
+    return sorted({found.kept.index(i) for i in train_blocks})
+
+
+def _freeze_all_but(model, positions: list) -> LoraTargets:
+    """Full-parameter training of the blocks at `positions`: every other parameter frozen. What is trained, as
+    the record names it."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    stack = blocks.get_blocks(model)
+    for position in positions:
+        for parameter in stack[position].parameters():
+            parameter.requires_grad_(True)
+    kept = blocks.origin(model).kept
+    return FullTargets([kept[p] for p in positions])
+
+
+@dataclass
+class FullTargets:
+    """The blocks trained in full (original numbers), in place of LoRA's targets."""
+
+    blocks: list
+
+    def record(self) -> dict:
+        return {"trained_blocks": self.blocks}
+
+
 def quantized(model) -> bool:
     """Weights held in 4 or 8 bits (bitsandbytes): trained as QLoRA, merged into a full-precision base."""
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
@@ -187,18 +239,23 @@ def train(model, windows, recipe: LoraRecipe, work_dir: str, resume_from: Option
     from transformers.trainer_callback import ProgressCallback
 
     set_seed(recipe.seed)
-    targets = lora_targets(model)
-    if targets.expert_parameters and recipe.lora_dropout > 0:
-        print("note: peft wraps fused expert weights only without dropout; the experts stay as they are "
-              "(pass --lora_dropout 0 to adapt them too)", flush=True)
-        targets.expert_parameters = []
-    if quantized(model):
-        model = prepare_model_for_kbit_training(model)
-    experts = {"target_parameters": targets.expert_parameters} if targets.expert_parameters else {}
-    config = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
-                        target_modules=targets.modules, bias="none", task_type="CAUSAL_LM", **experts)
     model.config.get_text_config().use_cache = False  # training; the caller puts it back on the merged model
-    peft_model = get_peft_model(model, config)
+    if recipe.train_blocks is not None:
+        if quantized(model):
+            raise UsageError("--train_blocks trains full-precision weights; a 4-bit model trains only by LoRA")
+        targets, peft_model = _freeze_all_but(model, full_blocks(model, recipe.train_blocks)), model
+    else:
+        targets = lora_targets(model)
+        if targets.expert_parameters and recipe.lora_dropout > 0:
+            print("note: peft wraps fused expert weights only without dropout; the experts stay as they are "
+                  "(pass --lora_dropout 0 to adapt them too)", flush=True)
+            targets.expert_parameters = []
+        if quantized(model):
+            model = prepare_model_for_kbit_training(model)
+        experts = {"target_parameters": targets.expert_parameters} if targets.expert_parameters else {}
+        config = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
+                            target_modules=targets.modules, bias="none", task_type="CAUSAL_LM", **experts)
+        peft_model = get_peft_model(model, config)
     cuda = models.input_device(model).type == "cuda"
     arguments = TrainingArguments(
         output_dir=work_dir, per_device_train_batch_size=recipe.train_batch_size,
@@ -228,7 +285,14 @@ def train(model, windows, recipe: LoraRecipe, work_dir: str, resume_from: Option
 
 def merge(peft_model, full_precision_base: Optional[Callable] = None):
     """The LoRA merged into the weights. A quantized base is merged into full-precision weights, as
-    QLoRA recipes do: `full_precision_base()` returns the same (pruned) model unquantized."""
+    QLoRA recipes do: `full_precision_base()` returns the same (pruned) model unquantized. A model trained in
+    full (--train_blocks) has nothing to merge: its parameters are trainable again, as a loaded model's are."""
+    from peft import PeftModel
+
+    if not isinstance(peft_model, PeftModel):
+        for parameter in peft_model.parameters():
+            parameter.requires_grad_(True)
+        return peft_model
     if not quantized(peft_model.get_base_model()):
         return peft_model.merge_and_unload()
     if full_precision_base is None:
@@ -236,8 +300,6 @@ def merge(peft_model, full_precision_base: Optional[Callable] = None):
                          "(pass full_precision_base, a function returning it pruned the same way)")
     import shutil
     import tempfile
-
-    from peft import PeftModel
 
     adapter = tempfile.mkdtemp(prefix="sleb-adapter-")
     try:
