@@ -230,6 +230,14 @@ def _write_gguf(path, arch: str, tensors: dict = None, **fields) -> str:
     return str(path)
 
 
+def test_a_gguf_rewritten_in_place_is_read_again_not_from_the_parsed_cache(tmp_path):
+    path = _write_gguf(tmp_path / "m.gguf", "llama", block_count=2)
+    first = gguf_file.reader(path)
+    assert gguf_file.reader(path) is first  # parsed once per file
+    _write_gguf(tmp_path / "m.gguf", "llama", block_count=7)  # the same path, new content
+    assert gguf_file.field(gguf_file.reader(path), "llama.block_count") == 7
+
+
 def test_bad_gguf_inputs_are_one_line(tmp_path):
     rwkv = _write_gguf(tmp_path / "rwkv.gguf", "rwkv7", block_count=2)
     not_gguf = tmp_path / "text.gguf"
