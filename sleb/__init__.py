@@ -15,13 +15,13 @@ from sleb.version import __version__
 
 from sleb.api import (CompensationResult, HealResult, SearchResult, calibration_windows, check_compensable,  # noqa: E402
                       compensate, dense_distributions, evaluation_windows, heal, kl_to_dense, load,
-                      perplexity, remove_blocks, save_gguf, save_pretrained, search,
+                      perplexity, remove_blocks, save_gguf, save_pretrained, search, search_sublayers,
                       serving_problems, skipping, zeroshot, zeroshot_tasks)
 from sleb.errors import UsageError  # noqa: E402
 from sleb.recovery.lora import LoraRecipe  # noqa: E402
 from sleb.evopress import Evolution  # noqa: E402
 
-__all__ = ["load", "calibration_windows", "evaluation_windows", "search", "SearchResult", "remove_blocks",
+__all__ = ["load", "calibration_windows", "evaluation_windows", "search", "search_sublayers", "SearchResult", "remove_blocks",
            "skipping", "check_compensable", "compensate", "CompensationResult", "serving_problems", "perplexity",
            "dense_distributions", "kl_to_dense", "Evolution",
            "zeroshot_tasks", "zeroshot", "heal", "LoraRecipe", "HealResult", "save_pretrained", "save_gguf", "UsageError", "__version__"]

@@ -241,6 +241,35 @@ def search(model, windows: torch.Tensor, num_remove_blocks: Optional[int] = None
     return result(state, "done")
 
 
+def search_sublayers(model, windows: torch.Tensor, num_remove_blocks: Optional[int] = None, unit: str = "sublayer",
+                     *, objective: str = "ce", kl_top_k: int = 512, kl_gb: float = 0.0, progress: bool = True,
+                     log=None, on_phase=None):
+    """SLEB's greedy loop over sub-layers (sleb/sublayers.py): `unit` sublayer (every attention and MLP of the
+    blocks but the first and the last), attention or mlp; phases go on while the weights removed are fewer than
+    `num_remove_blocks` blocks' worth. Each candidate is scored by the reference engine's batch-1 loss
+    (`objective` ce, the paper's, or kl to the dense model). Returns a sublayers.SublayerSearch whose
+    removal_list names sub-layers ("17.attn")."""
+    from sleb import objectives, sublayers
+    from sleb.engines import ReferenceEngine
+    from sleb.metrics import check_objective
+
+    if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype != torch.long:
+        raise UsageError("windows must be a (windows, seqlen) tensor of token ids, as calibration_windows returns")
+    k = blocks.default_remove_count(blocks.num_blocks(model)) if num_remove_blocks is None else num_remove_blocks
+    check_at_least("num_remove_blocks", k, 1)
+    check_objective("sleb", objective, kl_top_k, kl_gb)
+    sublayers.check_model(model)
+    log = log or (print if progress else (lambda *args, **kwargs: None))
+    with _evaluating(model):
+        goal = objectives.build(objective, model, windows, kl_top_k, kl_gb, 4, progress)
+        engine = ReferenceEngine(model, windows, goal)
+
+        def loss(parts: list) -> float:
+            with sublayers.skipping(model, parts):
+                return engine.loss([])
+        return sublayers.greedy(model, loss, k, unit, log, on_phase, progress)
+
+
 def _resumed_state(resume: Optional[SearchResult], ran_on: dict, metric: str, depth: int):
     """The search state a resumed search goes on from (a fresh one without `resume`), refused where the run it
     continues was made on another model, data, settings or libraries."""
@@ -266,10 +295,22 @@ def _check_kinds_kept(model, removal_list: list, keep_block_kinds: bool) -> None
         blocks.check_keeps_every_kind(removal_list, guard.binding_kinds(model))
 
 
-def remove_blocks(model, removal_list: Sequence[int], *, keep_block_kinds: bool = True) -> None:
+def remove_blocks(model, removal_list: Sequence, *, keep_block_kinds: bool = True) -> None:
     """Delete the blocks (original indices) in place; the model is then a normal checkpoint of fewer blocks.
     A removal that takes every block of a kind the model cannot generate without (a hybrid model's last
-    attention block) is a UsageError unless `keep_block_kinds` is False."""
+    attention block) is a UsageError unless `keep_block_kinds` is False. Entries such as "17.attn" or
+    "5.mlp" take out that block's attention or MLP alone (sleb/sublayers.py); such a model is evaluated in
+    this process, and cannot be saved yet."""
+    from sleb import sublayers
+
+    if sublayers.has_sublayers(removal_list):
+        if blocks.origin(model).removed:
+            raise UsageError("sub-layers are named in the original numbering: remove them before any whole block")
+        sublayers.check_model(model)
+        parts = sublayers.check_against(removal_list, blocks.num_blocks(model))
+        removal_list = sublayers.split(removal_list)[0]  # the whole blocks, checked below
+        blocks.check_removal_list(list(removal_list), blocks.num_blocks(model))  # before anything changes
+        sublayers.remove(model, parts)
     removal_list = blocks.check_removal_list(list(removal_list), blocks.num_blocks(model))
     if removal_list:
         guard.check_removable(model)

@@ -14,13 +14,14 @@ from sleb.metrics import check_resumable
 _RESUME_KEYS = ("model_name", "num_blocks", "num_remove_blocks", "early_barrier", "latter_barrier", "dataset",
                 "nsamples", "seed", "seqlen", "metric", "dtype", "keep_block_kinds", "objective", "kl_top_k",
                 "evo_generations", "evo_offspring", "evo_survivors", "evo_first_stage_share", "evo_max_mutations",
-                "evo_initial", "evo_greedy_start")  # --compensate runs after the search
+                "evo_initial", "evo_greedy_start", "unit")  # --compensate runs after the search
 
 
 def default_result_file(settings) -> str:
     dataset = results.slug(settings.dataset.replace("file:", ""))
     objective = "" if settings.objective == "ce" else f"_{settings.objective}"  # the paper's loss keeps its old names
-    return (f"sleb_{results.slug(settings.model_name)}_{settings.metric}{objective}_remove{settings.num_remove_blocks}"
+    unit = "" if settings.unit == "block" else f"_{settings.unit}"
+    return (f"sleb_{results.slug(settings.model_name)}_{settings.metric}{objective}{unit}_remove{settings.num_remove_blocks}"
             f"of{settings.num_blocks}_{dataset}_n{settings.nsamples}_seed{settings.seed}.json")
 
 
@@ -67,6 +68,31 @@ def _search(model, windows, settings, resumed, base: dict, path: str, main_rank:
         raise
 
 
+def _sublayer_search(model, tokenizer, windows, eval_windows, eval_data, settings, base: dict, path: str, dense,
+                     started: float, log) -> dict:
+    """--unit sublayer|attention|mlp: the greedy loop over sub-layers (sleb/sublayers.py), each phase's list saved
+    as it is found; then the model with them gone is evaluated against the dense figures and written."""
+    def save_partial(removed: list):
+        results.write_json(path, {**base, "search": {"unit": settings.unit, "status": "searching",
+                                                     "removal_list": [str(part) for part in removed]}})
+
+    found = api.search_sublayers(model, windows, settings.num_remove_blocks, settings.unit,
+                                 objective=settings.objective, kl_top_k=settings.kl_top_k, kl_gb=settings.kl_gb,
+                                 log=log, on_phase=save_partial)
+    print(f"removal list: {found.removal_list} ({found.weights_removed} of a budget of {found.budget} weights; "
+          f"search took {found.total_seconds:.1f} s)")
+    record = {**base, "search": {"unit": settings.unit, "status": "done", **dataclasses.asdict(found)},
+              "ppl_dense": dense.ppl, "removal_list": found.removal_list,
+              "times": {"search_s": found.total_seconds}}
+    api.remove_blocks(model, found.removal_list)
+    stages.evaluate(model, tokenizer, eval_windows, eval_data, dense, settings, record)
+    stages.write_and_save(model, tokenizer, settings, record, path, started)
+    if record["ppl"]:
+        print(stages.ppl_table({"dense": record["ppl_dense"], f"{len(found.removal_list)} sub-layers removed":
+                                record["ppl"]}, kl=record.get("kl_to_dense")))
+    return record
+
+
 def run(settings) -> dict:
     """`python -m sleb` (`sleb search`)."""
     main_rank = distributed.join(settings)  # under torchrun each rank scores a slice of the candidates
@@ -94,6 +120,11 @@ def run(settings) -> dict:
         def dense_figures():
             return stages.dense_reference(model, tokenizer, eval_windows, eval_data, settings, with_ppl=True)
 
+        if settings.unit != "block":
+            record = _sublayer_search(model, tokenizer, windows, eval_windows, eval_data, settings, base, path,
+                                      dense_figures(), started, log)
+            print(f"results written to {path}")
+            return record
         dense = dense_figures() if main_rank and metric.changes_weights else None  # before it folds maps in
         found = _search(model, windows, settings, resumed, base, path, main_rank, log)
         if not main_rank:

@@ -256,10 +256,19 @@ class EvalSettings(DenseSourceFlags, OutputFlags, GgufOutFlags, SaveFlags, Compe
                    ModelFlags):
     """`python -m eval`: evaluate a model with given blocks removed (calibration flags: --compensate linear)."""
 
-    removal_list: list = flag([], "original indices of the blocks to remove, e.g. '[5, 4, 9]'; [] = dense")
+    removal_list: list = flag([], "original indices of the blocks to remove, e.g. '[5, 4, 9]', or of sub-layers "
+                                  "beside them, '[\"17.attn\", \"5.mlp\", 14]'; [] = dense")
 
     def check(self) -> None:
-        self.removal_list = blocks.check_removal_list(self.removal_list)
+        from sleb import sublayers
+
+        self.removal_list = sublayers.parse_flag(self.removal_list)
+        if sublayers.has_sublayers(self.removal_list):
+            asked = [flag for flag, value in (("--compensate", self.compensate), ("--save_model", self.save_model),
+                                              ("--save_gguf", self.save_gguf)) if value]
+            if asked:
+                raise UsageError(f"the removal list names sub-layers, which are evaluated in this process; {asked[0]} "
+                                 "does not carry them yet: drop it")
         self.check_compensate()
         if self.compensate is not None:
             self.check_calibration()
@@ -273,7 +282,10 @@ class EvalSettings(DenseSourceFlags, OutputFlags, GgufOutFlags, SaveFlags, Compe
         self.check_output()
 
     def check_depth(self, depth: int, config=None) -> None:
-        blocks.check_removal_list(self.removal_list, depth)
+        from sleb import sublayers
+
+        sublayers.check_against(self.removal_list, depth)
+        blocks.check_removal_list(sublayers.split(self.removal_list)[0], depth)
         if self.compensate == "linear":
             from sleb.recovery.linear import check
 
@@ -313,10 +325,13 @@ class SearchSettings(OutputFlags, GgufOutFlags, SaveFlags, CompensateFlags, Dive
                                        "(0: a quarter of the free memory); more statistics passes when it is small")
     resume: bool = flag(False, "continue an interrupted search from its results file")
     plot: bool = flag(False, "write PNGs: candidate-loss heatmap and loss vs blocks removed")
+    unit: str = flag("block", "what a phase removes: block (the paper's search), sublayer (an attention or an MLP), "
+                              "attention or mlp; with sub-layers --num_remove_blocks is a budget of blocks' weights")
 
     def check(self) -> None:
         if self.resume and self.overwrite:
             raise UsageError("--resume True continues the results file and --overwrite True replaces it; pass one")
+        self.check_unit()
         check_choices(self.metric, self.engine, self.early_barrier, self.latter_barrier)
         self.check_compensate()
         if self.compensate is not None and metrics.get(self.metric).compensates:
@@ -342,6 +357,28 @@ class SearchSettings(OutputFlags, GgufOutFlags, SaveFlags, CompensateFlags, Dive
         self.check_model()
         self.check_output()
 
+    def check_unit(self) -> None:
+        """A sub-layer search is the greedy loop on the reference engine, evaluated in this process: what it
+        cannot do yet is refused here, before anything loads."""
+        from sleb.sublayers import UNITS
+
+        if self.unit not in UNITS:
+            raise UsageError(f"--unit must be one of {', '.join(UNITS)}, got {self.unit!r}")
+        if self.unit == "block":
+            return
+        asked = [flag for flag, value in (("--metric " + str(self.metric), self.metric != metrics.PAPER),
+                                          ("--compensate", self.compensate), ("--save_model", self.save_model),
+                                          ("--save_gguf", self.save_gguf), ("--resume", self.resume),
+                                          ("--plot", self.plot)) if value]
+        if asked:
+            raise UsageError(f"--unit {self.unit} runs the greedy sleb search and evaluates in this process; "
+                             f"{asked[0]} does not work with sub-layers yet: drop it")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UsageError(f"--unit {self.unit} runs in one process; run it without torchrun")
+        if self.early_barrier != 1 or self.latter_barrier != 1:
+            raise UsageError(f"--unit {self.unit}: the candidates are the sub-layers of every block but the first "
+                             "and the last; leave --early_barrier and --latter_barrier at 1")
+
     def evolution(self) -> Evolution:
         """EvoPress's settings these flags describe."""
         return Evolution(self.evo_generations, self.evo_offspring, self.evo_survivors, self.evo_first_stage_share,
@@ -356,6 +393,8 @@ class SearchSettings(OutputFlags, GgufOutFlags, SaveFlags, CompensateFlags, Dive
         self.num_blocks = depth
         if self.num_remove_blocks is None:
             self.num_remove_blocks = blocks.default_remove_count(depth)
+        if self.unit != "block":  # a budget of weights, not a count of blocks: the search says when it runs out
+            return
         check_shape(depth, self.num_remove_blocks, self.early_barrier, self.latter_barrier)
         if config is not None:
             self.check_save_gguf_depth(config, depth - self.num_remove_blocks,

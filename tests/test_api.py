@@ -97,7 +97,7 @@ def test_import_sleb_loads_no_heavy_library():
     seconds, loaded = out.stdout.split(" ", 1)
     assert loaded.strip() == "[]", out.stdout
     assert sorted(sleb.__all__) == sorted(["load", "calibration_windows", "evaluation_windows", "search",
-                                           "SearchResult", "remove_blocks", "skipping", "check_compensable",
+                                           "search_sublayers", "SearchResult", "remove_blocks", "skipping", "check_compensable",
                                            "compensate", "CompensationResult", "serving_problems", "perplexity",
                                            "zeroshot_tasks", "dense_distributions", "kl_to_dense", "Evolution",
                                            "zeroshot", "heal", "LoraRecipe", "HealResult", "save_pretrained", "save_gguf",

@@ -9,7 +9,7 @@ MATRIX = [
     # eval
     ("eval", ["--model_name", "/nonexistent/model"], "does not exist"),
     ("eval", ["--model_name", "not-an-org/not-a-model"], "hub"),
-    ("eval", ["--removal_list", "[1, x]"], "list of block indices"),
+    ("eval", ["--removal_list", "[1, x]"], "neither a block number nor a sub-layer"),
     ("eval", ["--removal_list", "[99]"], "index 99"),
     ("eval", ["--removal_list", "[2, 2]"], "twice"),
     ("eval", ["--removal_list", "[0, 1, 2, 3, 4, 5]"], "all 6"),

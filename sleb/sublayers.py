@@ -1,0 +1,216 @@
+"""Sub-layers: the attention or the MLP of one block, removed alone (BlockPruner, arXiv 2406.10594; FinerCut,
+arXiv 2405.18218; LLM-Drop, arXiv 2406.15786).
+
+A removal list may name them beside whole blocks: `[14, "17.attn", "5.mlp"]`, in the original block
+numbering. A removed sub-layer is replaced by a module that outputs zeros, so its block adds nothing to the
+residual stream there: exactly the block without it (a norm after the sub-layer, as Gemma's, maps zeros to
+zeros). An attention that is gone writes nothing into the KV cache; block 0 is never a candidate (the
+paper's barrier), so the cache's length, which transformers reads from layer 0, stays right.
+
+The search (`greedy`) is SLEB's loop with sub-layers as candidates: each phase skips every remaining
+candidate alone on top of what is removed, scores it by the engine's reference loss (metric 3's, or KL to
+the dense model), and removes the least; ties go to the lower block, attention before MLP. It goes on while
+the weights removed are fewer than `budget_blocks` blocks' worth, counting the sub-layers' own matrices
+(norms and biases not counted).
+"""
+
+import contextlib
+import json
+import re
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from sleb import blocks
+from sleb.errors import UsageError
+
+KINDS = ("attn", "mlp")  # in tie order: attention before MLP
+UNITS = {"block": (), "sublayer": KINDS, "attention": ("attn",), "mlp": ("mlp",)}
+_ATTRIBUTES = {"attn": "self_attn", "mlp": "mlp"}  # the module each kind is, in the decoder blocks that have both
+_NAME = re.compile(r"^\s*(\d+)\.(attn|mlp)\s*$")
+
+
+@dataclass(frozen=True)
+class Sublayer:
+    block: int  # original index
+    kind: str  # "attn" or "mlp"
+
+    def __str__(self) -> str:
+        return f"{self.block}.{self.kind}"
+
+    @property
+    def order(self) -> tuple:
+        return self.block, KINDS.index(self.kind)
+
+
+def parse(item):
+    """A removal-list entry: a block (int) or a Sublayer ("17.attn", "5.mlp")."""
+    if isinstance(item, Sublayer) or (isinstance(item, int) and not isinstance(item, bool)):
+        return item
+    found = _NAME.match(item) if isinstance(item, str) else None
+    if found is None:
+        raise UsageError(f"removal list entry {item!r} is neither a block number nor a sub-layer such as '17.attn' "
+                         "or '5.mlp'")
+    return Sublayer(int(found.group(1)), found.group(2))
+
+
+def split(removal_list) -> tuple:
+    """(whole blocks, sub-layers) of a removal list, each checked once: no repeats, and no sub-layer of a block
+    that goes whole."""
+    parsed = [parse(item) for item in removal_list]
+    whole = [item for item in parsed if isinstance(item, int)]
+    parts = [item for item in parsed if isinstance(item, Sublayer)]
+    if len(set(parts)) != len(parts):
+        raise UsageError(f"the removal list names a sub-layer twice: {[str(p) for p in parts]}")
+    both = [p for p in parts if p.block in whole]
+    if both:
+        raise UsageError(f"the removal list removes block {both[0].block} whole and its {both[0].kind} too; name one")
+    return whole, parts
+
+
+def parse_flag(value, what: str = "--removal_list") -> list:
+    """A removal list as a user typed it, sub-layers allowed: fire's list, a JSON string or a single entry."""
+    from sleb.blocks import check_removal_list
+
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass  # the block validator says what is wrong with it
+    if isinstance(value, str) and _NAME.match(value):
+        value = [value]
+    if isinstance(value, (list, tuple)) and any(isinstance(item, str) for item in value):
+        split(value)  # one line for a bad entry or a repeat
+        return as_record(value)  # blocks as numbers, sub-layers as "17.attn": what results and settings write
+    return check_removal_list(value, what=what)
+
+
+def has_sublayers(removal_list) -> bool:
+    return any(isinstance(parse(item), Sublayer) for item in removal_list or [])
+
+
+def as_record(removal_list) -> list:
+    """The list as results and cards write it: blocks as numbers, sub-layers as "17.attn"."""
+    return [item if isinstance(item, int) else str(item) for item in map(parse, removal_list)]
+
+
+def check_model(model) -> None:
+    """One line for a model whose blocks do not hold an attention and an MLP sub-layer sleb can take out."""
+    for index, block in enumerate(blocks.get_blocks(model)):
+        missing = [name for name in _ATTRIBUTES.values() if not isinstance(getattr(block, name, None), nn.Module)]
+        if missing:
+            raise UsageError(f"block {index} of {type(model).__name__} has no {missing[0]} sub-layer; sub-layers can "
+                             "be removed from decoders whose blocks hold self_attn and mlp (Llama, Qwen, Mistral, "
+                             "Gemma), not this one")
+
+
+def check_against(removal_list, depth: int) -> list:
+    """The sub-layers of `removal_list`, each in a block the model has."""
+    _, parts = split(removal_list)
+    wrong = [p for p in parts if not 0 <= p.block < depth]
+    if wrong:
+        raise UsageError(f"sub-layer {wrong[0]} names block {wrong[0].block}, and the model has blocks 0..{depth - 1}")
+    return parts
+
+
+def matrices(module: nn.Module) -> int:
+    """Weights of a sub-layer as the budget counts them: its matrices (2-D parameters), not its norms or biases."""
+    return sum(p.numel() for p in module.parameters() if p.dim() >= 2)
+
+
+def weights(model, item) -> int:
+    block = blocks.get_blocks(model)[item.block if isinstance(item, Sublayer) else item]
+    kinds = [item.kind] if isinstance(item, Sublayer) else list(KINDS)
+    return sum(matrices(getattr(block, _ATTRIBUTES[kind])) for kind in kinds)
+
+
+class _Gone(nn.Module):
+    """A removed sub-layer: zeros where its output went, and for an attention no weights and no cache write."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, hidden_states, *args, **kwargs):
+        zeros = torch.zeros_like(hidden_states)
+        return (zeros, None) if self.kind == "attn" else zeros
+
+    def extra_repr(self) -> str:
+        return f"removed {self.kind}"
+
+
+@contextlib.contextmanager
+def skipping(model, parts):
+    """Within the block, the sub-layers `parts` (original numbering, of a model with no blocks removed yet) are
+    gone; afterwards the model is whole again."""
+    stack, saved = blocks.get_blocks(model), []
+    try:
+        for part in parts:
+            block, name = stack[part.block], _ATTRIBUTES[part.kind]
+            saved.append((block, name, getattr(block, name)))
+            setattr(block, name, _Gone(part.kind))
+        yield model
+    finally:
+        for block, name, module in reversed(saved):
+            setattr(block, name, module)
+
+
+def remove(model, parts) -> None:
+    """Take the sub-layers out for good (before any whole block goes: the numbering is the original one)."""
+    stack = blocks.get_blocks(model)
+    for part in parts:
+        setattr(stack[part.block], _ATTRIBUTES[part.kind], _Gone(part.kind))
+
+
+def candidates(depth: int, unit: str, removed: list) -> list:
+    """This phase's candidates: each kind `unit` allows in every block but the first and the last, not yet gone."""
+    gone = set(removed)
+    return [Sublayer(block, kind) for block in range(1, depth - 1) for kind in UNITS[unit]
+            if Sublayer(block, kind) not in gone]
+
+
+@dataclass
+class SublayerSearch:
+    """What the sub-layer search found: the removal list in removal order, and per phase every candidate's loss."""
+
+    removal_list: list
+    losses: list  # per phase: {"17.attn": loss, ...}
+    weights_removed: int
+    budget: int  # weights of budget_blocks blocks
+    phase_seconds: list
+    total_seconds: float
+
+
+def greedy(model, loss: Callable[[list], float], budget_blocks: int, unit: str = "sublayer",
+           log: Callable = print, on_phase: Optional[Callable] = None, progress: bool = True) -> SublayerSearch:
+    """The greedy loop; `loss(parts)` is the calibration loss of the model with the sub-layers `parts` skipped."""
+    from tqdm import tqdm
+
+    if unit not in UNITS or unit == "block":
+        raise UsageError(f"--unit must be sublayer, attention or mlp for a sub-layer search, got {unit!r}")
+    check_model(model)
+    depth = blocks.num_blocks(model)
+    budget = budget_blocks * weights(model, 1 if depth > 2 else 0)
+    removed, phases, seconds, taken, started = [], [], [], 0, time.perf_counter()
+    while taken < budget:
+        options = candidates(depth, unit, removed)
+        if not options:
+            raise UsageError(f"every {unit} candidate is gone before {budget_blocks} blocks' worth of weights; "
+                             "remove fewer")
+        began = time.perf_counter()
+        scores = {part: loss(removed + [part])
+                  for part in tqdm(options, desc=f"phase {len(removed) + 1}", leave=False, disable=not progress)}
+        best = min(options, key=lambda part: (scores[part], part.order))
+        removed.append(best)
+        taken += weights(model, best)
+        phases.append({str(part): value for part, value in scores.items()})
+        seconds.append(round(time.perf_counter() - began, 3))
+        log(f"phase {len(removed)}: removed {best} (loss {scores[best]:.4f}); {taken / budget:.0%} of "
+            f"{budget_blocks} blocks' weights")
+        if on_phase is not None:
+            on_phase(removed)
+    return SublayerSearch([str(p) for p in removed], phases, taken, budget, seconds,
+                          round(time.perf_counter() - started, 3))

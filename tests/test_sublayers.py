@@ -1,0 +1,124 @@
+"""Sub-layers: the greedy search over attentions and MLPs returns what an independent loop returns, a model
+without them generates with every cache, and eval and the search command take and write sub-layer lists."""
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sleb
+from clitools import invoke, run
+from sleb import blocks, sublayers
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def _independent_loss(model, windows, gone: list) -> float:
+    """The paper's loss with sub-layers silenced another way: their output projection zeroed in a copy, so the
+    sub-layer adds exactly nothing to the residual stream."""
+    model = copy.deepcopy(model)
+    for block, kind in gone:
+        layer = model.model.layers[block]
+        out = layer.self_attn.o_proj if kind == "attn" else layer.mlp.down_proj
+        with torch.no_grad():
+            out.weight.zero_()
+            if out.bias is not None:
+                out.bias.zero_()
+    total = 0.0
+    with torch.no_grad():
+        for window in windows:
+            logits = model(input_ids=window[None]).logits[0, :-1].float()
+            total += F.cross_entropy(logits, window[1:]).item() * len(window)
+    return total
+
+
+def _independent_search(model, windows, budget_blocks: int, kinds: tuple) -> list:
+    layers = model.model.layers
+    size = {"attn": sum(getattr(layers[1].self_attn, n).weight.numel() for n in ATTENTION),
+            "mlp": sum(getattr(layers[1].mlp, n).weight.numel() for n in MLP)}
+    budget, gone, taken = budget_blocks * (size["attn"] + size["mlp"]), [], 0
+    while taken < budget:
+        options = [(b, k) for b in range(1, len(layers) - 1) for k in ("attn", "mlp") if k in kinds
+                   and (b, k) not in gone]
+        scored = sorted(options, key=lambda o: (_independent_loss(model, windows, gone + [o]), o[0], o[1] != "attn"))
+        gone.append(scored[0])
+        taken += size[scored[0][1]]
+    return [f"{b}.{k}" for b, k in gone]
+
+
+@pytest.mark.parametrize("unit, kinds", [("sublayer", ("attn", "mlp")), ("attention", ("attn",)), ("mlp", ("mlp",))])
+def test_the_sublayer_search_returns_what_an_independent_loop_returns(unit, kinds, model_dirs, text_file):
+    model, tokenizer = sleb.load(model_dirs["llama"], device="cpu")
+    windows = sleb.calibration_windows(tokenizer, open(text_file).read().splitlines(), nsamples=40, seqlen=16)[:6]
+    found = sleb.search_sublayers(model, windows, 1, unit, progress=False)
+    assert found.removal_list == _independent_search(model, windows, 1, kinds)
+    assert found.weights_removed >= found.budget  # phases went on until a block's worth of weights was gone
+    # the loss it chose by is the independent loss of the same set
+    first = found.removal_list[0]
+    assert found.losses[0][first] == pytest.approx(
+        _independent_loss(model, windows, [(int(first.split(".")[0]), first.split(".")[1])]), rel=1e-5)
+    assert all(isinstance(m, torch.nn.Module) and not isinstance(m, sublayers._Gone)
+               for m in model.modules())  # the model is whole again
+
+
+@pytest.mark.parametrize("cache", [None, "static"])
+def test_a_model_without_an_attention_generates_the_same_with_and_without_its_cache(cache, model_dirs):
+    model, tokenizer = sleb.load(model_dirs["llama"], device="cpu")
+    sleb.remove_blocks(model, ["2.attn", "3.mlp", 4])
+    assert blocks.num_blocks(model) == 5
+    prompt = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    cached = model.generate(prompt, use_cache=True, **({"cache_implementation": cache} if cache else {}), **settings)
+    plain = model.generate(prompt, use_cache=False, **settings)
+    assert torch.equal(cached, plain)
+    # and the pruned model is another model than the one with the attention kept
+    whole, _ = sleb.load(model_dirs["llama"], device="cpu")
+    sleb.remove_blocks(whole, ["3.mlp", 4])
+    assert not torch.equal(whole(prompt).logits, model(prompt).logits)
+
+
+def test_a_removal_list_names_sublayers_once_and_in_blocks_the_model_has(model_dirs):
+    model, _ = sleb.load(model_dirs["llama"], device="cpu")
+    for bad, message in (([2, "2.attn"], "removes block 2 whole and its attn too"),
+                         (["3.mlp", "3.mlp"], "names a sub-layer twice"),
+                         (["3.ffn"], "neither a block number nor a sub-layer"),
+                         (["9.attn"], "names block 9")):
+        with pytest.raises(sleb.UsageError, match=message):
+            sleb.remove_blocks(model, bad)
+    assert not any(isinstance(m, sublayers._Gone) for m in model.modules())  # nothing half-done
+
+
+def test_eval_takes_a_sublayer_list_and_refuses_to_save_it_in_one_line(model_dirs, text_file, tmp_path):
+    args = ["--model_name", model_dirs["llama"], "--ppl_datasets", f"file:{text_file}", "--seqlen", "32",
+            "--result_folder", str(tmp_path)]
+    out = invoke("eval", *args, "--removal_list", '["2.attn", "3.mlp", 4]', "--result_file", "e.json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    record = json.loads((tmp_path / "e.json").read_text())
+    assert record["removal_list"] == ["2.attn", "3.mlp", 4]
+    model, tokenizer = sleb.load(model_dirs["llama"], device="cpu")
+    sleb.remove_blocks(model, ["2.attn", "3.mlp", 4])
+    ppl = sleb.perplexity(model, tokenizer, f"file:{text_file}", seqlen=32, progress=False)
+    assert record["ppl"][f"file:{text_file}"]["ppl"] == pytest.approx(ppl, rel=1e-6)
+    refused = run("eval", *args, "--removal_list", '["2.attn"]', "--save_model", str(tmp_path / "ckpt"),
+                  "--result_file", "r.json")
+    assert refused.returncode == 2 and "--save_model does not carry them yet" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "r.json").exists() and not (tmp_path / "ckpt").exists()
+
+
+def test_the_search_command_with_unit_attention_writes_the_apis_list(model_dirs, text_file, tmp_path):
+    args = ["--model_name", model_dirs["llama"], "--dataset", f"file:{text_file}", "--nsamples", "40", "--seqlen", "16",
+            "--num_remove_blocks", "1", "--unit", "attention", "--eval_ppl", "False", "--result_folder",
+            str(tmp_path), "--result_file", "s.json"]
+    out = invoke("sleb", *args)
+    assert out.returncode == 0, out.stderr[-2000:]
+    record = json.loads((tmp_path / "s.json").read_text())
+    model, tokenizer = sleb.load(model_dirs["llama"], device="cpu")
+    windows = sleb.calibration_windows(tokenizer, f"file:{text_file}", nsamples=40, seqlen=16, model=model)
+    expected = sleb.search_sublayers(model, windows, 1, "attention", progress=False).removal_list
+    assert record["removal_list"] == expected and all(name.endswith(".attn") for name in expected)
+    assert record["search"]["status"] == "done" and record["settings"]["unit"] == "attention"
+    refused = run("sleb", *args, "--save_model", str(tmp_path / "ckpt"), "--overwrite", "True")
+    assert refused.returncode == 2 and "--save_model does not work with sub-layers yet" in refused.stderr
