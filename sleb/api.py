@@ -242,16 +242,23 @@ def search(model, windows: torch.Tensor, num_remove_blocks: Optional[int] = None
 
 
 def search_sublayers(model, windows: torch.Tensor, num_remove_blocks: Optional[int] = None, unit: str = "sublayer",
-                     *, objective: str = "ce", kl_top_k: int = 512, kl_gb: float = 0.0, progress: bool = True,
-                     log=None, on_phase=None):
+                     *, objective: str = "ce", kl_top_k: int = 512, kl_gb: float = 0.0, engine: str = "fast",
+                     batch_size: int = 4, progress: bool = True, log=None, on_phase=None):
     """SLEB's greedy loop over sub-layers (sleb/sublayers.py): `unit` sublayer (every attention and MLP of the
     blocks but the first and the last), attention or mlp; phases go on while the weights removed are fewer than
-    `num_remove_blocks` blocks' worth. Each candidate is scored by the reference engine's batch-1 loss
-    (`objective` ce, the paper's, or kl to the dense model). Returns a sublayers.SublayerSearch whose
-    removal_list names sub-layers ("17.attn")."""
-    from sleb import objectives, sublayers
+    `num_remove_blocks` blocks' worth, by `objective` ce (the paper's loss) or kl (to the dense model).
+    `engine` reference scores each candidate with batch-1 forwards of the whole model; fast reuses each
+    block's input across the phase's candidates (`batch_size` windows a forward) and re-scores near ties
+    the reference way, so both return the same list. Returns a sublayers.SublayerSearch whose removal_list
+    names sub-layers ("17.attn")."""
+    from tqdm import tqdm
+
+    from sleb import forward, objectives, sublayers
     from sleb.engines import ReferenceEngine
-    from sleb.metrics import check_objective
+    from sleb.metrics import check_choices, check_objective
+
+    check_choices("sleb", engine, 1, 1)
+    check_at_least("batch_size", batch_size, 1)
 
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype != torch.long:
         raise UsageError("windows must be a (windows, seqlen) tensor of token ids, as calibration_windows returns")
@@ -261,13 +268,21 @@ def search_sublayers(model, windows: torch.Tensor, num_remove_blocks: Optional[i
     sublayers.check_model(model)
     log = log or (print if progress else (lambda *args, **kwargs: None))
     with _evaluating(model):
-        goal = objectives.build(objective, model, windows, kl_top_k, kl_gb, 4, progress)
-        engine = ReferenceEngine(model, windows, goal)
+        goal = objectives.build(objective, model, windows, kl_top_k, kl_gb, batch_size, progress)
+        reference = ReferenceEngine(model, windows, goal)
 
-        def loss(parts: list) -> float:
+        def exact(parts: list) -> float:
             with sublayers.skipping(model, parts):
-                return engine.loss([])
-        return sublayers.greedy(model, loss, k, unit, log, on_phase, progress)
+                return reference.loss([])
+
+        def by_reference(removed: list, options: list) -> dict:
+            return {part: exact(removed + [part]) for part in tqdm(options, desc=f"phase {len(removed) + 1}",
+                                                                     leave=False, disable=not progress)}
+        if engine == "reference" or forward.cannot_follow(model) is not None:
+            return sublayers.greedy(model, by_reference, k, unit, log, on_phase)
+        scorer = sublayers.PrefixScorer(model, windows, goal, batch_size, progress)
+        return sublayers.greedy(model, scorer.phase, k, unit, log, on_phase, exact=exact,
+                                tie_margin=scorer.tie_margin)
 
 
 def _resumed_state(resume: Optional[SearchResult], ran_on: dict, metric: str, depth: int):

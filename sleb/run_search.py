@@ -78,7 +78,8 @@ def _sublayer_search(model, tokenizer, windows, eval_windows, eval_data, setting
 
     found = api.search_sublayers(model, windows, settings.num_remove_blocks, settings.unit,
                                  objective=settings.objective, kl_top_k=settings.kl_top_k, kl_gb=settings.kl_gb,
-                                 log=log, on_phase=save_partial)
+                                 engine=settings.engine, batch_size=settings.search_batch_size, log=log,
+                                 on_phase=save_partial)
     print(f"removal list: {found.removal_list} ({found.weights_removed} of a budget of {found.budget} weights; "
           f"search took {found.total_seconds:.1f} s)")
     record = {**base, "search": {"unit": settings.unit, "status": "done", **dataclasses.asdict(found)},

@@ -8,8 +8,10 @@ zeros). An attention that is gone writes nothing into the KV cache; block 0 is n
 paper's barrier), so the cache's length, which transformers reads from layer 0, stays right.
 
 The search (`greedy`) is SLEB's loop with sub-layers as candidates: each phase skips every remaining
-candidate alone on top of what is removed, scores it by the engine's reference loss (metric 3's, or KL to
-the dense model), and removes the least; ties go to the lower block, attention before MLP. It goes on while
+candidate alone on top of what is removed, scores it (metric 3's loss, or KL to the dense model), and
+removes the least; ties go to the lower block, attention before MLP. The reference scoring runs the whole
+model batch-1 per candidate; `PrefixScorer` reuses each block's input across a phase, and candidates it
+scores within float rounding of the best are scored again the reference way, so both give one list. It goes on while
 the weights removed are fewer than `budget_blocks` blocks' worth, counting the sub-layers' own matrices
 (norms and biases not counted).
 """
@@ -184,11 +186,69 @@ class SublayerSearch:
     total_seconds: float
 
 
-def greedy(model, loss: Callable[[list], float], budget_blocks: int, unit: str = "sublayer",
-           log: Callable = print, on_phase: Optional[Callable] = None, progress: bool = True) -> SublayerSearch:
-    """The greedy loop; `loss(parts)` is the calibration loss of the model with the sub-layers `parts` skipped."""
-    from tqdm import tqdm
+class PrefixScorer:
+    """Every candidate of a phase scored with exact prefix reuse: what enters block j does not depend on which
+    sub-layer of block j or later is skipped, so each block's input is computed once per phase and batch, and
+    a candidate runs only its own block on (the fast engine's trick, sleb/fast_search.py, on sub-layers).
+    Batched windows and a chunked head round differently from the reference's batch-1 forwards, so
+    `tie_margin` says how close two losses must be for that to matter; the loop re-scores those the reference
+    way."""
 
+    def __init__(self, model, windows: torch.Tensor, objective=None, batch_size: int = 4, progress: bool = True):
+        from sleb.fast_search import HALF_TIE_MARGIN, TIE_MARGINS
+
+        self.model, self.windows, self.objective, self.batch_size = model, windows, objective, max(1, batch_size)
+        self.progress = progress
+        self.tie_margin = TIE_MARGINS.get(blocks.compute_dtype(model), HALF_TIE_MARGIN)
+
+    @torch.inference_mode()
+    def phase(self, removed: list, options: list) -> dict:
+        from tqdm import tqdm
+
+        from sleb import forward
+        from sleb.engines import window_loss
+        from sleb.models import input_device
+
+        stack, losses = blocks.get_blocks(self.model), {option: 0.0 for option in options}
+        seqlen = self.windows.shape[1]
+        with skipping(self.model, removed):
+            for start in tqdm(range(0, len(self.windows), self.batch_size), desc=f"phase {len(removed) + 1}",
+                              leave=False, disable=not self.progress):
+                rows = list(range(start, min(start + self.batch_size, len(self.windows))))
+                ids = self.windows[rows].to(input_device(self.model))
+                inputs = forward.capture(self.model, ids)
+                entering, hidden = [], inputs.hidden
+                for index in range(len(stack)):  # the prefix states: each block's input, once for all candidates
+                    entering.append(hidden)
+                    hidden = forward.run_blocks(stack, [index], hidden, inputs)
+                term = None if self.objective is None else (
+                    lambda logits, first, stop: self.objective.chunk_sums(logits, rows, first, stop))
+                for option in options:
+                    with skipping(self.model, [option]):
+                        out = forward.run_blocks(stack, range(option.block, len(stack)), entering[option.block],
+                                                 inputs)
+                        sums = forward.tail_nll_sums(self.model, out, inputs, ids, term)
+                    losses[option] += sum(window_loss(float(s) / (seqlen - 1), seqlen) for s in sums.double().cpu())
+        return losses
+
+
+def _settled(scores: dict, margin: float, exact: Callable) -> dict:
+    """`scores` with every candidate within `margin` (relative) of the best re-scored by `exact`, so float
+    rounding never decides which one goes."""
+    if margin <= 0:
+        return scores
+    best = min(scores.values())
+    close = [part for part, value in scores.items() if value - best <= margin * abs(best)]
+    if len(close) < 2:
+        return scores
+    return {**scores, **{part: exact(part) for part in close}}
+
+
+def greedy(model, score: Callable[[list, list], dict], budget_blocks: int, unit: str = "sublayer",
+           log: Callable = print, on_phase: Optional[Callable] = None, exact: Optional[Callable] = None,
+           tie_margin: float = 0.0) -> SublayerSearch:
+    """The greedy loop. `score(removed, options)` gives each option's calibration loss with it and `removed`
+    skipped; `exact(parts)`, the reference loss, settles options within `tie_margin` of the best."""
     if unit not in UNITS or unit == "block":
         raise UsageError(f"--unit must be sublayer, attention or mlp for a sub-layer search, got {unit!r}")
     check_model(model)
@@ -201,8 +261,9 @@ def greedy(model, loss: Callable[[list], float], budget_blocks: int, unit: str =
             raise UsageError(f"every {unit} candidate is gone before {budget_blocks} blocks' worth of weights; "
                              "remove fewer")
         began = time.perf_counter()
-        scores = {part: loss(removed + [part])
-                  for part in tqdm(options, desc=f"phase {len(removed) + 1}", leave=False, disable=not progress)}
+        scores = score(removed, options)
+        if exact is not None:
+            scores = _settled(scores, tie_margin, lambda part: exact(removed + [part]))
         best = min(options, key=lambda part: (scores[part], part.order))
         removed.append(best)
         taken += weights(model, best)
