@@ -37,7 +37,7 @@ import time
 import torch
 
 import sleb
-from bench import command, cores
+from bench import choices, command, cores
 from bench.real_model import ROOT, SEQLEN, Dense, _read_rows, file_sha256, study_key
 from sleb import results
 from sleb.errors import UsageError
@@ -124,20 +124,12 @@ def _read_points(path: str) -> list:
     return [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
 
 
-def _names(value, allowed, flag: str) -> list:
-    found = [str(v).strip() for v in (str(value).split(",") if isinstance(value, (str, int)) else value)]
-    wrong = [name for name in found if name not in allowed]
-    if wrong:
-        raise UsageError(f"--{flag}: {wrong[0]!r} is not one of {', '.join(map(str, allowed))}")
-    return found
-
-
 def plan(counts, methods, levels) -> list:
     """(count, method, steps) in the order they run: the cheapest level of every method and count first, so an
     interrupted run leaves a whole curve at low cost before it spends hours on one point."""
-    counts = [int(c) for c in _names(counts, ["3", "6"], "counts")]
-    methods = _names(methods, list(STEPS), "methods")
-    levels = [int(level) for level in _names(levels, ["1", "2", "3", "4"], "levels")]
+    counts = [int(c) for c in choices(counts, ["3", "6"], "counts")]
+    methods = choices(methods, list(STEPS), "methods")
+    levels = [int(level) for level in choices(levels, ["1", "2", "3", "4"], "levels")]
     return [(count, "none", 0) for count in counts] + [
         (count, method, STEPS[method][level - 1]) for level in levels for count in counts for method in methods]
 

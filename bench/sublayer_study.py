@@ -19,21 +19,13 @@ import os
 import time
 
 import sleb
-from bench import command, cores
+from bench import choices, command, cores
 from bench.real_model import ROOT, Dense, _read_rows, file_sha256, study_key
 from sleb import identity, results
 from sleb.errors import UsageError
 
 UNITS = ("block", "mlp", "attention", "sublayer")  # the order they run in: the cheapest searches first
 WINDOWS = 4
-
-
-def _names(value, allowed, flag: str) -> list:
-    found = [str(v).strip() for v in (str(value).split(",") if isinstance(value, (str, int)) else value)]
-    wrong = [name for name in found if name not in allowed]
-    if wrong:
-        raise UsageError(f"--{flag}: {wrong[0]!r} is not one of {', '.join(allowed)}")
-    return found
 
 
 def measure(dense: Dense, windows, budget: int, unit: str, key: dict) -> dict:
@@ -85,8 +77,8 @@ def write_page(out: str, rows: list, block_rows: list, dense_right: int) -> str:
 
 def main(gguf: str = "", budgets="3,6", units=",".join(UNITS), out: str = os.path.join(ROOT, "docs", "real_model"),
          table_only: bool = False):
-    budgets = [int(b) for b in _names(budgets, [str(b) for b in range(1, 29)], "budgets")]
-    units = _names(units, UNITS, "units")
+    budgets = [int(b) for b in choices(budgets, [str(b) for b in range(1, 29)], "budgets")]
+    units = choices(units, UNITS, "units")
     path = os.path.join(out, "sublayer_rows.jsonl")
     rows = [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
     if table_only:
