@@ -242,21 +242,25 @@ def search(model, windows: torch.Tensor, num_remove_blocks: Optional[int] = None
 
 
 def search_sublayers(model, windows: torch.Tensor, num_remove_blocks: Optional[int] = None, unit: str = "sublayer",
-                     *, objective: str = "ce", kl_top_k: int = 512, kl_gb: float = 0.0, engine: str = "fast",
-                     batch_size: int = 4, progress: bool = True, log=None, on_phase=None):
+                     *, metric: str = "sleb", objective: str = "ce", kl_top_k: int = 512, kl_gb: float = 0.0,
+                     engine: str = "fast", batch_size: int = 4, progress: bool = True, log=None, on_phase=None):
     """SLEB's greedy loop over sub-layers (sleb/sublayers.py): `unit` sublayer (every attention and MLP of the
     blocks but the first and the last), attention or mlp; phases go on while the weights removed are fewer than
     `num_remove_blocks` blocks' worth, by `objective` ce (the paper's loss) or kl (to the dense model).
     `engine` reference scores each candidate with batch-1 forwards of the whole model; fast reuses each
     block's input across the phase's candidates (`batch_size` windows a forward) and re-scores near ties
-    the reference way, so both return the same list. Returns a sublayers.SublayerSearch whose removal_list
-    names sub-layers ("17.attn")."""
+    the reference way, so both return the same list. `metric` cosine is LLM-Drop's one-shot ranking instead:
+    the sub-layers whose output turns the residual stream least (1 - cosine of before and after), taken from
+    the least up. Returns a sublayers.SublayerSearch whose removal_list names sub-layers ("17.attn")."""
     from tqdm import tqdm
 
     from sleb import forward, objectives, sublayers
     from sleb.engines import ReferenceEngine
     from sleb.metrics import check_choices, check_objective
 
+    if metric not in ("sleb", "cosine"):
+        raise UsageError(f"sub-layers are searched by --metric sleb (the greedy loop) or cosine (LLM-Drop's one-shot "
+                         f"ranking), not {metric!r}")
     check_choices("sleb", engine, 1, 1)
     check_at_least("batch_size", batch_size, 1)
 
@@ -267,6 +271,8 @@ def search_sublayers(model, windows: torch.Tensor, num_remove_blocks: Optional[i
     check_objective("sleb", objective, kl_top_k, kl_gb)
     sublayers.check_model(model)
     log = log or (print if progress else (lambda *args, **kwargs: None))
+    if metric == "cosine":
+        return _sublayers_by_cosine(model, windows, k, unit, batch_size, progress, log)
     with _evaluating(model):
         goal = objectives.build(objective, model, windows, kl_top_k, kl_gb, batch_size, progress)
         reference = ReferenceEngine(model, windows, goal)
@@ -283,6 +289,22 @@ def search_sublayers(model, windows: torch.Tensor, num_remove_blocks: Optional[i
         scorer = sublayers.PrefixScorer(model, windows, goal, batch_size, progress)
         return sublayers.greedy(model, scorer.phase, k, unit, log, on_phase, exact=exact,
                                 tie_margin=scorer.tie_margin)
+
+
+def _sublayers_by_cosine(model, windows, k: int, unit: str, batch_size: int, progress: bool, log):
+    from sleb import sublayers
+
+    if unit not in sublayers.UNITS or unit == "block":
+        raise UsageError(f"--unit must be sublayer, attention or mlp for a sub-layer search, got {unit!r}")
+    started = time.perf_counter()
+    with _evaluating(model):
+        scores = sublayers.importance(model, windows, batch_size, progress)
+    chosen = sublayers.by_importance(model, scores, k, unit)
+    taken = sum(sublayers.weights(model, part) for part in chosen)
+    log(f"sub-layer importance (1 - cosine) ranking; removal list {[str(p) for p in chosen]}")
+    return sublayers.SublayerSearch([str(p) for p in chosen], [{str(p): v for p, v in scores.items()}], taken,
+                                    sublayers.budget_weights(model, k),
+                                    [round(time.perf_counter() - started, 3)], round(time.perf_counter() - started, 3))
 
 
 def _resumed_state(resume: Optional[SearchResult], ran_on: dict, metric: str, depth: int):

@@ -76,7 +76,7 @@ def _sublayer_search(model, tokenizer, windows, eval_windows, eval_data, setting
         results.write_json(path, {**base, "search": {"unit": settings.unit, "status": "searching",
                                                      "removal_list": [str(part) for part in removed]}})
 
-    found = api.search_sublayers(model, windows, settings.num_remove_blocks, settings.unit,
+    found = api.search_sublayers(model, windows, settings.num_remove_blocks, settings.unit, metric=settings.metric,
                                  objective=settings.objective, kl_top_k=settings.kl_top_k, kl_gb=settings.kl_gb,
                                  engine=settings.engine, batch_size=settings.search_batch_size, log=log,
                                  on_phase=save_partial)

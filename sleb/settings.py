@@ -366,7 +366,7 @@ class SearchSettings(OutputFlags, GgufOutFlags, SaveFlags, CompensateFlags, Dive
             raise UsageError(f"--unit must be one of {', '.join(UNITS)}, got {self.unit!r}")
         if self.unit == "block":
             return
-        asked = [flag for flag, value in (("--metric " + str(self.metric), self.metric != metrics.PAPER),
+        asked = [flag for flag, value in (("--metric " + str(self.metric), self.metric not in (metrics.PAPER, "cosine")),
                                           ("--compensate", self.compensate), ("--save_model", self.save_model),
                                           ("--save_gguf", self.save_gguf), ("--resume", self.resume),
                                           ("--plot", self.plot)) if value]

@@ -118,6 +118,12 @@ def check_against(removal_list, depth: int) -> list:
     return parts
 
 
+def budget_weights(model, budget_blocks: int) -> int:
+    """`budget_blocks` blocks' worth of weights, a block being its attention's and its MLP's matrices (block 1's:
+    the first candidate)."""
+    return budget_blocks * weights(model, 1 if blocks.num_blocks(model) > 2 else 0)
+
+
 def matrices(module: nn.Module) -> int:
     """Weights of a sub-layer as the budget counts them: its matrices (2-D parameters), not its norms or biases."""
     return sum(p.numel() for p in module.parameters() if p.dim() >= 2)
@@ -232,6 +238,51 @@ class PrefixScorer:
         return losses
 
 
+@torch.inference_mode()
+def importance(model, windows: torch.Tensor, batch_size: int = 1, progress: bool = True) -> dict:
+    """LLM-Drop's one-shot score per sub-layer of every block: 1 - the mean over tokens of the cosine between the
+    residual stream before the sub-layer and after it. Before the attention is the block's input, after it
+    (which is before the MLP) the block's output with its MLP gone, after the MLP the block's output."""
+    from tqdm import tqdm
+
+    from sleb import forward
+    from sleb.models import input_device
+
+    check_model(model)
+    stack = blocks.get_blocks(model)
+    sums, tokens = {}, 0
+    for start in tqdm(range(0, len(windows), batch_size), desc="sub-layer similarities", leave=False,
+                      disable=not progress):
+        ids = windows[start:start + batch_size].to(input_device(model))
+        inputs = forward.capture(model, ids)
+        hidden = inputs.hidden
+        for index in range(len(stack)):
+            with skipping(model, [Sublayer(index, "mlp")]):
+                middle = forward.run_blocks(stack, [index], hidden, inputs)
+            after = forward.run_blocks(stack, [index], hidden, inputs)
+            for kind, (a, b) in (("attn", (hidden, middle)), ("mlp", (middle, after))):
+                cos = nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).double().sum().item()
+                sums[Sublayer(index, kind)] = sums.get(Sublayer(index, kind), 0.0) + (a.shape[0] * a.shape[1] - cos)
+            hidden = after
+        tokens += ids.shape[0] * ids.shape[1]
+    return {part: total / tokens for part, total in sums.items()}
+
+
+def by_importance(model, scores: dict, budget_blocks: int, unit: str) -> list:
+    """The candidates of `unit` from the least important up, taken until `budget_blocks` blocks' weights are
+    gone (ties to the lower block, attention before MLP)."""
+    budget, taken, chosen = budget_weights(model, budget_blocks), 0, []
+    for part in sorted(candidates(blocks.num_blocks(model), unit, []), key=lambda p: (scores[p], p.order)):
+        if taken >= budget:
+            break
+        chosen.append(part)
+        taken += weights(model, part)
+    if taken < budget:
+        raise UsageError(f"every {unit} candidate is gone before {budget_blocks} blocks' worth of weights; "
+                         "remove fewer")
+    return chosen
+
+
 def _settled(scores: dict, margin: float, exact: Callable) -> dict:
     """`scores` with every candidate within `margin` (relative) of the best re-scored by `exact`, so float
     rounding never decides which one goes."""
@@ -252,8 +303,7 @@ def greedy(model, score: Callable[[list, list], dict], budget_blocks: int, unit:
     if unit not in UNITS or unit == "block":
         raise UsageError(f"--unit must be sublayer, attention or mlp for a sub-layer search, got {unit!r}")
     check_model(model)
-    depth = blocks.num_blocks(model)
-    budget = budget_blocks * weights(model, 1 if depth > 2 else 0)
+    depth, budget = blocks.num_blocks(model), budget_weights(model, budget_blocks)
     removed, phases, seconds, taken, started = [], [], [], 0, time.perf_counter()
     while taken < budget:
         options = candidates(depth, unit, removed)

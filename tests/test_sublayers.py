@@ -76,6 +76,36 @@ def test_the_fast_sublayer_search_returns_the_reference_list(arch, objective, mo
         assert all(fast_phase[c] == pytest.approx(reference_phase[c], rel=1e-4) for c in fast_phase)
 
 
+def test_the_cosine_ranking_is_llm_drops_similarity_of_each_sublayers_input_and_output(model_dirs, text_file):
+    model, tokenizer = sleb.load(model_dirs["llama"], device="cpu")
+    windows = sleb.calibration_windows(tokenizer, open(text_file).read().splitlines(), nsamples=40, seqlen=16)[:4]
+    seen = {}
+    hooks = []
+    for index, layer in enumerate(model.model.layers):
+        hooks.append(layer.register_forward_pre_hook(
+            lambda m, args, kwargs, i=index: seen.setdefault(("in", i), []).append(kwargs.get("hidden_states", args[0] if args else None)), with_kwargs=True))
+        hooks.append(layer.self_attn.register_forward_hook(lambda m, a, out, i=index: seen.setdefault(("attn", i), []).append(out[0])))
+        hooks.append(layer.mlp.register_forward_hook(lambda m, a, out, i=index: seen.setdefault(("mlp", i), []).append(out)))
+    with torch.no_grad():
+        for window in windows:  # Llama's block: h + attn(norm(h)), then + mlp(norm(.)): rebuilt from the parts
+            model(input_ids=window[None])
+    for hook in hooks:
+        hook.remove()
+    expected = {}
+    for index in range(len(model.model.layers)):
+        cos_attn = cos_mlp = 0.0
+        for h, a, m in zip(seen[("in", index)], seen[("attn", index)], seen[("mlp", index)]):
+            cos_attn += F.cosine_similarity(h, h + a, dim=-1).sum().item()
+            cos_mlp += F.cosine_similarity(h + a, h + a + m, dim=-1).sum().item()
+        expected[f"{index}.attn"], expected[f"{index}.mlp"] = 1 - cos_attn / windows.numel(), 1 - cos_mlp / windows.numel()
+    found = sleb.search_sublayers(model, windows, 1, "sublayer", metric="cosine", progress=False)
+    assert found.losses[0].keys() == expected.keys()
+    assert all(found.losses[0][name] == pytest.approx(expected[name], rel=1e-4, abs=1e-6) for name in expected)
+    inner = sorted((n for n in expected if n.split(".")[0] not in ("0", str(len(model.model.layers) - 1))),
+                   key=lambda n: expected[n])
+    assert found.removal_list == inner[:len(found.removal_list)] and found.weights_removed >= found.budget
+
+
 @pytest.mark.parametrize("cache", [None, "static"])
 def test_a_model_without_an_attention_generates_the_same_with_and_without_its_cache(cache, model_dirs):
     model, tokenizer = sleb.load(model_dirs["llama"], device="cpu")
@@ -134,3 +164,7 @@ def test_the_search_command_with_unit_attention_writes_the_apis_list(model_dirs,
     assert record["search"]["status"] == "done" and record["settings"]["unit"] == "attention"
     refused = run("sleb", *args, "--save_model", str(tmp_path / "ckpt"), "--overwrite", "True")
     assert refused.returncode == 2 and "--save_model does not work with sub-layers yet" in refused.stderr
+    ranked = invoke("sleb", *args, "--metric", "cosine", "--result_file", "c.json")
+    assert ranked.returncode == 0, ranked.stderr[-2000:]
+    expected = sleb.search_sublayers(model, windows, 1, "attention", metric="cosine", progress=False).removal_list
+    assert json.loads((tmp_path / "c.json").read_text())["removal_list"] == expected
