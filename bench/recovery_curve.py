@@ -17,7 +17,8 @@ pruned model, since a learning-rate schedule that ends at a step is not the same
 
 Training text: TRAIN_TEXTS chat replies the dense model wrote itself (--dataset self), windows of 256
 tokens. Each point is measured as the study's rows are (bench/real_model.py's Dense.measure): answers kept
-of the dense model's right answers, demo perplexity, KL to dense, greedy agreement. The 0-minute point of
+of the dense model's right answers, demo perplexity, KL to dense, greedy agreement (the demo tasks left out:
+minutes each per point). The 0-minute point of
 each count is plain removal. The x axis is the training's wall minutes, with the process's CPU seconds and
 whether other processes shared the cores (bench/cores.py) kept beside it.
 
@@ -114,7 +115,7 @@ def measure_point(dense: Dense, windows, distributions, removal_list: list, meth
             model, report = train(model, windows, distributions, removal_list, method, steps, _work_dir(key))
     timing = watch.record()
     shutil.rmtree(_work_dir(key), ignore_errors=True)  # the point is trained: its checkpoints are spent
-    figures, _ = dense.measure(model)
+    figures, _ = dense.measure(model, ["answers"])
     return {"key": key, "count": len(removal_list), "method": method, "steps": steps,
             "train_minutes": 0.0 if method == "none" else round(timing["seconds"] / 60, 2),
             "train_timing": timing, "threads": torch.get_num_threads(), **report, **figures}
@@ -176,7 +177,8 @@ def _plot(out: str, points: list) -> None:
     for ax, count in zip(axes[0], counts):
         base = [p for p in points if p["count"] == count and p["method"] == "none"]
         for method in STEPS:
-            mine = sorted((p for p in points if p["count"] == count and p["method"] == method), key=lambda p: p["steps"])
+            mine = sorted((p for p in points if p["count"] == count and p["method"] == method),
+                          key=lambda p: p["steps"])
             if mine:
                 line = base + mine
                 ax.plot([p["train_minutes"] for p in line], [100 * p["answers_kept"] for p in line], marker="o",

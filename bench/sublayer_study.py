@@ -2,15 +2,16 @@
 (`sleb.search_sublayers`) at the weight budgets of 3 and 6 blocks, each measured as the study's block rows
 are, written to docs/real_model/sublayer_rows.jsonl and sublayers.md.
 
-    python -m bench.sublayer_study --gguf SmolLM2-135M-Instruct.Q4_1.gguf [--budgets 3,6] [--units sublayer,attention,mlp]
+    python -m bench.sublayer_study --gguf SmolLM2-135M-Instruct.Q4_1.gguf [--budgets 3,6] [--units mlp,attention]
     python -m bench.sublayer_study --gguf SmolLM2-135M-Instruct.Q4_1.gguf --table_only True
 
 Calibration: the first WINDOWS of the study's demo windows (256 tokens each), objective ce, kept few
 because a sub-layer phase scores 2 candidates per block (56 here) on one thread. Unit "block" is the
-paper's block search on the same windows, so that every row compares like with like. A search to budget 6 is not the
-search to budget 3 carried on (the last phase may overshoot), so each budget is its own search. Rows are keyed by the study's key (GGUF sha256, question set, lm-eval, sleb) and the calibration
-windows' sha256, appended as they are measured (an interrupted run resumes at the next row); the table sets
-them beside the block rows of rows.jsonl at the same count, under the same key.
+paper's block search on the same windows, so that every row compares like with like. A search to budget 6
+is not the search to budget 3 carried on (the last phase may overshoot), so each budget is its own search.
+Rows are keyed by the study's key (GGUF sha256, question set, lm-eval, sleb) and the calibration windows'
+sha256, appended as they are measured (an interrupted run resumes at the next row); the table sets them
+beside the block rows of rows.jsonl at the same count, under the same key.
 """
 
 import copy
@@ -38,7 +39,7 @@ def measure(dense: Dense, windows, budget: int, unit: str, key: dict) -> dict:
             found = sleb.search_sublayers(model, windows, budget, unit, progress=False)
             weights, budget_weights = found.weights_removed, found.budget
     sleb.remove_blocks(model, found.removal_list)
-    figures, _ = dense.measure(model)
+    figures, _ = dense.measure(model, ["answers"])
     return {"key": key, "budget_blocks": budget, "unit": unit, "removal_list": found.removal_list,
             "weights_removed": weights, "budget_weights": budget_weights, "losses": found.losses,
             "search_timing": watch.record(), **figures}
@@ -66,9 +67,9 @@ def write_page(out: str, rows: list, block_rows: list, dense_right: int) -> str:
         "# Sub-layers on SmolLM2-135M-Instruct: attentions and MLPs removed, against whole blocks", "",
         "Written by `python -m bench.sublayer_study --gguf SmolLM2-135M-Instruct.Q4_1.gguf` (every figure in "
         "sublayer_rows.jsonl; the module's docstring says how). The greedy search over sub-layers "
-        f"(`python -m sleb --unit ...`) on the first {WINDOWS} of the study's demo calibration windows, objective ce, each budget its "
-        "own search; measured as the block rows of [README.md](README.md) are, and set beside the block rows "
-        "without recovery at the same count. Answers kept: of the "
+        f"(`python -m sleb --unit ...`) on the first {WINDOWS} of the study's demo calibration windows, objective "
+        "ce, each budget its own search; measured as the block rows of [README.md](README.md) are (the demo tasks "
+        "left out), and set beside the block rows without recovery at the same count. Answers kept: of the "
         f"{dense_right} questions the dense model gets right. Search minutes are wall time on one thread; * marks "
         "a search that shared the cores with other work.", "", table, ""])
     results.write_text(os.path.join(out, "sublayers.md"), text)

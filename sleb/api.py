@@ -254,13 +254,14 @@ def search_sublayers(model, windows: torch.Tensor, num_remove_blocks: Optional[i
     the least up. Returns a sublayers.SublayerSearch whose removal_list names sub-layers ("17.attn")."""
     from tqdm import tqdm
 
-    from sleb import forward, objectives, sublayers
+    from sleb import forward, metrics, objectives, sublayers
     from sleb.engines import ReferenceEngine
     from sleb.metrics import check_choices, check_objective
 
-    if metric not in ("sleb", "cosine"):
-        raise UsageError(f"sub-layers are searched by --metric sleb (the greedy loop) or cosine (LLM-Drop's one-shot "
-                         f"ranking), not {metric!r}")
+    how = metrics.get(metric).sublayers
+    if how is None:
+        takers = [name for name, entry in metrics.METRICS.items() if entry.sublayers]
+        raise UsageError(f"sub-layers are searched by --metric {' or '.join(takers)}, not {metric!r}")
     check_choices("sleb", engine, 1, 1)
     check_at_least("batch_size", batch_size, 1)
 
@@ -268,10 +269,10 @@ def search_sublayers(model, windows: torch.Tensor, num_remove_blocks: Optional[i
         raise UsageError("windows must be a (windows, seqlen) tensor of token ids, as calibration_windows returns")
     k = blocks.default_remove_count(blocks.num_blocks(model)) if num_remove_blocks is None else num_remove_blocks
     check_at_least("num_remove_blocks", k, 1)
-    check_objective("sleb", objective, kl_top_k, kl_gb)
+    check_objective(metric, objective, kl_top_k, kl_gb)
     sublayers.check_model(model)
     log = log or (print if progress else (lambda *args, **kwargs: None))
-    if metric == "cosine":
+    if how == "similarity":
         return _sublayers_by_cosine(model, windows, k, unit, batch_size, progress, log)
     with _evaluating(model):
         goal = objectives.build(objective, model, windows, kl_top_k, kl_gb, batch_size, progress)

@@ -9,6 +9,7 @@ sibling that is renamed at the end, so a failed or killed save leaves nothing th
 checkpoint.
 """
 
+import contextlib
 import os
 import shutil
 import sys
@@ -72,18 +73,13 @@ def _keep_sentencepiece_model(tokenizer, folder: str) -> None:
         shutil.copyfile(source, target)
 
 
-def save(model, tokenizer, directory: str, card=None) -> guard.Verdict:
-    """save_pretrained into a temporary sibling, then rename: a failed or killed save leaves no
-    complete-looking directory. `card` (a huggingface_hub ModelCard, or a function of the guard's
-    warning lines returning one) is written as README.md. Returns what the guard found."""
+@contextlib.contextmanager
+def atomic_directory(directory: str, card=None):
+    """A temporary sibling of `directory` to write a checkpoint into; renamed to `directory` (with `card` as
+    README.md) when the block ends, removed when it fails: a failed or killed save leaves no
+    complete-looking directory. An OSError is one line."""
     from safetensors import SafetensorError
 
-    serving.align(model.config)
-    verdict = guard.check(model)
-    for line in verdict.warnings:
-        print(f"warning: {line}", file=sys.stderr)
-    if callable(card):
-        card = card(verdict.warnings)
     directory = os.path.abspath(directory)
     parent = os.path.dirname(directory)
     tmp = None
@@ -91,14 +87,7 @@ def save(model, tokenizer, directory: str, card=None) -> guard.Verdict:
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.partial-")
         os.chmod(tmp, 0o777 & ~results.umask())  # mkdtemp makes it owner-only; a checkpoint is for sharing
-        with models.use_cache(model, True):  # the saved config should generate with its KV cache
-            model.save_pretrained(tmp)
-        extras = serving.saved_extras(model.config)
-        if extras:
-            guard.add_to_config(os.path.join(tmp, "config.json"), extras)
-        tokenizer.save_pretrained(tmp)
-        _keep_sentencepiece_model(tokenizer, tmp)
-        _save_processor(model, tmp)
+        yield tmp
         if card is not None:
             card.save(os.path.join(tmp, "README.md"))
         if os.path.isdir(directory):
@@ -110,5 +99,27 @@ def save(model, tokenizer, directory: str, card=None) -> guard.Verdict:
     finally:
         if tmp is not None and os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save(model, tokenizer, directory: str, card=None) -> guard.Verdict:
+    """save_pretrained into a temporary sibling, then rename (atomic_directory). `card` (a huggingface_hub
+    ModelCard, or a function of the guard's warning lines returning one) is written as README.md. Returns
+    what the guard found."""
+    serving.align(model.config)
+    verdict = guard.check(model)
+    for line in verdict.warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    if callable(card):
+        card = card(verdict.warnings)
+    directory = os.path.abspath(directory)
+    with atomic_directory(directory, card) as tmp:
+        with models.use_cache(model, True):  # the saved config should generate with its KV cache
+            model.save_pretrained(tmp)
+        extras = serving.saved_extras(model.config)
+        if extras:
+            guard.add_to_config(os.path.join(tmp, "config.json"), extras)
+        tokenizer.save_pretrained(tmp)
+        _keep_sentencepiece_model(tokenizer, tmp)
+        _save_processor(model, tmp)
     print(f"model saved to {directory}")
     return verdict

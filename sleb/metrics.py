@@ -29,6 +29,9 @@ class Metric:
     paper_objective: str = "ce"  # what its own paper scores by: a run on another objective is labelled so
     calibrated: bool = True  # chooses from calibration data (random does not)
     seeded_draw: bool = False  # a random draw: runs that differ only by seed are one experiment, averaged
+    # how it ranks sub-layers (--unit sublayer|attention|mlp): "greedy" (the loop, by calibration loss),
+    # "similarity" (LLM-Drop's one-shot cosine of before and after), or None where it takes whole blocks only
+    sublayers: object = None
 
     @property
     def changes_weights(self) -> bool:
@@ -43,14 +46,15 @@ class Metric:
 
 _BY_LOSS = dict(objectives=OBJECTIVES, engines=ENGINES)
 METRICS = {metric.name: metric for metric in (
-    Metric("sleb", search_algorithms.sleb_iterative, "iterative, the paper's metric 3", iterative=True, **_BY_LOSS),
+    Metric("sleb", search_algorithms.sleb_iterative, "iterative, the paper's metric 3", iterative=True,
+           sublayers="greedy", **_BY_LOSS),
     Metric("sleb_compensated", search_algorithms.sleb_iterative,  # with a CompensatedEngine (api.search builds it)
            "the same loop, each candidate scored with its linear map folded in, the chosen maps kept",
            compensates=True, **_BY_LOSS),
     Metric("evopress", evopress, "EvoPress's evolutionary search, started from the sleb list", iterative=True,
            evolves=True, paper_objective="kl", **_BY_LOSS),
     Metric("sleb_oneshot", search_algorithms.sleb_oneshot, "the paper's metric 2, one pass", **_BY_LOSS),
-    Metric("cosine", search_algorithms.cosine, "ShortGPT's Block Influence"),
+    Metric("cosine", search_algorithms.cosine, "ShortGPT's Block Influence", sublayers="similarity"),
     Metric("angular", search_algorithms.angular, "Gromov et al.'s angular distance of a run of blocks"),
     Metric("random", search_algorithms.random_choice, "a seeded random draw", calibrated=False, seeded_draw=True),
 )}

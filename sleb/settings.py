@@ -264,8 +264,8 @@ class EvalSettings(DenseSourceFlags, OutputFlags, GgufOutFlags, SaveFlags, Compe
 
         self.removal_list = sublayers.parse_flag(self.removal_list)
         if sublayers.has_sublayers(self.removal_list):
-            asked = [flag for flag, value in (("--compensate", self.compensate), ("--save_model", self.save_model),
-                                              ("--save_gguf", self.save_gguf)) if value]
+            asked = [flag for flag, value in (("--compensate", self.compensate), ("--save_gguf", self.save_gguf))
+                     if value]
             if asked:
                 raise UsageError(f"the removal list names sub-layers, which are evaluated in this process; {asked[0]} "
                                  "does not carry them yet: drop it")
@@ -286,6 +286,10 @@ class EvalSettings(DenseSourceFlags, OutputFlags, GgufOutFlags, SaveFlags, Compe
 
         sublayers.check_against(self.removal_list, depth)
         blocks.check_removal_list(sublayers.split(self.removal_list)[0], depth)
+        if self.save_model and config is not None and sublayers.has_sublayers(self.removal_list):
+            from sleb import decilm
+
+            decilm.check(config)
         if self.compensate == "linear":
             from sleb.recovery.linear import check
 
@@ -366,8 +370,8 @@ class SearchSettings(OutputFlags, GgufOutFlags, SaveFlags, CompensateFlags, Dive
             raise UsageError(f"--unit must be one of {', '.join(UNITS)}, got {self.unit!r}")
         if self.unit == "block":
             return
-        asked = [flag for flag, value in (("--metric " + str(self.metric), self.metric not in (metrics.PAPER, "cosine")),
-                                          ("--compensate", self.compensate), ("--save_model", self.save_model),
+        asked = [flag for flag, value in (("--metric " + str(self.metric), metrics.get(self.metric).sublayers is None),
+                                          ("--compensate", self.compensate),
                                           ("--save_gguf", self.save_gguf), ("--resume", self.resume),
                                           ("--plot", self.plot)) if value]
         if asked:
@@ -394,6 +398,10 @@ class SearchSettings(OutputFlags, GgufOutFlags, SaveFlags, CompensateFlags, Dive
         if self.num_remove_blocks is None:
             self.num_remove_blocks = blocks.default_remove_count(depth)
         if self.unit != "block":  # a budget of weights, not a count of blocks: the search says when it runs out
+            if self.save_model and config is not None:
+                from sleb import decilm
+
+                decilm.check(config)
             return
         check_shape(depth, self.num_remove_blocks, self.early_barrier, self.latter_barrier)
         if config is not None:

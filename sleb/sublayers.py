@@ -135,19 +135,11 @@ def weights(model, item) -> int:
     return sum(matrices(getattr(block, _ATTRIBUTES[kind])) for kind in kinds)
 
 
-class _Gone(nn.Module):
-    """A removed sub-layer: zeros where its output went, and for an attention no weights and no cache write."""
+def _absent(kind: str) -> nn.Module:
+    # the same module the saved checkpoint's own code builds (sleb/decilm/modeling_decilm.py)
+    from sleb.decilm.modeling_decilm import Absent
 
-    def __init__(self, kind: str):
-        super().__init__()
-        self.kind = kind
-
-    def forward(self, hidden_states, *args, **kwargs):
-        zeros = torch.zeros_like(hidden_states)
-        return (zeros, None) if self.kind == "attn" else zeros
-
-    def extra_repr(self) -> str:
-        return f"removed {self.kind}"
+    return Absent(attention=kind == "attn")
 
 
 @contextlib.contextmanager
@@ -159,7 +151,7 @@ def skipping(model, parts):
         for part in parts:
             block, name = stack[part.block], _ATTRIBUTES[part.kind]
             saved.append((block, name, getattr(block, name)))
-            setattr(block, name, _Gone(part.kind))
+            setattr(block, name, _absent(part.kind))
         yield model
     finally:
         for block, name, module in reversed(saved):
@@ -170,7 +162,7 @@ def remove(model, parts) -> None:
     """Take the sub-layers out for good (before any whole block goes: the numbering is the original one)."""
     stack = blocks.get_blocks(model)
     for part in parts:
-        setattr(stack[part.block], _ATTRIBUTES[part.kind], _Gone(part.kind))
+        setattr(stack[part.block], _ATTRIBUTES[part.kind], _absent(part.kind))
 
 
 def candidates(depth: int, unit: str, removed: list) -> list:

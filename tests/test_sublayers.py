@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 import sleb
 from clitools import invoke, run
-from sleb import blocks, sublayers
+from sleb import blocks
+from sleb.decilm.modeling_decilm import Absent
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -60,7 +61,7 @@ def test_the_sublayer_search_returns_what_an_independent_loop_returns(unit, kind
     first = found.removal_list[0]
     assert found.losses[0][first] == pytest.approx(
         _independent_loss(model, windows, [(int(first.split(".")[0]), first.split(".")[1])]), rel=1e-5)
-    assert all(isinstance(m, torch.nn.Module) and not isinstance(m, sublayers._Gone)
+    assert all(isinstance(m, torch.nn.Module) and not isinstance(m, Absent)
                for m in model.modules())  # the model is whole again
 
 
@@ -79,13 +80,16 @@ def test_the_fast_sublayer_search_returns_the_reference_list(arch, objective, mo
 def test_the_cosine_ranking_is_llm_drops_similarity_of_each_sublayers_input_and_output(model_dirs, text_file):
     model, tokenizer = sleb.load(model_dirs["llama"], device="cpu")
     windows = sleb.calibration_windows(tokenizer, open(text_file).read().splitlines(), nsamples=40, seqlen=16)[:4]
-    seen = {}
-    hooks = []
+    seen, hooks = {}, []
+
+    def keep(name, index, value):
+        seen.setdefault((name, index), []).append(value)
     for index, layer in enumerate(model.model.layers):
         hooks.append(layer.register_forward_pre_hook(
-            lambda m, args, kwargs, i=index: seen.setdefault(("in", i), []).append(kwargs.get("hidden_states", args[0] if args else None)), with_kwargs=True))
-        hooks.append(layer.self_attn.register_forward_hook(lambda m, a, out, i=index: seen.setdefault(("attn", i), []).append(out[0])))
-        hooks.append(layer.mlp.register_forward_hook(lambda m, a, out, i=index: seen.setdefault(("mlp", i), []).append(out)))
+            lambda m, args, kwargs, i=index: keep("in", i, args[0] if args else kwargs["hidden_states"]),
+            with_kwargs=True))
+        hooks.append(layer.self_attn.register_forward_hook(lambda m, a, out, i=index: keep("attn", i, out[0])))
+        hooks.append(layer.mlp.register_forward_hook(lambda m, a, out, i=index: keep("mlp", i, out)))
     with torch.no_grad():
         for window in windows:  # Llama's block: h + attn(norm(h)), then + mlp(norm(.)): rebuilt from the parts
             model(input_ids=window[None])
@@ -97,7 +101,8 @@ def test_the_cosine_ranking_is_llm_drops_similarity_of_each_sublayers_input_and_
         for h, a, m in zip(seen[("in", index)], seen[("attn", index)], seen[("mlp", index)]):
             cos_attn += F.cosine_similarity(h, h + a, dim=-1).sum().item()
             cos_mlp += F.cosine_similarity(h + a, h + a + m, dim=-1).sum().item()
-        expected[f"{index}.attn"], expected[f"{index}.mlp"] = 1 - cos_attn / windows.numel(), 1 - cos_mlp / windows.numel()
+        expected[f"{index}.attn"] = 1 - cos_attn / windows.numel()
+        expected[f"{index}.mlp"] = 1 - cos_mlp / windows.numel()
     found = sleb.search_sublayers(model, windows, 1, "sublayer", metric="cosine", progress=False)
     assert found.losses[0].keys() == expected.keys()
     assert all(found.losses[0][name] == pytest.approx(expected[name], rel=1e-4, abs=1e-6) for name in expected)
@@ -130,10 +135,10 @@ def test_a_removal_list_names_sublayers_once_and_in_blocks_the_model_has(model_d
                          (["9.attn"], "names block 9")):
         with pytest.raises(sleb.UsageError, match=message):
             sleb.remove_blocks(model, bad)
-    assert not any(isinstance(m, sublayers._Gone) for m in model.modules())  # nothing half-done
+    assert not any(isinstance(m, Absent) for m in model.modules())  # nothing half-done
 
 
-def test_eval_takes_a_sublayer_list_and_refuses_to_save_it_in_one_line(model_dirs, text_file, tmp_path):
+def test_eval_takes_a_sublayer_list_and_refuses_what_cannot_carry_it_in_one_line(model_dirs, text_file, tmp_path):
     args = ["--model_name", model_dirs["llama"], "--ppl_datasets", f"file:{text_file}", "--seqlen", "32",
             "--result_folder", str(tmp_path)]
     out = invoke("eval", *args, "--removal_list", '["2.attn", "3.mlp", 4]', "--result_file", "e.json")
@@ -144,10 +149,47 @@ def test_eval_takes_a_sublayer_list_and_refuses_to_save_it_in_one_line(model_dir
     sleb.remove_blocks(model, ["2.attn", "3.mlp", 4])
     ppl = sleb.perplexity(model, tokenizer, f"file:{text_file}", seqlen=32, progress=False)
     assert record["ppl"][f"file:{text_file}"]["ppl"] == pytest.approx(ppl, rel=1e-6)
-    refused = run("eval", *args, "--removal_list", '["2.attn"]', "--save_model", str(tmp_path / "ckpt"),
+    refused = run("eval", *args, "--removal_list", '["2.attn"]', "--save_gguf", str(tmp_path / "p.gguf"),
                   "--result_file", "r.json")
-    assert refused.returncode == 2 and "--save_model does not carry them yet" in refused.stderr
-    assert "Traceback" not in refused.stderr and not (tmp_path / "r.json").exists() and not (tmp_path / "ckpt").exists()
+    assert refused.returncode == 2 and "--save_gguf does not carry them yet" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "r.json").exists()
+    opt = run("eval", *args[2:], "--model_name", model_dirs["opt"], "--removal_list", '["2.mlp"]', "--save_model",
+              str(tmp_path / "opt"), "--result_file", "o.json")
+    assert opt.returncode == 2 and "a Llama's; this model is opt" in opt.stderr and "Traceback" not in opt.stderr
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_a_saved_sublayer_checkpoint_loads_with_trust_remote_code_as_the_scored_model(model_dirs, text_file, tmp_path):
+    """--save_model writes the Nemotron-NAS (DeciLM) layout: the removed sub-layers' tensors absent, one
+    block_configs entry per block, and a checkpoint transformers loads with trust_remote_code to the logits and
+    greedy text of the model that was scored, and refuses without it."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    removal = '["2.attn", "3.mlp", 4]'
+    out = invoke("eval", "--model_name", model_dirs["llama"], "--removal_list", removal, "--eval_ppl", "False",
+                 "--save_model", str(tmp_path / "ckpt"), "--result_folder", str(tmp_path), "--result_file", "e.json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["model_type"] == "nemotron-nas" and config["architectures"] == ["DeciLMForCausalLM"]
+    assert config["num_hidden_layers"] == 5 and config["head_dim"] > 0
+    flags = [(b["attention"]["no_op"], b["ffn"]["no_op"]) for b in config["block_configs"]]
+    assert flags == [(False, False), (False, False), (True, False), (False, True), (False, False)]
+    with safe_open(str(tmp_path / "ckpt" / "model.safetensors"), "pt") as saved:
+        names = set(saved.keys())
+    assert not any(n.startswith(("model.layers.2.self_attn.", "model.layers.2.input_layernorm.",
+                                 "model.layers.3.mlp.", "model.layers.3.post_attention_layernorm.")) for n in names)
+    assert "model.layers.2.mlp.down_proj.weight" in names and "model.layers.3.self_attn.q_proj.weight" in names
+    scored, _ = sleb.load(model_dirs["llama"], device="cpu")
+    sleb.remove_blocks(scored, ["2.attn", "3.mlp", 4])
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", trust_remote_code=True)
+    prompt = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with torch.no_grad():
+        assert torch.allclose(loaded(prompt).logits, scored(prompt).logits, atol=1e-5)
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(loaded.generate(prompt, **settings), scored.generate(prompt, **settings))
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", trust_remote_code=False)
 
 
 def test_the_search_command_with_unit_attention_writes_the_apis_list(model_dirs, text_file, tmp_path):
@@ -162,8 +204,9 @@ def test_the_search_command_with_unit_attention_writes_the_apis_list(model_dirs,
     expected = sleb.search_sublayers(model, windows, 1, "attention", progress=False).removal_list
     assert record["removal_list"] == expected and all(name.endswith(".attn") for name in expected)
     assert record["search"]["status"] == "done" and record["settings"]["unit"] == "attention"
-    refused = run("sleb", *args, "--save_model", str(tmp_path / "ckpt"), "--overwrite", "True")
-    assert refused.returncode == 2 and "--save_model does not work with sub-layers yet" in refused.stderr
+    saved = run("sleb", *args, "--save_model", str(tmp_path / "ckpt"), "--overwrite", "True")
+    assert saved.returncode == 0, saved.stderr[-2000:]  # a Llama with sub-layers gone saves (DeciLM layout)
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["model_type"] == "nemotron-nas"
     ranked = invoke("sleb", *args, "--metric", "cosine", "--result_file", "c.json")
     assert ranked.returncode == 0, ranked.stderr[-2000:]
     expected = sleb.search_sublayers(model, windows, 1, "attention", metric="cosine", progress=False).removal_list
