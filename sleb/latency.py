@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from sleb import api, gguf_file, llama_cpp, memory, models, results, stages
+from sleb import api, gguf_file, llama_cpp, memory, models, results, stages, sublayers
 from sleb.errors import UsageError
 
 
@@ -79,7 +79,9 @@ def measure(model, input_ids, new_tokens: int, warmup: int, repeats: int, static
 def default_result_file(settings) -> str:
     mode = "generation" if settings.generation else "prompt"
     return (f"latency_{results.slug(settings.model_name)}_{mode}_b{settings.batch_size}_p{settings.prompt_len}"
-            f"_n{settings.new_tokens}_removed{len(settings.removal_list)}{'_compiled' if settings.compile else ''}.json")
+            f"_n{settings.new_tokens}_removed{len(settings.removal_list)}"
+            f"{'_sublayers' if sublayers.has_sublayers(settings.removal_list) else ''}"
+            f"{'_compiled' if settings.compile else ''}.json")
 
 
 def run(settings) -> dict:
@@ -110,9 +112,10 @@ def run(settings) -> dict:
             model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
 
         # measure dense, prune, measure pruned
+        worth = sublayers.blocks_worth(model, removal_list)  # sub-layers count by their share of a block's weights
         print(f"{mode}: batch {settings.batch_size}, prompt {settings.prompt_len} tokens"
               + (f", {settings.new_tokens} new tokens (greedy)" if settings.new_tokens else "")
-              + f"; removing {removal_list} ({len(removal_list)} of {depth} blocks; only the count matters for latency)")
+              + f"; removing {removal_list} ({worth:g} of {depth} blocks' weights; only how much matters for latency)")
         how = (settings.new_tokens, settings.warmup, settings.repeats, settings.static_cache, settings.compile)
         dense = measure(model, input_ids, *how)
         api.remove_blocks(model, removal_list)
@@ -122,13 +125,13 @@ def run(settings) -> dict:
 
         # record and write
         speedup = dense["median_s"] / pruned["median_s"]
-        ideal = depth / (depth - len(removal_list))
+        ideal = depth / (depth - worth)
         record = stages.record("latency", settings, model, depth, mode=mode,
                                sizes={name: getattr(settings, name) for name in ("batch_size", "prompt_len", "new_tokens")},
                                removal_list=removal_list, dense=dense, pruned=pruned, speedup=speedup,
                                ideal_speedup=ideal, speedup_over_ideal=speedup / ideal)
         results.write_json(path, record)
-    _print_table(record, [(f"dense ({depth} blocks)", dense), (f"pruned ({depth - len(removal_list)} blocks)", pruned)],
+    _print_table(record, [(f"dense ({depth} blocks)", dense), (f"pruned ({depth - worth:g} blocks' weights)", pruned)],
                  f"{record['environment']['device']}, {record['dtype']}", settings, path)
     return record
 

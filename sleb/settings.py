@@ -633,9 +633,14 @@ class LatencySettings(OutputFlags, LlamaCppFlags, ModelFlags):
                 setattr(self, name, default)
             check_at_least(name, getattr(self, name), 1 if name != "new_tokens" or self.generation else 0)
         if self.removal_list is not None:
-            self.removal_list = blocks.check_removal_list(self.removal_list)
+            from sleb import sublayers
+
+            self.removal_list = sublayers.parse_flag(self.removal_list)
             if not self.removal_list:
                 raise UsageError("--removal_list is empty; name the blocks to remove, e.g. '[1, 2, 3]'")
+            if self.engine == "llama.cpp" and sublayers.has_sublayers(self.removal_list):
+                raise UsageError("--engine llama.cpp runs whole blocks removed; sub-layers are timed in transformers "
+                                 "(drop --engine llama.cpp)")
         if self.compile:
             import torch._dynamo
 
@@ -645,6 +650,9 @@ class LatencySettings(OutputFlags, LlamaCppFlags, ModelFlags):
         self.check_output()
 
     def check_depth(self, depth: int) -> None:
+        from sleb import sublayers
+
         if self.removal_list is None:
             self.removal_list = list(range(1, 1 + blocks.default_remove_count(depth)))
-        blocks.check_removal_list(self.removal_list, depth)
+        sublayers.check_against(self.removal_list, depth)
+        blocks.check_removal_list(sublayers.split(self.removal_list)[0], depth)

@@ -118,6 +118,13 @@ def check_against(removal_list, depth: int) -> list:
     return parts
 
 
+def blocks_worth(model, removal_list) -> float:
+    """How many blocks' weights a removal list takes out (whole blocks 1 each, a sub-layer its share of one);
+    on the model before anything is removed."""
+    whole, parts = split(removal_list)
+    return len(whole) + sum(weights(model, part) for part in parts) / weights(model, parts[0].block if parts else 0)
+
+
 def budget_weights(model, budget_blocks: int) -> int:
     """`budget_blocks` blocks' worth of weights, a block being its attention's and its MLP's matrices (block 1's:
     the first candidate)."""

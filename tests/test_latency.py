@@ -27,6 +27,22 @@ def test_latency_reports_dense_pruned_and_speedup(mode, model_dirs, tmp_path):
     assert "speedup" in out.stdout and "of ideal" in out.stdout
 
 
+def test_latency_takes_sublayers_and_counts_them_by_their_share_of_a_blocks_weights(model_dirs, tmp_path):
+    import sleb
+    from sleb import sublayers
+
+    out = invoke("latency", "--model_name", model_dirs["llama"], "--removal_list", '["2.attn", "3.mlp", 4]',
+                 "--generation", "True", "--batch_size", "1", "--prompt_len", "8", "--new_tokens", "4", "--warmup",
+                 "0", "--repeats", "1", "--result_folder", str(tmp_path), "--result_file", "l.json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "l.json").read_text())
+    model, _ = sleb.load(model_dirs["llama"], device="cpu")
+    worth = sublayers.blocks_worth(model, ["2.attn", "3.mlp", 4])
+    assert 1 < worth < 3 and result["removal_list"] == ["2.attn", "3.mlp", 4]
+    assert result["ideal_speedup"] == pytest.approx(6 / (6 - worth))
+    assert result["pruned"]["new_tokens_generated"] == 4
+
+
 def test_compile_refused_where_torch_cannot(monkeypatch):
     import torch._dynamo
 
@@ -47,6 +63,8 @@ def test_compile_refused_where_torch_cannot(monkeypatch):
      "apply to --engine transformers only"),
     (["--gguf_dense", "a.gguf"], "applies to --engine llama.cpp only"),
     (["--engine", "vllm"], "--engine must be transformers or llama.cpp"),
+    (["--engine", "llama.cpp", "--gguf_dense", "GGUF", "--gguf_pruned", "GGUF", "--removal_list", '["2.attn"]'],
+     "sub-layers are timed in transformers"),
 ])
 def test_bad_llama_cpp_flags_are_one_line_before_any_work(args, message, tmp_path):
     """Checked before llama-cpp-python is even imported: these hold where it is not installed."""
