@@ -632,6 +632,13 @@ def save_gguf(model, tokenizer, path: str, *, gguf_type: Optional[str] = None, l
     found = serving.llama_cpp_problems(model.config, blocks.origin(model).config if source else None)
     if found:
         raise UsageError(f"--save_gguf: llama.cpp would run another model: {found[0]}; nothing was written")
+    from sleb import sublayers
+
+    if sublayers.has_sublayers(removal_list):
+        if source is None:
+            raise UsageError("--save_gguf with sub-layers copies a GGUF input in llama.cpp's deci layout; read the "
+                             "model from its .gguf file, or save a checkpoint with --save_model")
+        return gguf_file.write_deci(source, path, *sublayers.split(removal_list), log=log)
     if source is not None:
         if gguf_type is not None:
             raise UsageError("--gguf_type applies to a transformers checkpoint; a GGUF input keeps its own types")

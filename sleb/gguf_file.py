@@ -241,6 +241,69 @@ def write_pruned(source: str, target: str, kept: list, model=None, extra_keys: O
             "copied": len(chosen) - len(requantized), "requantized": requantized, "removal_list": removed_original}
 
 
+SUBLAYER_KEY = "sleb.removed_sublayers"  # a deci file's removed attentions, as "17.attn", original numbering
+_ATTENTION_TENSORS = ("attn_norm.", "attn_q.", "attn_k.", "attn_v.", "attn_output.")
+
+
+def check_deci(found, source: str, parts: list) -> None:
+    """What llama.cpp's deci graph (src/models/deci.cpp) runs as scored: a Llama with whole blocks and
+    attentions removed (`parts`: the sub-layers, sleb/sublayers.py's). A layer without its MLP skips its
+    residual update there and would lose its attention too, and layer 0's head count sets the head size:
+    both refused in one line."""
+    if architecture(found) != "llama":
+        raise UsageError(f"--save_gguf with sub-layers writes llama.cpp's deci layout, a Llama's; {source!r} holds "
+                         f"{architecture(found) or 'a nameless'} model")
+    mlp = [p for p in parts if p.kind == "mlp"]
+    if mlp:
+        raise UsageError(f"--save_gguf: llama.cpp's deci layers without an MLP skip their residual update and drop "
+                         f"their attention too, so {mlp[0]} cannot be served as scored; remove the whole block or "
+                         "only attentions")
+    if any(p.block == 0 for p in parts):
+        raise UsageError("--save_gguf: llama.cpp reads the head size from layer 0's head count; keep 0.attn")
+
+
+def write_deci(source: str, target: str, whole: list, parts: list, log=print) -> dict:
+    """The Llama GGUF `source` with the blocks `whole` and the sub-layers `parts` (attentions) removed, as
+    llama.cpp's deci architecture: every llama.* key under deci.*, per-layer head counts (0 where the
+    attention is gone) and feed-forward lengths, the removed attentions' tensors (and norms) left out, every
+    kept tensor's bytes unchanged."""
+    found = reader(source)
+    check_deci(found, source, parts)
+    depth = int(field(found, "llama.block_count", 0))
+    kept = [i for i in range(depth) if i not in set(whole)]
+    no_attention = {p.block for p in parts}
+    heads, kv = int(field(found, "llama.attention.head_count")), int(field(found, "llama.attention.head_count_kv"))
+    hidden, ff = int(field(found, "llama.embedding_length")), int(field(found, "llama.feed_forward_length"))
+    types = _gguf().GGUFValueType
+    per_layer = {"attention.head_count": [0 if i in no_attention else heads for i in kept],
+                 "attention.head_count_kv": [0 if i in no_attention else kv for i in kept],
+                 "feed_forward_length": [ff] * len(kept)}
+    keys = []
+    for name, contents, kind, sub in _kept_keys(found, "llama", kept, set(_per_layer(found, "llama", depth)), {}):
+        short = name[len("llama."):] if name.startswith("llama.") else None
+        if short in per_layer:
+            continue
+        keys.append((f"deci.{short}" if short is not None else name, contents, kind, sub))
+    keys += [(f"deci.{short}", values, types.ARRAY, types.INT32) for short, values in per_layer.items()]
+    head_dim = int(field(found, "llama.attention.key_length", hidden // heads))
+    if field(found, "llama.attention.key_length") is None:  # written out: not read from layer 0's head count
+        keys += [("deci.attention.key_length", head_dim, types.UINT32, None),
+                 ("deci.attention.value_length", head_dim, types.UINT32, None)]
+    if field(found, REMOVAL_KEY) or field(found, SUBLAYER_KEY):
+        raise UsageError(f"--save_gguf with sub-layers starts from the dense file; {source!r} is already pruned")
+    keys += _removal_keys(whole, depth)
+    keys.append((SUBLAYER_KEY, [str(p) for p in parts], types.ARRAY, types.STRING))
+    renumber = {old: new for new, old in enumerate(kept)}
+    chosen, _ = _kept_tensors(found, renumber, None)
+    gone = tuple(f"blk.{renumber[b]}.{t}" for b in no_attention for t in _ATTENTION_TENSORS)
+    chosen = [entry for entry in chosen if not entry[0].startswith(gone)]
+    _write(found, target, "deci", keys, chosen)
+    log(f"GGUF written to {target} (llama.cpp's deci layout): {len(kept)} of {depth} blocks, {len(no_attention)} "
+        f"without attention, {len(chosen)} tensors copied byte for byte")
+    return {"path": os.path.abspath(os.path.expanduser(target)), "block_count": len(kept), "copied": len(chosen),
+            "requantized": [], "architecture": "deci", "removal_list": list(whole) + [str(p) for p in parts]}
+
+
 def mark_removed(path: str, removed: list, source_depth: int) -> None:
     """Record in the GGUF at `path` (written by llama.cpp's converter from a checkpoint sleb pruned) which blocks
     of the dense model it lacks, under the keys a copied file carries: `eval` then knows it is not the dense

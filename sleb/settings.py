@@ -141,6 +141,20 @@ class GgufOutFlags:
             if self.gguf_type:
                 check_installed()
 
+    def check_deci_output(self, removal_list: list) -> None:
+        """--save_gguf with sub-layers: a Llama GGUF input, copied in llama.cpp's deci layout; checked before any
+        work (sleb/gguf_file.py says what that layout cannot carry)."""
+        if self.save_gguf is None:
+            return
+        from sleb import gguf_file
+
+        if not gguf_file.is_gguf(self.model_name):
+            raise UsageError("--save_gguf with sub-layers copies a GGUF input in llama.cpp's deci layout; pass "
+                             "--model_name FILE.gguf, or save a checkpoint with --save_model")
+        from sleb import sublayers
+
+        gguf_file.check_deci(gguf_file.reader(self.model_name), self.model_name, sublayers.split(removal_list)[1])
+
     def check_save_gguf_depth(self, config, pruned_depth: int, changes_weights: bool) -> None:
         """Before any search: a layout llama.cpp would read otherwise at the pruned depth, and weights that
         will change in a GGUF whose types gguf-py cannot write back."""
@@ -264,11 +278,9 @@ class EvalSettings(DenseSourceFlags, OutputFlags, GgufOutFlags, SaveFlags, Compe
 
         self.removal_list = sublayers.parse_flag(self.removal_list)
         if sublayers.has_sublayers(self.removal_list):
-            asked = [flag for flag, value in (("--compensate", self.compensate), ("--save_gguf", self.save_gguf))
-                     if value]
-            if asked:
-                raise UsageError(f"the removal list names sub-layers, which are evaluated in this process; {asked[0]} "
-                                 "does not carry them yet: drop it")
+            if self.compensate:
+                raise UsageError("the removal list names sub-layers; --compensate does not carry them yet: drop it")
+            self.check_deci_output(self.removal_list)
         self.check_compensate()
         if self.compensate is not None:
             self.check_calibration()
@@ -299,7 +311,8 @@ class EvalSettings(DenseSourceFlags, OutputFlags, GgufOutFlags, SaveFlags, Compe
 
             local.check(self.removal_list, self.local_steps, self.local_lr)
         if config is not None:
-            self.check_save_gguf_depth(config, depth - len(self.removal_list), self.compensate is not None)
+            self.check_save_gguf_depth(config, depth - len(sublayers.split(self.removal_list)[0]),
+                                       self.compensate is not None)
 
 
 @dataclass
@@ -362,17 +375,21 @@ class SearchSettings(OutputFlags, GgufOutFlags, SaveFlags, CompensateFlags, Dive
         self.check_output()
 
     def check_unit(self) -> None:
-        """A sub-layer search is the greedy loop on the reference engine, evaluated in this process: what it
-        cannot do yet is refused here, before anything loads."""
+        """A sub-layer search runs in one process and evaluates there: what it cannot do (yet) is refused here,
+        before anything loads."""
         from sleb.sublayers import UNITS
 
         if self.unit not in UNITS:
             raise UsageError(f"--unit must be one of {', '.join(UNITS)}, got {self.unit!r}")
         if self.unit == "block":
             return
+        if self.save_gguf and self.unit != "attention":
+            raise UsageError(f"--save_gguf: llama.cpp's deci layers without an MLP skip their residual update, so a "
+                             f"--unit {self.unit} search may pick what it cannot serve; use --unit attention or "
+                             "--save_model")
+        self.check_deci_output([])
         asked = [flag for flag, value in (("--metric " + str(self.metric), metrics.get(self.metric).sublayers is None),
-                                          ("--compensate", self.compensate),
-                                          ("--save_gguf", self.save_gguf), ("--resume", self.resume),
+                                          ("--compensate", self.compensate), ("--resume", self.resume),
                                           ("--plot", self.plot)) if value]
         if asked:
             raise UsageError(f"--unit {self.unit} runs the greedy sleb search and evaluates in this process; "

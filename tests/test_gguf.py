@@ -348,6 +348,41 @@ def test_tiny_q8_0_ggufs_pruned_run_in_llama_cpp_as_transformers_runs_them(arch,
 
 
 @needs_engine
+@needs_engine
+def test_attentions_removed_are_served_by_llama_cpps_deci_layout_as_scored(tiny_ggufs, tmp_path):
+    """A Llama GGUF with attentions and a whole block removed, written as llama.cpp's deci architecture (per-layer
+    head counts 0, the attentions' tensors left out, every kept tensor's bytes unchanged), runs in llama.cpp
+    within the dense file's own gap of the model transformers scored; what deci would compute otherwise (a layer
+    without its MLP, layer 0 without attention) is refused in one line before any work."""
+    import gguf
+
+    source, removal = tiny_ggufs["llama"], ["2.attn", "5.attn", 3]
+    record = _pruned_by_eval(source, removal, tmp_path / "d.gguf", tmp_path)
+    assert record["gguf"]["architecture"] == "deci" and record["removal_list"] == removal
+    reader = gguf.GGUFReader(str(tmp_path / "d.gguf"))
+    assert reader.get_field("general.architecture").contents() == "deci"
+    heads = reader.get_field("deci.attention.head_count").contents()
+    assert len(heads) == 7 and heads[2] == 0 and heads[4] == 0 and min(heads[:2] + heads[3:4] + heads[5:]) > 0
+    names = {t.name for t in reader.tensors}
+    assert not any(n.startswith(("blk.2.attn", "blk.4.attn")) for n in names) and "blk.2.ffn_down.weight" in names
+    original = {t.name: t for t in gguf.GGUFReader(source).tensors}
+    kept = [0, 1, 2, 4, 5, 6, 7]
+    for tensor in reader.tensors:
+        assert tensor.data.tobytes() == original[_source_name(tensor.name, kept)].data.tobytes(), tensor.name
+    model, tokenizer = sleb.load(source)
+    ids = _ids(tokenizer, 48)
+    dense = llama_cpp.logit_gap(_transformers_logits(model, ids), _engine_logits(source, ids))
+    sleb.remove_blocks(model, removal)
+    served = llama_cpp.logit_gap(_transformers_logits(model, ids), _engine_logits(tmp_path / "d.gguf", ids))
+    assert llama_cpp.within_gap(served, dense), (served, dense)
+    for bad, message in ((["3.mlp"], "skip their residual update"), (["0.attn"], "keep 0.attn")):
+        out = run("eval", "--model_name", source, "--removal_list", json.dumps(bad), "--save_gguf",
+                  str(tmp_path / "bad.gguf"), "--result_folder", str(tmp_path / "bad"))
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+        assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.gguf").exists()
+
+
+@needs_engine
 def test_linear_compensation_quantizes_the_changed_tensors_again_and_llama_cpp_runs_the_compensated_model(
         tiny_ggufs, tmp_path):
     source = tiny_ggufs["qwen2"]

@@ -151,7 +151,7 @@ def test_eval_takes_a_sublayer_list_and_refuses_what_cannot_carry_it_in_one_line
     assert record["ppl"][f"file:{text_file}"]["ppl"] == pytest.approx(ppl, rel=1e-6)
     refused = run("eval", *args, "--removal_list", '["2.attn"]', "--save_gguf", str(tmp_path / "p.gguf"),
                   "--result_file", "r.json")
-    assert refused.returncode == 2 and "--save_gguf does not carry them yet" in refused.stderr
+    assert refused.returncode == 2 and "copies a GGUF input in llama.cpp's deci layout" in refused.stderr
     assert "Traceback" not in refused.stderr and not (tmp_path / "r.json").exists()
     opt = run("eval", *args[2:], "--model_name", model_dirs["opt"], "--removal_list", '["2.mlp"]', "--save_model",
               str(tmp_path / "opt"), "--result_file", "o.json")
