@@ -243,7 +243,8 @@ def search(model, windows: torch.Tensor, num_remove_blocks: Optional[int] = None
 
 def search_sublayers(model, windows: torch.Tensor, num_remove_blocks: Optional[int] = None, unit: str = "sublayer",
                      *, metric: str = "sleb", objective: str = "ce", kl_top_k: int = 512, kl_gb: float = 0.0,
-                     engine: str = "fast", batch_size: int = 4, progress: bool = True, log=None, on_phase=None):
+                     engine: str = "fast", batch_size: int = 4, progress: bool = True, log=None, on_phase=None,
+                     resume=None):
     """SLEB's greedy loop over sub-layers (sleb/sublayers.py): `unit` sublayer (every attention and MLP of the
     blocks but the first and the last), attention or mlp; phases go on while the weights removed are fewer than
     `num_remove_blocks` blocks' worth, by `objective` ce (the paper's loss) or kl (to the dense model).
@@ -251,7 +252,9 @@ def search_sublayers(model, windows: torch.Tensor, num_remove_blocks: Optional[i
     block's input across the phase's candidates (`batch_size` windows a forward) and re-scores near ties
     the reference way, so both return the same list. `metric` cosine is LLM-Drop's one-shot ranking instead:
     the sub-layers whose output turns the residual stream least (1 - cosine of before and after), taken from
-    the least up. Returns a sublayers.SublayerSearch whose removal_list names sub-layers ("17.attn")."""
+    the least up. Returns a sublayers.SublayerSearch whose removal_list names sub-layers ("17.attn");
+    `on_phase(result)` gets it after each phase, and `resume=` (an earlier, unfinished one of the same greedy
+    search) goes on from its last phase."""
     from tqdm import tqdm
 
     from sleb import forward, metrics, objectives, sublayers
@@ -273,6 +276,8 @@ def search_sublayers(model, windows: torch.Tensor, num_remove_blocks: Optional[i
     sublayers.check_model(model)
     log = log or (print if progress else (lambda *args, **kwargs: None))
     if how == "similarity":
+        if resume is not None:
+            raise UsageError("the cosine ranking is one pass: there is nothing to resume; run it again")
         return _sublayers_by_cosine(model, windows, k, unit, batch_size, progress, log)
     with _evaluating(model):
         goal = objectives.build(objective, model, windows, kl_top_k, kl_gb, batch_size, progress)
@@ -286,10 +291,10 @@ def search_sublayers(model, windows: torch.Tensor, num_remove_blocks: Optional[i
             return {part: exact(removed + [part]) for part in tqdm(options, desc=f"phase {len(removed) + 1}",
                                                                      leave=False, disable=not progress)}
         if engine == "reference" or forward.cannot_follow(model) is not None:
-            return sublayers.greedy(model, by_reference, k, unit, log, on_phase)
+            return sublayers.greedy(model, by_reference, k, unit, log, on_phase, resume=resume)
         scorer = sublayers.PrefixScorer(model, windows, goal, batch_size, progress)
         return sublayers.greedy(model, scorer.phase, k, unit, log, on_phase, exact=exact,
-                                tie_margin=scorer.tie_margin)
+                                tie_margin=scorer.tie_margin, resume=resume)
 
 
 def _sublayers_by_cosine(model, windows, k: int, unit: str, batch_size: int, progress: bool, log):

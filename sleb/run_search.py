@@ -27,21 +27,42 @@ def default_result_file(settings) -> str:
 
 def _resumed(path: str, settings) -> SearchResult:
     """The search saved in `path`: a finished search of any metric, or the finished phases of sleb."""
+    saved_settings, search = _saved(path)
+    try:
+        resumed = SearchResult.from_dict(search)
+    except (ValueError, KeyError, TypeError):
+        raise UsageError(f"{path!r} is not a sleb search result; remove it or pass another --result_file") from None
+    check_resumable(settings.metric, search.get("status") == "done", repr(path), "rerun with --overwrite True")
+    _same_settings(path, saved_settings, settings)
+    return resumed
+
+
+def _saved(path: str) -> tuple:
+    """(settings, search record) of the results file `path`, or one line why it is not a search's."""
     if not os.path.exists(path):
         raise UsageError(f"--resume True but {path!r} does not exist; run without --resume to start the search")
     try:
         saved = results.read_json(path)
-        saved_settings, search = saved["settings"], saved["search"]
-        resumed = SearchResult.from_dict(search)
+        return saved["settings"], saved["search"]
     except (ValueError, KeyError, TypeError, OSError):
         raise UsageError(f"{path!r} is not a sleb search result; remove it or pass another --result_file") from None
-    check_resumable(settings.metric, search.get("status") == "done", repr(path), "rerun with --overwrite True")
+
+
+def _same_settings(path: str, saved_settings: dict, settings) -> None:
     current = dataclasses.asdict(settings)
     for key in _RESUME_KEYS:
         if saved_settings.get(key) != current[key]:
             raise UsageError(f"cannot resume {path!r}: it was run with --{key} {saved_settings.get(key)!r}, "
                              f"not {current[key]!r}; use the same settings or another --result_file")
-    return resumed
+
+
+def _resumed_sublayers(path: str, settings) -> dict:
+    """The sub-layer search saved in `path` (its phases so far, or the finished list)."""
+    saved_settings, search = _saved(path)
+    if search.get("unit") != settings.unit or "removal_list" not in search:
+        raise UsageError(f"{path!r} holds no --unit {settings.unit} search; remove it or pass another --result_file")
+    _same_settings(path, saved_settings, settings)
+    return search
 
 
 def _search(model, windows, settings, resumed, base: dict, path: str, main_rank: bool, log) -> SearchResult:
@@ -69,17 +90,24 @@ def _search(model, windows, settings, resumed, base: dict, path: str, main_rank:
 
 
 def _sublayer_search(model, tokenizer, windows, eval_windows, eval_data, settings, base: dict, path: str, dense,
-                     started: float, log) -> dict:
-    """--unit sublayer|attention|mlp: the greedy loop over sub-layers (sleb/sublayers.py), each phase's list saved
-    as it is found; then the model with them gone is evaluated against the dense figures and written."""
-    def save_partial(removed: list):
-        results.write_json(path, {**base, "search": {"unit": settings.unit, "status": "searching",
-                                                     "removal_list": [str(part) for part in removed]}})
+                     started: float, log, resumed) -> dict:
+    """--unit sublayer|attention|mlp: the greedy loop over sub-layers (sleb/sublayers.py), the result so far saved
+    after each phase (--resume goes on from it); then the model with them gone is evaluated against the dense
+    figures and written."""
+    from sleb import sublayers
 
+    def save_partial(partial):
+        results.write_json(path, {**base, "search": {"unit": settings.unit, "status": "searching",
+                                                     **dataclasses.asdict(partial)}})
+
+    previous = None
+    if resumed is not None:
+        fields = {f.name for f in dataclasses.fields(sublayers.SublayerSearch)}
+        previous = sublayers.SublayerSearch(**{k: v for k, v in resumed.items() if k in fields})
     found = api.search_sublayers(model, windows, settings.num_remove_blocks, settings.unit, metric=settings.metric,
                                  objective=settings.objective, kl_top_k=settings.kl_top_k, kl_gb=settings.kl_gb,
                                  engine=settings.engine, batch_size=settings.search_batch_size, log=log,
-                                 on_phase=save_partial)
+                                 on_phase=save_partial, resume=previous)
     print(f"removal list: {found.removal_list} ({found.weights_removed} of a budget of {found.budget} weights; "
           f"search took {found.total_seconds:.1f} s)")
     record = {**base, "search": {"unit": settings.unit, "status": "done", **dataclasses.asdict(found)},
@@ -104,7 +132,10 @@ def run(settings) -> dict:
     result_file = settings.result_file or default_result_file(settings)
     with results.claim(settings.result_folder, result_file, settings.overwrite or settings.resume,
                        writer=main_rank) as path:
-        resumed = _resumed(path, settings) if settings.resume else None
+        saved_search = None  # a sub-layer search's saved record, which --resume goes on from
+        if settings.resume and settings.unit != "block":
+            saved_search = _resumed_sublayers(path, settings)
+        resumed = _resumed(path, settings) if settings.resume and settings.unit == "block" else None
         started = time.perf_counter()
         data.calibration_text(settings.dataset, settings.nsamples, settings.seed)  # fails before the load, cached
         eval_data = stages.fetch_eval_data(settings)
@@ -123,7 +154,7 @@ def run(settings) -> dict:
 
         if settings.unit != "block":
             record = _sublayer_search(model, tokenizer, windows, eval_windows, eval_data, settings, base, path,
-                                      dense_figures(), started, log)
+                                      dense_figures(), started, log, saved_search)
             print(f"results written to {path}")
             return record
         dense = dense_figures() if main_rank and metric.changes_weights else None  # before it folds maps in

@@ -389,7 +389,8 @@ class SearchSettings(OutputFlags, GgufOutFlags, SaveFlags, CompensateFlags, Dive
                              "--save_model")
         self.check_deci_output([])
         asked = [flag for flag, value in (("--metric " + str(self.metric), metrics.get(self.metric).sublayers is None),
-                                          ("--compensate", self.compensate), ("--resume", self.resume),
+                                          ("--compensate", self.compensate),
+                                          ("--resume", self.resume and metrics.get(self.metric).sublayers != "greedy"),
                                           ("--plot", self.plot)) if value]
         if asked:
             raise UsageError(f"--unit {self.unit} runs the greedy sleb search and evaluates in this process; "

@@ -296,15 +296,21 @@ def _settled(scores: dict, margin: float, exact: Callable) -> dict:
 
 def greedy(model, score: Callable[[list, list], dict], budget_blocks: int, unit: str = "sublayer",
            log: Callable = print, on_phase: Optional[Callable] = None, exact: Optional[Callable] = None,
-           tie_margin: float = 0.0) -> SublayerSearch:
+           tie_margin: float = 0.0, resume: Optional[SublayerSearch] = None) -> SublayerSearch:
     """The greedy loop. `score(removed, options)` gives each option's calibration loss with it and `removed`
-    skipped; `exact(parts)`, the reference loss, settles options within `tie_margin` of the best."""
+    skipped; `exact(parts)`, the reference loss, settles options within `tie_margin` of the best. `resume`, a
+    partial result of the same search, goes on after its phases (a phase depends only on the ones before it);
+    `on_phase(result)` gets the result so far after each phase."""
     if unit not in UNITS or unit == "block":
         raise UsageError(f"--unit must be sublayer, attention or mlp for a sub-layer search, got {unit!r}")
     check_model(model)
     depth, budget = blocks.num_blocks(model), budget_weights(model, budget_blocks)
-    removed, phases, seconds, taken, started = [], [], [], 0, time.perf_counter()
-    while taken < budget:
+    found = resume or SublayerSearch([], [], 0, budget, [], 0.0)
+    if found.budget != budget:
+        raise UsageError(f"the search resumed had a budget of {found.budget} weights, this one {budget}; "
+                         "use the same --num_remove_blocks")
+    removed, started = [parse(name) for name in found.removal_list], time.perf_counter() - found.total_seconds
+    while found.weights_removed < budget:
         options = candidates(depth, unit, removed)
         if not options:
             raise UsageError(f"every {unit} candidate is gone before {budget_blocks} blocks' worth of weights; "
@@ -315,12 +321,12 @@ def greedy(model, score: Callable[[list, list], dict], budget_blocks: int, unit:
             scores = _settled(scores, tie_margin, lambda part: exact(removed + [part]))
         best = min(options, key=lambda part: (scores[part], part.order))
         removed.append(best)
-        taken += weights(model, best)
-        phases.append({str(part): value for part, value in scores.items()})
-        seconds.append(round(time.perf_counter() - began, 3))
-        log(f"phase {len(removed)}: removed {best} (loss {scores[best]:.4f}); {taken / budget:.0%} of "
-            f"{budget_blocks} blocks' weights")
+        found = SublayerSearch([str(p) for p in removed], found.losses + [{str(p): v for p, v in scores.items()}],
+                               found.weights_removed + weights(model, best), budget,
+                               found.phase_seconds + [round(time.perf_counter() - began, 3)],
+                               round(time.perf_counter() - started, 3))
+        log(f"phase {len(removed)}: removed {best} (loss {scores[best]:.4f}); {found.weights_removed / budget:.0%} "
+            f"of {budget_blocks} blocks' weights")
         if on_phase is not None:
-            on_phase(removed)
-    return SublayerSearch([str(p) for p in removed], phases, taken, budget, seconds,
-                          round(time.perf_counter() - started, 3))
+            on_phase(found)
+    return found

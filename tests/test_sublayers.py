@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import sleb
 from clitools import invoke, run
-from sleb import blocks
+from sleb import blocks, sublayers
 from sleb.decilm.modeling_decilm import Absent
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -109,6 +109,43 @@ def test_the_cosine_ranking_is_llm_drops_similarity_of_each_sublayers_input_and_
     inner = sorted((n for n in expected if n.split(".")[0] not in ("0", str(len(model.model.layers) - 1))),
                    key=lambda n: expected[n])
     assert found.removal_list == inner[:len(found.removal_list)] and found.weights_removed >= found.budget
+
+
+def test_an_interrupted_sublayer_search_resumes_to_the_same_list(model_dirs, text_file, tmp_path):
+    model, tokenizer = sleb.load(model_dirs["llama"], device="cpu")
+    windows = sleb.calibration_windows(tokenizer, open(text_file).read().splitlines(), nsamples=40, seqlen=16)[:4]
+    whole = sleb.search_sublayers(model, windows, 2, progress=False)
+    assert len(whole.removal_list) >= 3
+    saved = []
+
+    def stop_after_two(partial):
+        saved.append(partial)
+        if len(partial.removal_list) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sleb.search_sublayers(model, windows, 2, progress=False, on_phase=stop_after_two)
+    resumed = sleb.search_sublayers(model, windows, 2, progress=False, resume=saved[-1])
+    assert resumed.removal_list == whole.removal_list and resumed.losses == whole.losses
+    assert resumed.weights_removed == whole.weights_removed
+    # the command: a results file cut back to its first phase goes on from there with --resume True
+    args = ["--model_name", model_dirs["llama"], "--dataset", f"file:{text_file}", "--nsamples", "40", "--seqlen", "16",
+            "--num_remove_blocks", "2", "--unit", "sublayer", "--eval_ppl", "False", "--result_folder", str(tmp_path),
+            "--result_file", "s.json"]
+    assert invoke("sleb", *args).returncode == 0
+    record = json.loads((tmp_path / "s.json").read_text())
+    search = record["search"]
+    first = sublayers.parse(search["removal_list"][0])
+    cut = {**search, "status": "searching", "removal_list": search["removal_list"][:1], "losses": search["losses"][:1],
+           "phase_seconds": search["phase_seconds"][:1], "weights_removed": sublayers.weights(model, first)}
+    (tmp_path / "s.json").write_text(json.dumps({**record, "search": cut}))
+    again = invoke("sleb", *args, "--resume", "True")
+    assert again.returncode == 0, again.stderr[-2000:]
+    finished = json.loads((tmp_path / "s.json").read_text())
+    assert finished["removal_list"] == record["removal_list"] and finished["search"]["losses"] == search["losses"]
+    other = [("3" if a == "2" and args[i - 1] == "--num_remove_blocks" else a) for i, a in enumerate(args)]
+    changed = run("sleb", *other, "--resume", "True")
+    assert changed.returncode == 2 and "it was run with --num_remove_blocks 2, not 3" in changed.stderr
 
 
 @pytest.mark.parametrize("cache", [None, "static"])
