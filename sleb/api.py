@@ -342,8 +342,8 @@ def remove_blocks(model, removal_list: Sequence, *, keep_block_kinds: bool = Tru
     """Delete the blocks (original indices) in place; the model is then a normal checkpoint of fewer blocks.
     A removal that takes every block of a kind the model cannot generate without (a hybrid model's last
     attention block) is a UsageError unless `keep_block_kinds` is False. Entries such as "17.attn" or
-    "5.mlp" take out that block's attention or MLP alone (sleb/sublayers.py); such a model is evaluated in
-    this process, and cannot be saved yet."""
+    "5.mlp" take out that block's attention or MLP alone (sleb/sublayers.py); `save_pretrained` then writes
+    a Llama so pruned as a Nemotron-NAS (DeciLM) checkpoint."""
     from sleb import sublayers
 
     if sublayers.has_sublayers(removal_list):
@@ -612,7 +612,14 @@ def save_pretrained(model, tokenizer, directory: str, card=None) -> list:
     scored as (sleb/guard.py); `card` (a huggingface_hub ModelCard, or a function of the guard's warning
     lines that returns one) becomes README.md. Returns the guard's warning lines (config fields changed
     since load that the outputs do not show)."""
+    from sleb import sublayers
+
     checkpoint.check_new_directory("save_model", directory)
+    if sublayers.removed_in(model):  # no transformers class lacks a sub-layer: the Nemotron-NAS layout
+        from sleb import decilm
+
+        decilm.save(model, tokenizer, directory, card([]) if callable(card) else card)
+        return []
     return checkpoint.save(model, tokenizer, directory, card).warnings
 
 

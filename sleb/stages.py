@@ -219,15 +219,9 @@ def save_outputs(model, tokenizer, settings, record: dict, path: str) -> None:
     """--save_model and --save_gguf, after the results are written: what each wrote goes into the record
     (written again); a step that cannot be carried out is one line, the results kept."""
     if settings.save_model:
-        from sleb import sublayers
         from sleb.model_card import pruned_card
 
-        if sublayers.has_sublayers(record.get("removal_list")):  # the Nemotron-NAS layout, checked by its reload
-            from sleb import decilm
-
-            decilm.save(model, tokenizer, settings.save_model, record["removal_list"], pruned_card(record))
-        else:
-            save_checkpoint(model, tokenizer, settings.save_model, record, path, pruned_card)
+        save_checkpoint(model, tokenizer, settings.save_model, record, path, pruned_card)
     if getattr(settings, "save_gguf", None):
         record["gguf"] = api.save_gguf(model, tokenizer, settings.save_gguf, gguf_type=settings.gguf_type,
                                        llama_cpp_tree=settings.llama_cpp, converter_python=settings.converter_python,

@@ -9,11 +9,11 @@ paper's barrier), so the cache's length, which transformers reads from layer 0, 
 
 The search (`greedy`) is SLEB's loop with sub-layers as candidates: each phase skips every remaining
 candidate alone on top of what is removed, scores it (metric 3's loss, or KL to the dense model), and
-removes the least; ties go to the lower block, attention before MLP. The reference scoring runs the whole
-model batch-1 per candidate; `PrefixScorer` reuses each block's input across a phase, and candidates it
-scores within float rounding of the best are scored again the reference way, so both give one list. It goes on while
-the weights removed are fewer than `budget_blocks` blocks' worth, counting the sub-layers' own matrices
-(norms and biases not counted).
+removes the least; ties go to the lower block, attention before MLP. It goes on while the weights removed
+are fewer than `budget_blocks` blocks' worth, counting the sub-layers' own matrices (norms and biases not
+counted). The reference scoring runs the whole model batch-1 per candidate; `PrefixScorer` reuses each
+block's input across a phase, and the candidates it scores within float rounding of the best are scored
+again the reference way, so both give one list.
 """
 
 import contextlib
@@ -122,7 +122,8 @@ def blocks_worth(model, removal_list) -> float:
     """How many blocks' weights a removal list takes out (whole blocks 1 each, a sub-layer its share of one);
     on the model before anything is removed."""
     whole, parts = split(removal_list)
-    return len(whole) + sum(weights(model, part) for part in parts) / weights(model, parts[0].block if parts else 0)
+    block = weights(model, parts[0].block if parts else 0)  # an int names the whole block: both sub-layers
+    return len(whole) + sum(weights(model, part) for part in parts) / block
 
 
 def budget_weights(model, budget_blocks: int) -> int:
@@ -163,6 +164,15 @@ def skipping(model, parts):
     finally:
         for block, name, module in reversed(saved):
             setattr(block, name, module)
+
+
+def removed_in(model) -> list:
+    """The sub-layers gone from `model` (original numbering), read from the modules that stand in for them."""
+    from sleb.decilm.modeling_decilm import Absent
+
+    kept = blocks.origin(model).kept
+    return [Sublayer(kept[position], kind) for position, block in enumerate(blocks.get_blocks(model))
+            for kind, name in _ATTRIBUTES.items() if isinstance(getattr(block, name, None), Absent)]
 
 
 def remove(model, parts) -> None:

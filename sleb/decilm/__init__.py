@@ -86,12 +86,13 @@ def _reload_check(model, folder: str) -> None:
                          "nothing was written")
 
 
-def save(model, tokenizer, directory: str, removal_list: list, card=None) -> str:
-    """Write the checkpoint atomically: it appears once it reloads to the scored logits."""
+def save(model, tokenizer, directory: str, card=None) -> str:
+    """Write the checkpoint atomically: it appears once it reloads to the scored logits. The sub-layers left out
+    are those the model lacks (sublayers.removed_in)."""
     from sleb.checkpoint import atomic_directory
 
     check(model.config)
-    _, parts = sublayers.split(removal_list)
+    parts = sublayers.removed_in(model)
     with atomic_directory(directory, card) as tmp:
         model.save_pretrained(tmp, state_dict=_weights(model, parts))
         with open(os.path.join(tmp, "config.json"), "w") as handle:
