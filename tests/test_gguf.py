@@ -72,7 +72,7 @@ def _assert_kept_bytes(source, written, kept, changed=()) -> int:
     """Every tensor of `written` is its source tensor's bytes in the same type (but `changed`); returns how many."""
     import gguf
 
-    original = {t.name: t for t in gguf.GGUFReader(source).tensors}
+    original = {t.name: t for t in gguf_file.reader(str(source)).tensors}  # parsed once per file in this process
     tensors = gguf.GGUFReader(written).tensors
     for tensor in tensors:
         if tensor.name in changed:
@@ -124,6 +124,28 @@ def test_smollm2_pruned_gguf_runs_in_llama_cpp_within_the_dense_files_gap(smollm
     model, ids = smollm2_pruned["model"], smollm2_pruned["ids"]
     missed = llama_cpp.logit_gap(_transformers_logits(model, ids), _engine_logits(wrong["path"], ids))
     assert not llama_cpp.within_gap(missed, dense), missed
+
+
+@needs_engine
+def test_smollm2_without_some_attentions_runs_in_llama_cpps_deci_layout_within_the_dense_files_gap(smollm2_pruned,
+                                                                                                    tmp_path):
+    """The real model as llama.cpp's deci architecture: three attentions and a block removed (sleb.save_gguf on
+    a model read from the GGUF), every kept tensor's bytes unchanged, run in llama.cpp as transformers scored it."""
+    import gguf
+
+    model, tokenizer = sleb.load(SMOLLM2)
+    removal = ["4.attn", "9.attn", "20.attn", 17]
+    sleb.remove_blocks(model, removal)
+    written = sleb.save_gguf(model, tokenizer, str(tmp_path / "deci.gguf"), removal_list=removal)
+    assert written["architecture"] == "deci" and written["block_count"] == 29
+    reader = gguf.GGUFReader(written["path"])
+    heads = list(reader.get_field("deci.attention.head_count").contents())
+    assert [i for i, h in enumerate(heads) if h == 0] == [4, 9, 19]  # block 20 is the 20th kept, at 19
+    kept = [i for i in range(30) if i != 17]
+    assert _assert_kept_bytes(SMOLLM2, written["path"], kept) == 272 - 9 - 3 * 5  # a block; 3 attentions and norms
+    ids = smollm2_pruned["ids"]
+    served = llama_cpp.logit_gap(_transformers_logits(model, ids), _engine_logits(written["path"], ids))
+    assert llama_cpp.within_gap(served, smollm2_pruned["dense"]), (served, smollm2_pruned["dense"])
 
 
 @needs_engine

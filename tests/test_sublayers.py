@@ -65,13 +65,15 @@ def test_the_sublayer_search_returns_what_an_independent_loop_returns(unit, kind
                for m in model.modules())  # the model is whole again
 
 
-@pytest.mark.parametrize("arch, objective", [("llama", "kl"), ("qwen2", "ce"), ("gemma3", "ce"), ("mistral", "kl")])
-def test_the_fast_sublayer_search_returns_the_reference_list(arch, objective, model_dirs, text_file):
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma3"])
+@pytest.mark.parametrize("unit, objective", [("sublayer", "ce"), ("attention", "kl"), ("mlp", "ce")])
+def test_the_fast_sublayer_search_returns_the_reference_list(arch, unit, objective, model_dirs, text_file):
     model, tokenizer = sleb.load(model_dirs[arch], device="cpu")
     windows = sleb.calibration_windows(tokenizer, open(text_file).read().splitlines(), nsamples=40, seqlen=16)[:5]
-    fast = sleb.search_sublayers(model, windows, 2, objective=objective, progress=False, batch_size=2)
-    reference = sleb.search_sublayers(model, windows, 2, objective=objective, engine="reference", progress=False)
-    assert fast.removal_list == reference.removal_list and len(fast.removal_list) >= 3
+    fast = sleb.search_sublayers(model, windows, 1, unit, objective=objective, progress=False, batch_size=2)
+    reference = sleb.search_sublayers(model, windows, 1, unit, objective=objective, engine="reference",
+                                      progress=False)
+    assert fast.removal_list == reference.removal_list and len(fast.removal_list) >= 2
     for fast_phase, reference_phase in zip(fast.losses, reference.losses):  # every candidate's loss, not the pick
         assert fast_phase.keys() == reference_phase.keys()
         assert all(fast_phase[c] == pytest.approx(reference_phase[c], rel=1e-4) for c in fast_phase)
