@@ -140,7 +140,7 @@ def write_page(out: str, points: list, dense_right: int) -> str:
     lines = ["| blocks | method | steps | training min | answers kept | ppl demo | KL to dense | agreement prefix / "
              "overall % |", "|---|---|---|---|---|---|---|---|"]
     for p in sorted(points, key=lambda p: (p["count"], p["method"], p["steps"])):
-        mark = {"alone": "", "shared": "*", "unknown": "?"}[p["train_timing"]["cores"]]
+        mark = "" if p["method"] == "none" else {"alone": "", "shared": "*", "unknown": "?"}[p["train_timing"]["cores"]]
         lines.append(f"| {p['count']} | {NAMES.get(p['method'], 'removal alone')} | {p['steps']} | "
                      f"{p['train_minutes']:.1f}{mark} | {100 * p['answers_kept']:.1f}% ({p['answers_kept_count'][0]}/"
                      f"{p['answers_kept_count'][1]}) | {p['ppl_demo']:.2f} | {p['kl_to_dense']:.3f} | "
