@@ -7,8 +7,9 @@ written to docs/real_model/recovery_curve.{jsonl,md,png}.
 For each count of blocks removed, the removal list is that of the study's best search at that count without
 training (the row of docs/real_model/rows.jsonl, under the same key, with the most answers kept and recovery
 none or linear). Each method is run at levels 1..4 of its own step grid (STEPS: each level four times the
-steps of the one before, about 2, 8, 30 and 120 minutes on one core); every point starts again from the
-pruned model, since a learning-rate schedule that ends at a step is not the same run stopped early:
+steps of the one before, sized for about 2, 8, 30 and 120 minutes on these 2 cores; the x axis is the time
+each point's training actually took). Every point starts again from the pruned model, since a learning-rate
+schedule that ends at a step is not the same run stopped early. The methods:
 
 - lora_kl: LoRA (rank 8 on every projection) distilled from the dense model's next-token distributions;
 - full_kl: the same loss, every parameter of the block in front of each removed run trained, LoRA none;
@@ -46,11 +47,13 @@ from sleb.recovery.lora import last_complete_checkpoint
 
 TRAIN_TEXTS = 128
 LOCAL_FIRST = 200  # local_kl: the local stage's steps per block, then the LoRA KL steps of the level
-STEPS = {"lora_kl": (25, 100, 400, 1600), "full_kl": (25, 100, 400, 1600), "local": (50, 200, 800, 3200),
+STEPS = {"lora_kl": (25, 100, 400, 1600), "full_kl": (25, 100, 400, 1600), "local": (100, 400, 1600, 6400),
          "local_kl": (25, 100, 400, 1600)}
 NAMES = {"lora_kl": "LoRA KL", "full_kl": "full-parameter KL (blocks before each run)", "local": "local reconstruction",
          "local_kl": f"local ({LOCAL_FIRST} steps) then LoRA KL"}
-TRAINER = dict(warmup_steps=10, train_batch_size=4, grad_accum=2, logging_steps=25, save_steps=100)
+# One window a step: a LoRA step over 8 windows took 37 s here on one shared thread, so 25 of them were 15
+# minutes, where one window a step makes the levels about 2, 8, 30 and 120 minutes.
+TRAINER = dict(warmup_steps=5, train_batch_size=1, grad_accum=1, logging_steps=25, save_steps=100)
 SETTINGS = {"lora_kl": dict(TRAINER, lora_r=8, lora_alpha=16, lr=5e-4, objective="kl"),
             "full_kl": dict(TRAINER, lr=5e-5, objective="kl", train_blocks="before"),
             "local": dict(local_lr=1e-4),
@@ -123,6 +126,13 @@ def measure_point(dense: Dense, windows, distributions, removal_list: list, meth
 
 def _read_points(path: str) -> list:
     return [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
+
+
+def _current(point: dict, study: dict) -> bool:
+    """Made on this model, question set, lm-eval and sleb, with the settings the grid has now."""
+    key = point["key"]
+    return ({k: key.get(k) for k in study} == study and key.get("settings") == SETTINGS.get(point["method"])
+            and key.get("local_first") == (LOCAL_FIRST if point["method"] == "local_kl" else None))
 
 
 def plan(counts, methods, levels) -> list:
@@ -200,7 +210,7 @@ def main(gguf: str = "", counts="3,6", methods=",".join(STEPS), levels="1,2,3,4"
     path = os.path.join(out, "recovery_curve.jsonl")
     if table_only:
         dense_row = results.read_json(os.path.join(out, "dense.json"))
-        points = [p for p in _read_points(path) if {k: p["key"][k] for k in dense_row["key"]} == dense_row["key"]]
+        points = [p for p in _read_points(path) if _current(p, dense_row["key"])]
         print(write_page(out, points, dense_row["answers_right"]))
         return
     if not os.path.isfile(gguf):
@@ -226,7 +236,7 @@ def main(gguf: str = "", counts="3,6", methods=",".join(STEPS), levels="1,2,3,4"
         points.append(point)
         with open(path, "a") as handle:
             handle.write(json.dumps(point) + "\n")
-        write_page(out, [p for p in points if p["key"]["model_sha256"] == study["model_sha256"]], right)
+        write_page(out, [p for p in points if _current(p, study) and p["key"]["train_windows"] == digest], right)
         print(json.dumps({k: point[k] for k in ("count", "method", "steps", "train_minutes", "answers_kept",
                                                  "ppl_demo", "kl_to_dense")}), flush=True)
 

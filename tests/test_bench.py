@@ -81,8 +81,8 @@ def test_recovery_curve_runs_the_cheapest_level_everywhere_first_on_the_best_unt
 
     plan = recovery_curve.plan("3,6", "lora_kl,local", "1,2")
     assert plan[:2] == [(3, "none", 0), (6, "none", 0)]  # plain removal: each curve's 0-minute point
-    assert plan[2:6] == [(3, "lora_kl", 25), (3, "local", 50), (6, "lora_kl", 25), (6, "local", 50)]
-    assert plan[6:] == [(3, "lora_kl", 100), (3, "local", 200), (6, "lora_kl", 100), (6, "local", 200)]
+    assert plan[2:6] == [(3, "lora_kl", 25), (3, "local", 100), (6, "lora_kl", 25), (6, "local", 100)]
+    assert plan[6:] == [(3, "lora_kl", 100), (3, "local", 400), (6, "lora_kl", 100), (6, "local", 400)]
     with pytest.raises(sleb.UsageError, match="--methods: 'lora' is not one of"):
         recovery_curve.plan(3, "lora", 1)
     key = {"model_sha256": "m"}
