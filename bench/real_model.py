@@ -368,7 +368,9 @@ def write_table(out: str, dense_row: dict, rows: list) -> None:
         f"lm-eval {key['lm_eval']}, sleb {key['sleb']}.", "",
         "How the scoring changed what counts as right: `python -m bench.answers_rescore` "
         "([answers_rescore.json](answers_rescore.json)). EvoPress checked against its start: "
-        "[evopress_check.md](evopress_check.md).", "",
+        "[evopress_check.md](evopress_check.md). Answers won back against minutes of training: "
+        "[recovery_curve.md](recovery_curve.md) (`python -m bench.recovery_curve`). Attentions and MLPs removed "
+        "instead of blocks: [sublayers.md](sublayers.md) (`python -m bench.sublayer_study`).", "",
         f"Rows measured so far: {len(rows)} (counts {counts}).", ""]
     measured = _measured(rows)
     missing = [f"{name} ({k})" for k in COUNTS for name, *_ in METHODS if (name, k) not in measured]
