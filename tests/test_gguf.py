@@ -497,3 +497,14 @@ def test_healing_a_gguf_quantizes_every_trained_matrix_again_in_the_files_form(t
     healed, _ = sleb.load(str(tmp_path / "healed"))
     _file_holds_the_model_quantized(str(tmp_path / "h.gguf"), healed, changed)
     _assert_kept_bytes(source, tmp_path / "h.gguf", [0, 1, 2, 5, 6, 7], changed=changed)
+    # --train_blocks before: block 2 (in front of the run 3..4) trains in full; its tensors alone are written anew
+    out = invoke("sleb.heal", "--model_name", source, "--removal_list", "[3, 4]", "--output_dir",
+                 str(tmp_path / "full"), "--dataset", "demo", "--nsamples", "32", "--seqlen", "64", "--max_steps",
+                 "3", "--lr", "1e-3", "--train_blocks", "before", "--eval_ppl", "False", "--save_gguf",
+                 str(tmp_path / "f.gguf"), "--result_folder", str(tmp_path / "r"), "--result_file", "f.json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    changed = json.loads((tmp_path / "r" / "f.json").read_text())["gguf"]["requantized"]
+    assert sorted(changed) == sorted(f"blk.2.{name}.weight" for name in ("attn_norm", "attn_q", "attn_k", "attn_v",
+                                                                           "attn_output", "ffn_norm", "ffn_gate",
+                                                                           "ffn_up", "ffn_down"))
+    _file_holds_the_model_quantized(str(tmp_path / "f.gguf"), sleb.load(str(tmp_path / "full"))[0], changed)
