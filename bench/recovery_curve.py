@@ -186,6 +186,9 @@ def _plot(out: str, points: list) -> None:
     fig, axes = plt.subplots(1, len(counts), figsize=(6 * len(counts), 4.5), squeeze=False)
     for ax, count in zip(axes[0], counts):
         base = [p for p in points if p["count"] == count and p["method"] == "none"]
+        for p in base:  # plain removal: where every curve of this count starts
+            ax.plot([0], [100 * p["answers_kept"]], marker="s", color="black", linestyle="none",
+                    label="removal alone")
         for method in STEPS:
             mine = sorted((p for p in points if p["count"] == count and p["method"] == method),
                           key=lambda p: p["steps"])

@@ -12,6 +12,7 @@ differs from transformers on its dequantized weights. The pruned file's gap must
 figures docs/serving.md gives, on 256 positions, are printed by `python -m bench.gguf_parity --gguf FILE`.
 """
 
+import copy
 import json
 import os
 
@@ -90,10 +91,12 @@ def smollm2_pruned(tmp_path_factory):
     model, tokenizer = sleb.load(SMOLLM2)
     ids = _ids(tokenizer)
     dense = llama_cpp.logit_gap(_transformers_logits(model, ids), _engine_logits(SMOLLM2, ids))
+    dense_model = copy.deepcopy(model)  # for the tests that prune it otherwise: one load of the real model
     sleb.remove_blocks(model, [3, 17, 16])
     written = sleb.save_gguf(model, tokenizer, str(folder / "pruned.gguf"), removal_list=[3, 17, 16])
     pruned = llama_cpp.logit_gap(_transformers_logits(model, ids), _engine_logits(written["path"], ids))
-    return {"model": model, "ids": ids, "written": written, "dense": dense, "pruned": pruned, "folder": folder}
+    return {"model": model, "ids": ids, "written": written, "dense": dense, "pruned": pruned, "folder": folder,
+            "dense_model": dense_model, "tokenizer": tokenizer}
 
 
 @needs_engine
@@ -133,7 +136,7 @@ def test_smollm2_without_some_attentions_runs_in_llama_cpps_deci_layout_within_t
     a model read from the GGUF), every kept tensor's bytes unchanged, run in llama.cpp as transformers scored it."""
     import gguf
 
-    model, tokenizer = sleb.load(SMOLLM2)
+    model, tokenizer = copy.deepcopy(smollm2_pruned["dense_model"]), smollm2_pruned["tokenizer"]
     removal = ["4.attn", "9.attn", "20.attn", 17]
     sleb.remove_blocks(model, removal)
     written = sleb.save_gguf(model, tokenizer, str(tmp_path / "deci.gguf"), removal_list=removal)
@@ -198,7 +201,7 @@ def test_smollm2_answers_kept_by_eval_on_the_dense_model_its_pruned_checkpoint_a
     """SmolLM2 answers; with [5, 17, 16] removed it keeps some of the dense model's right answers and loses
     others. eval from the dense model, eval on the pruned checkpoint (its card names the dense model) and heal on
     that checkpoint (before training) report the same answers kept, each equal to its replies rescored."""
-    common = ["--eval_ppl", "False", "--eval_zeroshot", "True", "--tasks", "answers", "--limit", "12"]
+    common = ["--eval_ppl", "False", "--eval_zeroshot", "True", "--tasks", "answers", "--limit", "8"]
     out = invoke("eval", "--model_name", SMOLLM2, "--removal_list", "[5, 17, 16]", *common,
                  "--save_model", str(tmp_path / "ckpt"), "--result_folder", str(tmp_path), "--result_file", "e.json")
     assert out.returncode == 0, out.stderr[-2000:]

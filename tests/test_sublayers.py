@@ -198,6 +198,26 @@ def test_eval_takes_a_sublayer_list_and_refuses_what_cannot_carry_it_in_one_line
     assert not (tmp_path / "o.json").exists()
 
 
+def test_block_configs_size_the_mlp_as_vllm_reads_it():
+    """vLLM sizes a DeciLM MLP from ffn_mult as int(2 * ffn_mult * hidden / 3) rounded up to 256: written where that
+    gives the MLP's own size back (SmolLM2, Llama 2 7B), else intermediate_size, which vLLM reads instead."""
+    from types import SimpleNamespace
+
+    from sleb import decilm
+
+    def ffn(hidden, intermediate):
+        config = SimpleNamespace(num_attention_heads=8, num_key_value_heads=2, hidden_size=hidden,
+                                 intermediate_size=intermediate)
+        return decilm.block_configs(config, [0, 1], [sublayers.Sublayer(1, "attn")])
+    smol = ffn(576, 1536)
+    assert smol[0]["ffn"]["ffn_mult"] == 4.0 and "intermediate_size" not in smol[0]["ffn"]
+    assert smol[0]["attention"] == {"no_op": False, "replace_with_linear": False, "n_heads_in_group": 4}
+    assert smol[1]["attention"]["no_op"] and not smol[1]["ffn"]["no_op"]
+    llama2 = ffn(4096, 11008)[0]["ffn"]
+    assert int(2 * llama2["ffn_mult"] * 4096 / 3) == 11008
+    assert ffn(32, 64)[0]["ffn"] == {"no_op": False, "replace_with_linear": False, "intermediate_size": 64}
+
+
 def test_a_saved_sublayer_checkpoint_loads_with_trust_remote_code_as_the_scored_model(model_dirs, text_file, tmp_path):
     """--save_model writes the Nemotron-NAS (DeciLM) layout: the removed sub-layers' tensors absent, one
     block_configs entry per block, and a checkpoint transformers loads with trust_remote_code to the logits and
